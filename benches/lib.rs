@@ -1,0 +1,1 @@
+//! Shared helpers for Lathe's criterion benchmarks.

@@ -1,0 +1,3 @@
+//! lathe-host: the GPU runtime over cudarc's driver API.
+
+pub mod comm;
