@@ -112,41 +112,194 @@ macro_rules! desc {
 
 const N: Arg = arg("n", ArgKind::U64);
 
-desc!(FILL_F32, "lathe_fill_f32", [arg("out", ArgKind::Out(Elem::F32)), N, arg("value", ArgKind::F32)],
-    |p| cost_bytes(p.n, 4, 0), "out[i] = value");
-desc!(FILL_BF16, "lathe_fill_bf16", [arg("out", ArgKind::Out(Elem::BF16)), N, arg("value", ArgKind::F32)],
-    |p| cost_bytes(p.n, 2, 0), "out[i] = bf16(value)");
-desc!(FILL_F16, "lathe_fill_f16", [arg("out", ArgKind::Out(Elem::F16)), N, arg("value", ArgKind::F32)],
-    |p| cost_bytes(p.n, 2, 0), "out[i] = f16(value)");
-desc!(SCALE_F32, "lathe_scale_f32", [arg("x", ArgKind::In(Elem::F32)), arg("y", ArgKind::Out(Elem::F32)), N, arg("alpha", ArgKind::F32)],
-    |p| cost_bytes(p.n, 8, 1), "y[i] = alpha * x[i] (y may be x)");
-desc!(SCALE_BF16, "lathe_scale_bf16", [arg("x", ArgKind::In(Elem::BF16)), arg("y", ArgKind::Out(Elem::BF16)), N, arg("alpha", ArgKind::F32)],
-    |p| cost_bytes(p.n, 4, 1), "y[i] = bf16(alpha * x[i]) (y may be x)");
-desc!(SCALE_F16, "lathe_scale_f16", [arg("x", ArgKind::In(Elem::F16)), arg("y", ArgKind::Out(Elem::F16)), N, arg("alpha", ArgKind::F32)],
-    |p| cost_bytes(p.n, 4, 1), "y[i] = f16(alpha * x[i]) (y may be x)");
-desc!(AXPY_F32, "lathe_axpy_f32", [arg("x", ArgKind::In(Elem::F32)), arg("y", ArgKind::Out(Elem::F32)), N, arg("alpha", ArgKind::F32)],
-    |p| cost_bytes(p.n, 12, 2), "y[i] = fma(alpha, x[i], y[i])");
-desc!(AXPY_BF16, "lathe_axpy_bf16", [arg("x", ArgKind::In(Elem::BF16)), arg("y", ArgKind::Out(Elem::BF16)), N, arg("alpha", ArgKind::F32)],
-    |p| cost_bytes(p.n, 6, 2), "y[i] = bf16(fma(alpha, x[i], y[i]))");
-desc!(AXPY_F16, "lathe_axpy_f16", [arg("x", ArgKind::In(Elem::F16)), arg("y", ArgKind::Out(Elem::F16)), N, arg("alpha", ArgKind::F32)],
-    |p| cost_bytes(p.n, 6, 2), "y[i] = f16(fma(alpha, x[i], y[i]))");
-desc!(CAST_F32_BF16, "lathe_cast_f32_bf16", [arg("x", ArgKind::In(Elem::F32)), arg("y", ArgKind::Out(Elem::BF16)), N],
-    |p| cost_bytes(p.n, 6, 0), "y[i] = bf16(x[i]), round to nearest even");
-desc!(CAST_F32_F16, "lathe_cast_f32_f16", [arg("x", ArgKind::In(Elem::F32)), arg("y", ArgKind::Out(Elem::F16)), N],
-    |p| cost_bytes(p.n, 6, 0), "y[i] = f16(x[i]), round to nearest even");
-desc!(CAST_BF16_F32, "lathe_cast_bf16_f32", [arg("x", ArgKind::In(Elem::BF16)), arg("y", ArgKind::Out(Elem::F32)), N],
-    |p| cost_bytes(p.n, 6, 0), "y[i] = f32(x[i]) (exact)");
-desc!(CAST_F16_F32, "lathe_cast_f16_f32", [arg("x", ArgKind::In(Elem::F16)), arg("y", ArgKind::Out(Elem::F32)), N],
-    |p| cost_bytes(p.n, 6, 0), "y[i] = f32(x[i]) (exact)");
-desc!(CAST_BF16_F16, "lathe_cast_bf16_f16", [arg("x", ArgKind::In(Elem::BF16)), arg("y", ArgKind::Out(Elem::F16)), N],
-    |p| cost_bytes(p.n, 4, 0), "y[i] = f16(x[i]), one rounding");
-desc!(CAST_F16_BF16, "lathe_cast_f16_bf16", [arg("x", ArgKind::In(Elem::F16)), arg("y", ArgKind::Out(Elem::BF16)), N],
-    |p| cost_bytes(p.n, 4, 0), "y[i] = bf16(x[i]), one rounding");
+desc!(
+    FILL_F32,
+    "lathe_fill_f32",
+    [
+        arg("out", ArgKind::Out(Elem::F32)),
+        N,
+        arg("value", ArgKind::F32)
+    ],
+    |p| cost_bytes(p.n, 4, 0),
+    "out[i] = value"
+);
+desc!(
+    FILL_BF16,
+    "lathe_fill_bf16",
+    [
+        arg("out", ArgKind::Out(Elem::BF16)),
+        N,
+        arg("value", ArgKind::F32)
+    ],
+    |p| cost_bytes(p.n, 2, 0),
+    "out[i] = bf16(value)"
+);
+desc!(
+    FILL_F16,
+    "lathe_fill_f16",
+    [
+        arg("out", ArgKind::Out(Elem::F16)),
+        N,
+        arg("value", ArgKind::F32)
+    ],
+    |p| cost_bytes(p.n, 2, 0),
+    "out[i] = f16(value)"
+);
+desc!(
+    SCALE_F32,
+    "lathe_scale_f32",
+    [
+        arg("x", ArgKind::In(Elem::F32)),
+        arg("y", ArgKind::Out(Elem::F32)),
+        N,
+        arg("alpha", ArgKind::F32)
+    ],
+    |p| cost_bytes(p.n, 8, 1),
+    "y[i] = alpha * x[i] (y may be x)"
+);
+desc!(
+    SCALE_BF16,
+    "lathe_scale_bf16",
+    [
+        arg("x", ArgKind::In(Elem::BF16)),
+        arg("y", ArgKind::Out(Elem::BF16)),
+        N,
+        arg("alpha", ArgKind::F32)
+    ],
+    |p| cost_bytes(p.n, 4, 1),
+    "y[i] = bf16(alpha * x[i]) (y may be x)"
+);
+desc!(
+    SCALE_F16,
+    "lathe_scale_f16",
+    [
+        arg("x", ArgKind::In(Elem::F16)),
+        arg("y", ArgKind::Out(Elem::F16)),
+        N,
+        arg("alpha", ArgKind::F32)
+    ],
+    |p| cost_bytes(p.n, 4, 1),
+    "y[i] = f16(alpha * x[i]) (y may be x)"
+);
+desc!(
+    AXPY_F32,
+    "lathe_axpy_f32",
+    [
+        arg("x", ArgKind::In(Elem::F32)),
+        arg("y", ArgKind::Out(Elem::F32)),
+        N,
+        arg("alpha", ArgKind::F32)
+    ],
+    |p| cost_bytes(p.n, 12, 2),
+    "y[i] = fma(alpha, x[i], y[i])"
+);
+desc!(
+    AXPY_BF16,
+    "lathe_axpy_bf16",
+    [
+        arg("x", ArgKind::In(Elem::BF16)),
+        arg("y", ArgKind::Out(Elem::BF16)),
+        N,
+        arg("alpha", ArgKind::F32)
+    ],
+    |p| cost_bytes(p.n, 6, 2),
+    "y[i] = bf16(fma(alpha, x[i], y[i]))"
+);
+desc!(
+    AXPY_F16,
+    "lathe_axpy_f16",
+    [
+        arg("x", ArgKind::In(Elem::F16)),
+        arg("y", ArgKind::Out(Elem::F16)),
+        N,
+        arg("alpha", ArgKind::F32)
+    ],
+    |p| cost_bytes(p.n, 6, 2),
+    "y[i] = f16(fma(alpha, x[i], y[i]))"
+);
+desc!(
+    CAST_F32_BF16,
+    "lathe_cast_f32_bf16",
+    [
+        arg("x", ArgKind::In(Elem::F32)),
+        arg("y", ArgKind::Out(Elem::BF16)),
+        N
+    ],
+    |p| cost_bytes(p.n, 6, 0),
+    "y[i] = bf16(x[i]), round to nearest even"
+);
+desc!(
+    CAST_F32_F16,
+    "lathe_cast_f32_f16",
+    [
+        arg("x", ArgKind::In(Elem::F32)),
+        arg("y", ArgKind::Out(Elem::F16)),
+        N
+    ],
+    |p| cost_bytes(p.n, 6, 0),
+    "y[i] = f16(x[i]), round to nearest even"
+);
+desc!(
+    CAST_BF16_F32,
+    "lathe_cast_bf16_f32",
+    [
+        arg("x", ArgKind::In(Elem::BF16)),
+        arg("y", ArgKind::Out(Elem::F32)),
+        N
+    ],
+    |p| cost_bytes(p.n, 6, 0),
+    "y[i] = f32(x[i]) (exact)"
+);
+desc!(
+    CAST_F16_F32,
+    "lathe_cast_f16_f32",
+    [
+        arg("x", ArgKind::In(Elem::F16)),
+        arg("y", ArgKind::Out(Elem::F32)),
+        N
+    ],
+    |p| cost_bytes(p.n, 6, 0),
+    "y[i] = f32(x[i]) (exact)"
+);
+desc!(
+    CAST_BF16_F16,
+    "lathe_cast_bf16_f16",
+    [
+        arg("x", ArgKind::In(Elem::BF16)),
+        arg("y", ArgKind::Out(Elem::F16)),
+        N
+    ],
+    |p| cost_bytes(p.n, 4, 0),
+    "y[i] = f16(x[i]), one rounding"
+);
+desc!(
+    CAST_F16_BF16,
+    "lathe_cast_f16_bf16",
+    [
+        arg("x", ArgKind::In(Elem::F16)),
+        arg("y", ArgKind::Out(Elem::BF16)),
+        N
+    ],
+    |p| cost_bytes(p.n, 4, 0),
+    "y[i] = bf16(x[i]), one rounding"
+);
 
 /// Every elementwise descriptor, in module order.
 pub static ALL: &[&KernelDesc] = &[
-    &FILL_F32, &FILL_BF16, &FILL_F16, &SCALE_F32, &SCALE_BF16, &SCALE_F16, &AXPY_F32, &AXPY_BF16,
-    &AXPY_F16, &CAST_F32_BF16, &CAST_F32_F16, &CAST_BF16_F32, &CAST_F16_F32, &CAST_BF16_F16,
+    &FILL_F32,
+    &FILL_BF16,
+    &FILL_F16,
+    &SCALE_F32,
+    &SCALE_BF16,
+    &SCALE_F16,
+    &AXPY_F32,
+    &AXPY_BF16,
+    &AXPY_F16,
+    &CAST_F32_BF16,
+    &CAST_F32_F16,
+    &CAST_BF16_F32,
+    &CAST_F16_F32,
+    &CAST_BF16_F16,
     &CAST_F16_BF16,
 ];
 
@@ -260,7 +413,14 @@ mod tests {
     #[test]
     fn casts_round_to_nearest_even_and_keep_specials() {
         // 1 + 2^-8 is halfway between two bf16 values: ties go to the even mantissa (1.0).
-        let x = [1.0 + 1.0 / 256.0, 1.0 + 3.0 / 256.0, f32::NAN, f32::INFINITY, -0.0, 3.0e38];
+        let x = [
+            1.0 + 1.0 / 256.0,
+            1.0 + 3.0 / 256.0,
+            f32::NAN,
+            f32::INFINITY,
+            -0.0,
+            3.0e38,
+        ];
         let mut y = [bf16::ZERO; 6];
         cast(&x, &mut y);
         assert_eq!(y[0].to_f32(), 1.0);
@@ -289,13 +449,25 @@ mod tests {
         let ptx = (MODULE.ptx)();
         for d in ALL {
             let head = format!(".visible .entry {}(", d.entry);
-            let start = ptx.find(&head).unwrap_or_else(|| panic!("{} missing", d.entry));
+            let start = ptx
+                .find(&head)
+                .unwrap_or_else(|| panic!("{} missing", d.entry));
             let params_end = start + ptx[start..].find(')').expect("param list");
             let params = &ptx[start..params_end];
             let count = params.matches(".param").count();
-            assert_eq!(count, d.args.len(), "{}: descriptor and PTX disagree", d.entry);
+            assert_eq!(
+                count,
+                d.args.len(),
+                "{}: descriptor and PTX disagree",
+                d.entry
+            );
             for a in d.args {
-                assert!(params.contains(&format!("p_{}", a.name)), "{}: {}", d.entry, a.name);
+                assert!(
+                    params.contains(&format!("p_{}", a.name)),
+                    "{}: {}",
+                    d.entry,
+                    a.name
+                );
             }
         }
     }

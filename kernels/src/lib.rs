@@ -72,8 +72,16 @@ pub mod registry {
                     .unwrap_or_else(|| panic!("{}: no .version", m.name));
                 let (major, minor) = version.split_once('.').expect("x.y");
                 let v: (u32, u32) = (major.parse().unwrap(), minor.parse().unwrap());
-                assert!(v <= (8, 0) || m.target == Target::Sm90a, "{}: .version {version}", m.name);
-                assert!(ptx.contains(&format!(".target {}", m.target.name())), "{}", m.name);
+                assert!(
+                    v <= (8, 0) || m.target == Target::Sm90a,
+                    "{}: .version {version}",
+                    m.name
+                );
+                assert!(
+                    ptx.contains(&format!(".target {}", m.target.name())),
+                    "{}",
+                    m.name
+                );
             }
         }
     }

@@ -209,7 +209,10 @@ ptxas warning : (C7515) Potential Performance Loss: wgmma.mma_async instructions
         let e = &r.entries[0];
         assert_eq!(e.entry, "lathe_sum_f32");
         assert_eq!((e.registers, e.stack_frame), (18, 8));
-        assert_eq!((e.spill_stores, e.spill_loads, e.shared_bytes), (4, 12, 128));
+        assert_eq!(
+            (e.spill_stores, e.spill_loads, e.shared_bytes),
+            (4, 12, 128)
+        );
         assert_eq!(r.fatal_warnings().len(), 1);
     }
 }

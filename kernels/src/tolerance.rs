@@ -47,12 +47,7 @@ impl std::fmt::Display for Mismatch {
 
 /// Compares `out` with `reference` under `tol` (relative Frobenius). Non-finite values must
 /// match in kind position by position (NaN where the reference is NaN, the same infinity).
-pub fn check_close(
-    what: &str,
-    out: &[f64],
-    reference: &[f64],
-    tol: f64,
-) -> Result<f64, Mismatch> {
+pub fn check_close(what: &str, out: &[f64], reference: &[f64], tol: f64) -> Result<f64, Mismatch> {
     let fail = |detail: String| Mismatch {
         what: what.to_string(),
         detail,

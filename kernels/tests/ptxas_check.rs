@@ -42,5 +42,9 @@ fn every_module_assembles_with_ptxas() {
         }
     }
     println!("{}", format_table(&reports));
-    assert!(failures.is_empty(), "ptxas check failed:\n{}", failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "ptxas check failed:\n{}",
+        failures.join("\n")
+    );
 }

@@ -174,10 +174,7 @@ pub fn kernel(spec: &Spec) -> String {
         let _ = writeln!(w, "\tmov.b32 %q1, {{%h2, %h3}};");
         let _ = writeln!(w, "\tst.global.v2.b32 [%adr{oi}], {{%q0, %q1}};");
     } else {
-        let _ = writeln!(
-            w,
-            "\tst.global.v4.f32 [%adr{oi}], {{%o0, %o1, %o2, %o3}};"
-        );
+        let _ = writeln!(w, "\tst.global.v4.f32 [%adr{oi}], {{%o0, %o1, %o2, %o3}};");
     }
     let _ = writeln!(w, "\tadd.u64 %rd7, %rd7, %rd2;");
     let _ = writeln!(w, "\tbra.uni $VLOOP;");

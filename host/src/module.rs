@@ -1,0 +1,296 @@
+//! The module cache and typed kernel launches.
+//!
+//! Each PTX module is JIT-loaded once per device (`cuModuleLoadDataEx`, with the JIT's error
+//! log captured into the error on failure); functions are looked up once and kept. A launch
+//! checks its arguments against the kernel's descriptor (count, pointer element types, which
+//! pointers are written) before anything reaches the driver.
+
+use crate::device::Device;
+use crate::error::{Context, Error, Result};
+use crate::stream::Stream;
+use cudarc::driver::{result, sys};
+use lathe_kernels::{ArgKind, Elem, KernelDesc, Module, Problem};
+use std::collections::HashMap;
+use std::ffi::{CString, c_void};
+use std::sync::{Arc, Mutex};
+
+pub(crate) struct LoadedModule {
+    raw: sys::CUmodule,
+    ctx: Arc<cudarc::driver::CudaContext>,
+}
+
+// SAFETY: a CUmodule handle may be used from any thread once its context is current; Lathe
+// binds the context before every use.
+unsafe impl Send for LoadedModule {}
+// SAFETY: as above; the handle is never mutated after loading.
+unsafe impl Sync for LoadedModule {}
+
+impl Drop for LoadedModule {
+    fn drop(&mut self) {
+        let _ = self.ctx.bind_to_thread();
+        // SAFETY: the module was loaded by us and is unloaded once, when the last function
+        // that refers to it (which holds an Arc) is gone.
+        let _ = unsafe { result::module::unload(self.raw) };
+    }
+}
+
+#[derive(Clone)]
+pub(crate) struct Function {
+    raw: sys::CUfunction,
+    _module: Arc<LoadedModule>,
+    /// Dynamic shared memory the function has been opted in to (above 48 KiB needs it).
+    shared_optin: Arc<Mutex<u32>>,
+}
+
+// SAFETY: CUfunction handles are usable from any thread with the context current.
+unsafe impl Send for Function {}
+// SAFETY: as above.
+unsafe impl Sync for Function {}
+
+#[derive(Default)]
+pub(crate) struct ModuleCache {
+    modules: Mutex<HashMap<&'static str, Arc<LoadedModule>>>,
+    functions: Mutex<HashMap<&'static str, Function>>,
+}
+
+fn load_with_log(dev: &Device, m: &Module) -> Result<Arc<LoadedModule>> {
+    dev.bind()?;
+    let ptx = (m.ptx)();
+    let src = CString::new(ptx.as_bytes())
+        .map_err(|_| Error::Invalid(format!("PTX of module `{}` contains a NUL byte", m.name)))?;
+    const LOG: usize = 16 * 1024;
+    let mut err_log = vec![0u8; LOG];
+    let mut info_log = vec![0u8; LOG];
+    let mut options = [
+        sys::CUjit_option::CU_JIT_ERROR_LOG_BUFFER,
+        sys::CUjit_option::CU_JIT_ERROR_LOG_BUFFER_SIZE_BYTES,
+        sys::CUjit_option::CU_JIT_INFO_LOG_BUFFER,
+        sys::CUjit_option::CU_JIT_INFO_LOG_BUFFER_SIZE_BYTES,
+    ];
+    let mut values: [*mut c_void; 4] = [
+        err_log.as_mut_ptr().cast(),
+        LOG as *mut c_void,
+        info_log.as_mut_ptr().cast(),
+        LOG as *mut c_void,
+    ];
+    let mut raw: sys::CUmodule = std::ptr::null_mut();
+    // SAFETY: the context is current; `src` is a NUL-terminated PTX image; the option arrays
+    // have 4 entries each and the log buffers outlive the call (sizes passed by value, as the
+    // driver API specifies for the *_SIZE_BYTES options).
+    let r = unsafe {
+        sys::cuModuleLoadDataEx(
+            &mut raw,
+            src.as_ptr().cast(),
+            options.len() as u32,
+            options.as_mut_ptr(),
+            values.as_mut_ptr(),
+        )
+    };
+    if r != sys::CUresult::CUDA_SUCCESS {
+        let text = |b: &[u8]| {
+            let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
+            String::from_utf8_lossy(&b[..end]).into_owned()
+        };
+        let mut log = text(&err_log);
+        let info = text(&info_log);
+        if !info.is_empty() {
+            log.push_str(&info);
+        }
+        return Err(Error::Jit {
+            module: m.name.to_string(),
+            device: dev.describe(),
+            source: result::DriverError(r),
+            log,
+        });
+    }
+    Ok(Arc::new(LoadedModule {
+        raw,
+        ctx: dev.inner.ctx.clone(),
+    }))
+}
+
+impl Device {
+    /// JIT-loads a module if this device has not yet (each module once per device).
+    pub fn load_module(&self, m: &'static Module) -> Result<()> {
+        self.module(m).map(|_| ())
+    }
+
+    fn module(&self, m: &'static Module) -> Result<Arc<LoadedModule>> {
+        let cache = &self.inner.modules;
+        let mut mods = cache.modules.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(l) = mods.get(m.name) {
+            return Ok(l.clone());
+        }
+        let l = load_with_log(self, m)?;
+        mods.insert(m.name, l.clone());
+        Ok(l)
+    }
+
+    pub(crate) fn function(&self, k: &'static KernelDesc) -> Result<Function> {
+        if !k.module.target.runs_on(self.inner.cc) {
+            return Err(Error::UnsupportedTarget {
+                entry: k.entry,
+                target: k.module.target.name(),
+                device: self.describe(),
+                major: self.inner.cc.0,
+                minor: self.inner.cc.1,
+            });
+        }
+        {
+            let fns = self.inner.modules.functions.lock();
+            if let Some(f) = fns.unwrap_or_else(|e| e.into_inner()).get(k.entry) {
+                return Ok(f.clone());
+            }
+        }
+        let module = self.module(k.module)?;
+        let name = CString::new(k.entry).map_err(|_| Error::Invalid("NUL in entry".into()))?;
+        // SAFETY: the module is loaded in this device's context, which `module` bound.
+        let raw =
+            unsafe { result::module::get_function(module.raw, name) }.ctx("cuModuleGetFunction")?;
+        let f = Function {
+            raw,
+            _module: module,
+            shared_optin: Arc::new(Mutex::new(48 * 1024)),
+        };
+        self.inner
+            .modules
+            .functions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(k.entry, f.clone());
+        Ok(f)
+    }
+}
+
+/// One argument of a launch. Pointers carry the element type and length of the buffer they
+/// come from so the launch can check them against the descriptor.
+#[derive(Clone, Copy, Debug)]
+pub enum KernelArg {
+    Ptr {
+        addr: u64,
+        elem: Elem,
+        len: usize,
+        writable: bool,
+    },
+    U32(u32),
+    U64(u64),
+    F32(f32),
+}
+
+impl KernelArg {
+    fn bytes(&self) -> [u8; 8] {
+        let mut b = [0u8; 8];
+        match *self {
+            KernelArg::Ptr { addr, .. } => b.copy_from_slice(&addr.to_ne_bytes()),
+            KernelArg::U64(v) => b.copy_from_slice(&v.to_ne_bytes()),
+            KernelArg::U32(v) => b[..4].copy_from_slice(&v.to_ne_bytes()),
+            KernelArg::F32(v) => b[..4].copy_from_slice(&v.to_ne_bytes()),
+        }
+        b
+    }
+}
+
+/// Checks `args` against the descriptor: count, kinds, pointer element types, writability.
+pub fn check_args(k: &KernelDesc, args: &[KernelArg]) -> Result<()> {
+    let bad = |problem: String| Error::BadLaunch {
+        entry: k.entry,
+        problem,
+    };
+    if args.len() != k.args.len() {
+        return Err(bad(format!(
+            "{} arguments given, the kernel takes {} ({})",
+            args.len(),
+            k.args.len(),
+            k.args.iter().map(|a| a.name).collect::<Vec<_>>().join(", ")
+        )));
+    }
+    for (a, d) in args.iter().zip(k.args) {
+        let ok = match (d.kind, a) {
+            (ArgKind::In(e), KernelArg::Ptr { elem, .. }) => *elem == e,
+            (ArgKind::Out(e), KernelArg::Ptr { elem, writable, .. }) => *elem == e && *writable,
+            (ArgKind::U32, KernelArg::U32(_)) => true,
+            (ArgKind::U64, KernelArg::U64(_)) => true,
+            (ArgKind::F32, KernelArg::F32(_)) => true,
+            _ => false,
+        };
+        if !ok {
+            return Err(bad(format!(
+                "argument `{}` expects {:?}, got {a:?}",
+                d.name, d.kind
+            )));
+        }
+    }
+    Ok(())
+}
+
+impl Device {
+    /// Launches `k` for `problem` on `stream` with `args` (checked against the descriptor).
+    ///
+    /// The kernel reads and writes the buffers behind the pointer arguments asynchronously:
+    /// those buffers must stay alive until the stream has passed this launch. Lathe's buffers
+    /// return to a stream-ordered pool when dropped, so dropping one right after the launch on
+    /// the same stream is safe.
+    pub fn launch(
+        &self,
+        k: &'static KernelDesc,
+        problem: &Problem,
+        args: &[KernelArg],
+        stream: &Stream,
+    ) -> Result<()> {
+        check_args(k, args)?;
+        let f = self.function(k)?;
+        let g = (k.geometry)(problem);
+        if g.grid.0 == 0 || g.grid.1 == 0 || g.grid.2 == 0 {
+            return Err(Error::BadLaunch {
+                entry: k.entry,
+                problem: format!("empty grid {:?} for {problem:?}", g.grid),
+            });
+        }
+        if g.shared_bytes > 48 * 1024 {
+            let mut optin = f.shared_optin.lock().unwrap_or_else(|e| e.into_inner());
+            if g.shared_bytes > self.inner.max_shared_optin {
+                return Err(Error::BadLaunch {
+                    entry: k.entry,
+                    problem: format!(
+                        "needs {} bytes of shared memory, the device allows {}",
+                        g.shared_bytes, self.inner.max_shared_optin
+                    ),
+                });
+            }
+            if *optin < g.shared_bytes {
+                // SAFETY: a valid function handle and attribute; the value is within the
+                // device's opt-in limit (checked above).
+                unsafe {
+                    result::function::set_function_attribute(
+                        f.raw,
+                        sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                        g.shared_bytes as i32,
+                    )
+                }
+                .ctx("cuFuncSetAttribute")?;
+                *optin = g.shared_bytes;
+            }
+        }
+        let mut storage: Vec<[u8; 8]> = args.iter().map(KernelArg::bytes).collect();
+        let mut params: Vec<*mut c_void> = storage
+            .iter_mut()
+            .map(|b| b.as_mut_ptr().cast::<c_void>())
+            .collect();
+        self.bind()?;
+        // SAFETY: the argument list matches the kernel's PTX parameter list in count and
+        // kind (check_args, and the registry tests that compare descriptors with the PTX);
+        // each parameter value lives in `storage` until the call returns (the driver copies
+        // them at launch); pointers are device addresses of live Lathe buffers.
+        unsafe {
+            result::launch_kernel(
+                f.raw,
+                g.grid,
+                g.block,
+                g.shared_bytes,
+                stream.raw(),
+                &mut params,
+            )
+        }
+        .ctx("cuLaunchKernel")
+    }
+}
