@@ -2,13 +2,16 @@
 //!
 //! - [`desc`]: the descriptor types (entry, module, target, parameters, geometry, cost).
 //! - [`ptx`]: the PTX templates.
-//! - [`elementwise`], [`reduce`]: kernel families, each with its CPU twins (`twin` modules).
+//! - [`elementwise`], [`reduce`], [`nn`] (training ops), [`gemm`] (tensor-core matrix products):
+//!   kernel families, each with its CPU twins.
 //! - [`registry`]: every module and kernel, for the runtime, the ptxas check and the profiler.
 //! - [`tolerance`]: the dtype tolerance formula used by every kernel test.
 //! - [`ptxas`]: assemble modules without a GPU and read the resource report.
 
 pub mod desc;
 pub mod elementwise;
+pub mod gemm;
+pub mod nn;
 pub mod ptx;
 pub mod ptxas;
 pub mod reduce;
@@ -23,7 +26,10 @@ pub mod registry {
 
     /// Every PTX module.
     pub fn modules() -> Vec<&'static Module> {
-        vec![&elementwise::MODULE, &reduce::MODULE]
+        let mut v: Vec<&'static Module> = vec![&elementwise::MODULE, &reduce::MODULE];
+        v.extend(nn::modules());
+        v.extend(gemm::modules());
+        v
     }
 
     /// Every kernel descriptor.
@@ -31,6 +37,8 @@ pub mod registry {
         let mut v: Vec<&'static KernelDesc> = Vec::new();
         v.extend_from_slice(elementwise::ALL);
         v.extend_from_slice(reduce::ALL);
+        v.extend(nn::kernels());
+        v.extend(gemm::kernels());
         v
     }
 

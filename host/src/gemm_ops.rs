@@ -1,0 +1,1 @@
+//! Typed launches of the GEMM kernels.
