@@ -1,1 +1,65 @@
-fn main() {}
+//! `lathe`: train, prepare data, benchmark, launch multi-process runs, and report.
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use lathe_trainer::config::TrainArgs;
+
+#[derive(Parser)]
+#[command(name = "lathe", version, about = "Train neural networks fast with hand-written PTX kernels")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train a model (with no arguments: a small GPT on Lathe's built-in addition corpus).
+    Train(Box<TrainArgs>),
+    /// Tokenize text files into token shards for `lathe train --data`.
+    Prepare(lathe_trainer::data::PrepareArgs),
+    /// Turn a `--log` JSONL file into a self-contained HTML report.
+    Report(lathe_trainer::report::ReportArgs),
+    /// Start one training process per GPU (like torchrun).
+    Launch(lathe_trainer::launch::LaunchArgs),
+    /// List CUDA devices.
+    Devices,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let code = match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            1
+        }
+    };
+    std::process::exit(code);
+}
+
+fn run(cli: Cli) -> Result<i32> {
+    match cli.command.unwrap_or(Command::Train(Box::default())) {
+        Command::Train(args) => lathe_trainer::train::run_train(*args).map(|_| 0),
+        Command::Prepare(args) => lathe_trainer::data::run_prepare(args).map(|_| 0),
+        Command::Report(args) => lathe_trainer::report::run_report(args).map(|_| 0),
+        Command::Launch(args) => lathe_trainer::launch::run_launch(args),
+        Command::Devices => devices().map(|_| 0),
+    }
+}
+
+fn devices() -> Result<()> {
+    let n = lathe_host::Device::count()?;
+    let (major, minor) = lathe_host::driver::driver_version()?;
+    println!("CUDA driver API {major}.{minor}; {n} device(s)");
+    for i in 0..n {
+        let d = lathe_host::Device::cuda(i)?;
+        let (free, total) = d.memory_info()?;
+        println!(
+            "{}  {:.1}/{:.1} GiB free",
+            d.describe(),
+            free as f64 / (1u64 << 30) as f64,
+            total as f64 / (1u64 << 30) as f64
+        );
+    }
+    Ok(())
+}
