@@ -1,1 +1,316 @@
-//! launch
+//! `lathe launch`: start one process per local rank, as torchrun does.
+//!
+//! ```text
+//! lathe launch --nproc N [--nnodes M --node-rank R --master HOST:PORT] -- lathe train ...
+//! ```
+//!
+//! Each child gets its place in the run through environment variables (read them back with
+//! [`LaunchEnv::from_env`]):
+//!
+//! | variable                 | value                                   |
+//! |--------------------------|-----------------------------------------|
+//! | `LATHE_RANK`             | `node_rank * nproc + local_rank`        |
+//! | `LATHE_LOCAL_RANK`       | `0..nproc` on this node                 |
+//! | `LATHE_WORLD_SIZE`       | `nnodes * nproc`                        |
+//! | `LATHE_LOCAL_WORLD_SIZE` | `nproc`                                 |
+//! | `LATHE_NODE_RANK`        | `node_rank`                             |
+//! | `LATHE_MASTER_ADDR`      | host part of `--master`                 |
+//! | `LATHE_MASTER_PORT`      | port part of `--master`                 |
+//!
+//! The launcher itself opens no socket: global rank 0 serves the rendezvous
+//! (`lathe_host::comm::rendezvous`) on the master address, the other ranks join it. On a
+//! multi-node run start one launcher per node with the same `--nnodes`, `--nproc` and
+//! `--master` (an address of node 0 that every node can reach) and its own `--node-rank`.
+//!
+//! The launcher waits for its children. When one exits with a failure, it kills the others on
+//! this node (SIGKILL: a rank stuck in a collective would not react to anything gentler) and
+//! returns the failed child's exit code; a child killed by signal `s` counts as `128 + s`. When
+//! all exit cleanly it returns 0. Children inherit the launcher's stdin, stdout and stderr.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::Parser;
+
+/// Global rank of the process.
+pub const ENV_RANK: &str = "LATHE_RANK";
+/// Rank among the processes of this node.
+pub const ENV_LOCAL_RANK: &str = "LATHE_LOCAL_RANK";
+/// Number of processes in the run.
+pub const ENV_WORLD_SIZE: &str = "LATHE_WORLD_SIZE";
+/// Number of processes on this node.
+pub const ENV_LOCAL_WORLD_SIZE: &str = "LATHE_LOCAL_WORLD_SIZE";
+/// Index of this node.
+pub const ENV_NODE_RANK: &str = "LATHE_NODE_RANK";
+/// Host of rank 0's rendezvous.
+pub const ENV_MASTER_ADDR: &str = "LATHE_MASTER_ADDR";
+/// Port of rank 0's rendezvous.
+pub const ENV_MASTER_PORT: &str = "LATHE_MASTER_PORT";
+
+/// How often the launcher looks at its children.
+const POLL: Duration = Duration::from_millis(20);
+
+/// Arguments of `lathe launch`.
+#[derive(Parser, Debug, Clone, PartialEq, Eq)]
+#[command(
+    name = "launch",
+    about = "Start one process per rank with LATHE_RANK, LATHE_WORLD_SIZE, ... set"
+)]
+pub struct LaunchArgs {
+    /// Processes (ranks) to start on this node.
+    #[arg(long, default_value_t = 1)]
+    pub nproc: usize,
+
+    /// Nodes in the run, each running its own launcher.
+    #[arg(long, default_value_t = 1)]
+    pub nnodes: usize,
+
+    /// This node's index in 0..nnodes.
+    #[arg(long, default_value_t = 0)]
+    pub node_rank: usize,
+
+    /// HOST:PORT of global rank 0's rendezvous (on several nodes: an address of node 0 the
+    /// other nodes can reach).
+    #[arg(long, default_value = "127.0.0.1:29500")]
+    pub master: String,
+
+    /// The command every rank runs, after `--`. A leading `lathe` runs the executable of this
+    /// launcher when it is itself `lathe`, so no `lathe` needs to be on the PATH.
+    #[arg(last = true, required = true, num_args = 1..)]
+    pub command: Vec<String>,
+}
+
+/// A rank's place in a launched run, as read from the environment the launcher set.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LaunchEnv {
+    pub rank: usize,
+    pub local_rank: usize,
+    pub world_size: usize,
+    pub local_world_size: usize,
+    pub node_rank: usize,
+    pub master_addr: String,
+    pub master_port: u16,
+}
+
+impl LaunchEnv {
+    /// Reads the process environment. `Ok(None)` when `LATHE_RANK` is not set (the process was
+    /// not started by `lathe launch`); an error when the variables are incomplete or malformed.
+    pub fn from_env() -> anyhow::Result<Option<Self>> {
+        Self::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// Like [`LaunchEnv::from_env`] with another source of variables.
+    pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> anyhow::Result<Option<Self>> {
+        if get(ENV_RANK).is_none() {
+            return Ok(None);
+        }
+        let number = |name: &str| -> anyhow::Result<usize> {
+            let v = get(name).with_context(|| format!("{ENV_RANK} is set but {name} is not"))?;
+            v.trim()
+                .parse()
+                .with_context(|| format!("{name}={v:?} is not a non-negative integer"))
+        };
+        let env = LaunchEnv {
+            rank: number(ENV_RANK)?,
+            local_rank: number(ENV_LOCAL_RANK)?,
+            world_size: number(ENV_WORLD_SIZE)?,
+            local_world_size: number(ENV_LOCAL_WORLD_SIZE)?,
+            node_rank: number(ENV_NODE_RANK)?,
+            master_addr: get(ENV_MASTER_ADDR)
+                .with_context(|| format!("{ENV_RANK} is set but {ENV_MASTER_ADDR} is not"))?,
+            master_port: {
+                let v = get(ENV_MASTER_PORT)
+                    .with_context(|| format!("{ENV_RANK} is set but {ENV_MASTER_PORT} is not"))?;
+                v.trim()
+                    .parse()
+                    .with_context(|| format!("{ENV_MASTER_PORT}={v:?} is not a port number"))?
+            },
+        };
+        if env.rank >= env.world_size || env.local_rank >= env.local_world_size {
+            bail!(
+                "inconsistent launch environment: rank {} of {}, local rank {} of {}",
+                env.rank,
+                env.world_size,
+                env.local_rank,
+                env.local_world_size
+            );
+        }
+        Ok(Some(env))
+    }
+
+    /// The rendezvous address `HOST:PORT` (IPv6 hosts in brackets).
+    pub fn master(&self) -> String {
+        join_host_port(&self.master_addr, self.master_port)
+    }
+}
+
+fn join_host_port(host: &str, port: u16) -> String {
+    if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
+/// Splits `HOST:PORT` (IPv6 as `[addr]:port`) into the host, without brackets, and the port.
+fn split_master(master: &str) -> anyhow::Result<(String, u16)> {
+    let (host, port) = master
+        .rsplit_once(':')
+        .with_context(|| format!("--master {master:?} is not HOST:PORT"))?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() {
+        bail!("--master {master:?} has an empty host");
+    }
+    let port: u16 = port
+        .parse()
+        .with_context(|| format!("--master {master:?}: {port:?} is not a port number"))?;
+    if port == 0 {
+        bail!("--master {master:?}: port 0 cannot be shared with the other ranks");
+    }
+    Ok((host.to_string(), port))
+}
+
+/// The program to run: a leading `lathe` means this executable when this executable is `lathe`.
+fn resolve_program(name: &str) -> PathBuf {
+    if name == "lathe"
+        && let Ok(exe) = std::env::current_exe()
+        && exe.file_stem().is_some_and(|s| s == "lathe")
+    {
+        return exe;
+    }
+    PathBuf::from(name)
+}
+
+/// The exit code a failed child is reported with: its code, or `128 + signal` when killed.
+fn exit_code(status: ExitStatus) -> i32 {
+    if let Some(code) = status.code() {
+        return code;
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::process::ExitStatusExt;
+        if let Some(signal) = status.signal() {
+            return 128 + signal;
+        }
+    }
+    1
+}
+
+/// Kills and reaps every child still running (best effort: one may have exited meanwhile).
+fn stop_all(children: &mut [Option<Child>]) {
+    for child in children.iter_mut().flatten() {
+        let _ = child.kill();
+    }
+    for slot in children.iter_mut() {
+        if let Some(mut child) = slot.take() {
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Starts `nproc` children running `args.command` and waits for them; returns the exit code
+/// the launcher should exit with (0, or the first failed child's code). Errors (bad arguments,
+/// a child that cannot be started) stop every child already started.
+pub fn run_launch(args: LaunchArgs) -> anyhow::Result<i32> {
+    if args.nproc == 0 {
+        bail!("--nproc must be at least 1");
+    }
+    if args.nnodes == 0 {
+        bail!("--nnodes must be at least 1");
+    }
+    if args.node_rank >= args.nnodes {
+        bail!(
+            "--node-rank {} is not a node of --nnodes {}",
+            args.node_rank,
+            args.nnodes
+        );
+    }
+    let world = args
+        .nproc
+        .checked_mul(args.nnodes)
+        .context("--nproc x --nnodes overflows")?;
+    let (host, port) = split_master(&args.master)?;
+    let Some((program, rest)) = args.command.split_first() else {
+        bail!("no command given: put it after `--`, e.g. `lathe launch --nproc 2 -- lathe train`");
+    };
+    let program = resolve_program(program);
+
+    let mut children: Vec<Option<Child>> = Vec::with_capacity(args.nproc);
+    for local_rank in 0..args.nproc {
+        let rank = args.node_rank * args.nproc + local_rank;
+        let spawned = Command::new(&program)
+            .args(rest)
+            .env(ENV_RANK, rank.to_string())
+            .env(ENV_LOCAL_RANK, local_rank.to_string())
+            .env(ENV_WORLD_SIZE, world.to_string())
+            .env(ENV_LOCAL_WORLD_SIZE, args.nproc.to_string())
+            .env(ENV_NODE_RANK, args.node_rank.to_string())
+            .env(ENV_MASTER_ADDR, &host)
+            .env(ENV_MASTER_PORT, port.to_string())
+            .spawn();
+        match spawned {
+            Ok(child) => children.push(Some(child)),
+            Err(e) => {
+                stop_all(&mut children);
+                return Err(e)
+                    .with_context(|| format!("starting rank {rank} as {}", program.display()));
+            }
+        }
+    }
+
+    loop {
+        let mut running = 0;
+        let mut failed: Option<(usize, ExitStatus)> = None;
+        for (local_rank, slot) in children.iter_mut().enumerate() {
+            let Some(child) = slot else { continue };
+            match child.try_wait() {
+                Ok(Some(status)) => {
+                    *slot = None;
+                    if !status.success() {
+                        failed = Some((local_rank, status));
+                        break;
+                    }
+                }
+                Ok(None) => running += 1,
+                Err(e) => {
+                    stop_all(&mut children);
+                    return Err(e).context("waiting for the ranks");
+                }
+            }
+        }
+        if let Some((local_rank, status)) = failed {
+            let rank = args.node_rank * args.nproc + local_rank;
+            eprintln!("lathe launch: rank {rank} {status}; stopping the other ranks");
+            stop_all(&mut children);
+            return Ok(exit_code(status));
+        }
+        if running == 0 {
+            return Ok(0);
+        }
+        std::thread::sleep(POLL);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn master_addresses_split_and_join() {
+        assert_eq!(
+            split_master("127.0.0.1:29500").expect("v4"),
+            ("127.0.0.1".to_string(), 29500)
+        );
+        assert_eq!(
+            split_master("[::1]:1234").expect("v6"),
+            ("::1".to_string(), 1234)
+        );
+        assert_eq!(join_host_port("::1", 1234), "[::1]:1234");
+        assert!(split_master("localhost").is_err());
+        assert!(split_master("host:99999").is_err());
+        assert!(split_master(":80").is_err());
+        assert!(split_master("host:0").is_err());
+    }
+}

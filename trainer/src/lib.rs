@@ -2,6 +2,7 @@
 //! `lathe` command line.
 
 pub mod checkpoint;
+pub mod config;
 pub mod data;
 pub mod early_stop;
 pub mod launch;
@@ -11,3 +12,4 @@ pub mod precision;
 pub mod profiler;
 pub mod report;
 pub mod schedule;
+pub mod train;

@@ -1,0 +1,122 @@
+//! Checkpoints of a run: what is saved, and restoring it so a resumed run continues exactly.
+
+use super::{Trainer, Working};
+use crate::checkpoint::{CheckpointReader, OptimizerSnapshot, SaveRequest, prune, save};
+use crate::data::LoaderPosition;
+use crate::early_stop::EarlyStopping;
+use anyhow::{Context, Result, bail};
+use lathe_kernels::rng::Rng;
+use serde_json::{Value, json};
+use std::collections::BTreeMap;
+use std::num::NonZeroUsize;
+use std::path::Path;
+
+/// Settings that must match between a run and the checkpoint it resumes from (the others,
+/// such as `--steps`, `--log` or `--save-every`, may change).
+const MUST_MATCH: &[&str] = &[
+    "model",
+    "data",
+    "precision",
+    "micro_batch",
+    "seq_len",
+    "accum",
+    "world",
+    "zero",
+    "optimizer",
+    "weight_decay",
+    "momentum",
+    "seed",
+    "stochastic_rounding",
+    "curriculum",
+];
+
+impl Trainer {
+    fn model_config_json(&self) -> Value {
+        let c = self.model.config();
+        json!({
+            "architecture": "gpt2",
+            "vocab_size": c.vocab_size,
+            "padded_vocab_size": c.padded_vocab_size,
+            "n_layer": c.n_layer,
+            "n_head": c.n_head,
+            "n_embd": c.n_embd,
+            "n_positions": c.block_size,
+            "seq_len": self.seq_len,
+        })
+    }
+
+    /// Writes `SAVE/step-NNNNNNNN/` atomically and prunes old ones (`--keep-last`).
+    pub(super) fn save_checkpoint(&self) -> Result<()> {
+        let Some(dir) = &self.cfg.save else {
+            return Ok(());
+        };
+        let mut rng = BTreeMap::new();
+        rng.insert("init".to_string(), Rng::new(self.cfg.seed).state());
+        let settings = serde_json::to_value(&self.cfg)?;
+        let data_position = serde_json::to_value(self.loader.position())?;
+        let extra = json!({
+            "tokens": self.tokens,
+            "best_val_loss": self.best_val,
+            "early_stopping": self.early,
+        });
+        let req = SaveRequest {
+            step: self.step,
+            layout: &self.layout,
+            master: self.params.master(),
+            model_config: &self.model_config_json(),
+            optimizer: OptimizerSnapshot::of(&self.optimizer),
+            scaler: &self.scaler,
+            rng: &rng,
+            data_position: &data_position,
+            settings: &settings,
+            extra: &extra,
+        };
+        let path = save(dir, &req).with_context(|| format!("saving a checkpoint in {}", dir.display()))?;
+        if let Some(k) = NonZeroUsize::new(self.cfg.keep_last) {
+            prune(dir, k)?;
+        }
+        eprintln!("saved {}", path.display());
+        Ok(())
+    }
+
+    /// Restores everything from the latest complete checkpoint under `dir`.
+    pub(super) fn resume_from(&mut self, dir: &Path) -> Result<()> {
+        let r = CheckpointReader::open(dir).with_context(|| format!("--resume {}", dir.display()))?;
+        let st = r.state();
+        let now = serde_json::to_value(&self.cfg)?;
+        for key in MUST_MATCH {
+            let (a, b) = (st.settings.get(*key), now.get(*key));
+            if a != b {
+                bail!(
+                    "--resume {}: the checkpoint was written with {key} = {}, this run has {}",
+                    r.path().display(),
+                    a.map_or("unset".into(), Value::to_string),
+                    b.map_or("unset".into(), Value::to_string)
+                );
+            }
+        }
+        r.load_model(&self.layout, self.params.master_mut())?;
+        r.load_optimizer(&mut self.optimizer)?;
+        self.scaler = st.scaler.clone();
+        let pos: LoaderPosition = serde_json::from_value(st.data_position.clone())
+            .context("the checkpoint's data position")?;
+        self.loader = Self::open_loader(&self.cfg, &self.data, self.seq_len, Some(pos))?;
+        self.step = st.step;
+        self.tokens = st.extra.get("tokens").and_then(Value::as_u64).unwrap_or(0);
+        self.best_val = st.extra.get("best_val_loss").and_then(Value::as_f64);
+        if self.early.is_some()
+            && let Some(es) = st.extra.get("early_stopping").filter(|v| !v.is_null())
+        {
+            self.early = Some(serde_json::from_value::<EarlyStopping>(es.clone())?);
+        }
+        // The working copy is a function of the master weights (and, with stochastic
+        // rounding, of the step that wrote it: the optimizer's step count).
+        let sr_step = self.optimizer.step_count();
+        match self.working {
+            Working::None => self.publish_working(),
+            _ => self.refresh_working(sr_step),
+        }
+        eprintln!("resumed from {} at step {}", r.path().display(), self.step);
+        Ok(())
+    }
+}

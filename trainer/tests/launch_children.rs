@@ -1,0 +1,148 @@
+//! `lathe launch` with tiny shell children: environment, exit codes, failure handling.
+#![cfg(unix)]
+
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use lathe_trainer::launch::{LaunchArgs, LaunchEnv, run_launch};
+
+fn args(nproc: usize, nnodes: usize, node_rank: usize, script: &str, arg: &str) -> LaunchArgs {
+    LaunchArgs {
+        nproc,
+        nnodes,
+        node_rank,
+        master: "127.0.0.1:29533".to_string(),
+        command: vec![
+            "sh".to_string(),
+            "-c".to_string(),
+            script.to_string(),
+            arg.to_string(),
+        ],
+    }
+}
+
+/// Each child writes its variables to `$0/rank_$LATHE_RANK`.
+const WRITE_ENV: &str = r#"echo "$LATHE_RANK $LATHE_LOCAL_RANK $LATHE_WORLD_SIZE $LATHE_LOCAL_WORLD_SIZE $LATHE_NODE_RANK $LATHE_MASTER_ADDR $LATHE_MASTER_PORT" > "$0/rank_$LATHE_RANK""#;
+
+#[test]
+fn children_get_their_ranks_and_success_is_zero() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path().to_str().expect("utf-8 path");
+    let code = run_launch(args(3, 1, 0, WRITE_ENV, d)).expect("launch");
+    assert_eq!(code, 0);
+    for rank in 0..3 {
+        let line = std::fs::read_to_string(dir.path().join(format!("rank_{rank}"))).expect("file");
+        assert_eq!(line.trim(), format!("{rank} {rank} 3 3 0 127.0.0.1 29533"));
+    }
+}
+
+#[test]
+fn second_node_numbers_its_ranks_after_the_first() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path().to_str().expect("utf-8 path");
+    assert_eq!(run_launch(args(2, 2, 1, WRITE_ENV, d)).expect("launch"), 0);
+    for (rank, local) in [(2, 0), (3, 1)] {
+        let line = std::fs::read_to_string(dir.path().join(format!("rank_{rank}"))).expect("file");
+        assert_eq!(line.trim(), format!("{rank} {local} 4 2 1 127.0.0.1 29533"));
+    }
+    assert!(!dir.path().join("rank_0").exists());
+}
+
+#[test]
+fn a_failing_rank_stops_the_others_and_its_code_is_returned() {
+    // Rank 1 fails at once; the others would sleep for a minute if not killed.
+    let script = r#"if [ "$LATHE_RANK" = 1 ]; then exit 7; fi; exec sleep 60"#;
+    let started = Instant::now();
+    let code = run_launch(args(3, 1, 0, script, "x")).expect("launch");
+    assert_eq!(code, 7);
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn a_child_killed_by_a_signal_reports_128_plus_the_signal() {
+    let code = run_launch(args(1, 1, 0, "kill -9 $$", "x")).expect("launch");
+    assert_eq!(code, 128 + 9);
+}
+
+#[test]
+fn bad_arguments_and_missing_programs_are_errors() {
+    let mut a = args(0, 1, 0, "true", "x");
+    assert!(run_launch(a.clone()).is_err());
+    a.nproc = 1;
+    a.node_rank = 1;
+    assert!(run_launch(a.clone()).is_err());
+    a.node_rank = 0;
+    a.master = "no-port".to_string();
+    assert!(run_launch(a.clone()).is_err());
+    a.master = "127.0.0.1:29533".to_string();
+    a.command = vec!["/nonexistent/lathe-child".to_string()];
+    let e = run_launch(a).expect_err("cannot start");
+    assert!(
+        format!("{e:#}").contains("/nonexistent/lathe-child"),
+        "{e:#}"
+    );
+}
+
+#[test]
+fn command_line_parses_everything_after_the_separator() {
+    let a = LaunchArgs::try_parse_from([
+        "launch",
+        "--nproc",
+        "4",
+        "--nnodes",
+        "2",
+        "--node-rank",
+        "1",
+        "--master",
+        "10.0.0.1:700",
+        "--",
+        "lathe",
+        "train",
+        "--steps",
+        "3",
+    ])
+    .expect("parse");
+    assert_eq!((a.nproc, a.nnodes, a.node_rank), (4, 2, 1));
+    assert_eq!(a.master, "10.0.0.1:700");
+    assert_eq!(a.command, ["lathe", "train", "--steps", "3"]);
+    assert!(LaunchArgs::try_parse_from(["launch", "--nproc", "2"]).is_err());
+}
+
+#[test]
+fn launch_env_reads_back_what_the_launcher_sets() {
+    let vars = [
+        ("LATHE_RANK", "3"),
+        ("LATHE_LOCAL_RANK", "1"),
+        ("LATHE_WORLD_SIZE", "4"),
+        ("LATHE_LOCAL_WORLD_SIZE", "2"),
+        ("LATHE_NODE_RANK", "1"),
+        ("LATHE_MASTER_ADDR", "127.0.0.1"),
+        ("LATHE_MASTER_PORT", "29533"),
+    ];
+    let lookup = |name: &str| {
+        vars.iter()
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| v.to_string())
+    };
+    let env = LaunchEnv::from_lookup(lookup)
+        .expect("valid")
+        .expect("launched");
+    assert_eq!((env.rank, env.local_rank, env.world_size), (3, 1, 4));
+    assert_eq!(env.master(), "127.0.0.1:29533");
+    assert_eq!(
+        LaunchEnv::from_lookup(|_| None).expect("not launched"),
+        None
+    );
+    let broken = |name: &str| {
+        if name == "LATHE_WORLD_SIZE" {
+            Some("x".into())
+        } else {
+            lookup(name)
+        }
+    };
+    assert!(LaunchEnv::from_lookup(broken).is_err());
+}
