@@ -107,10 +107,10 @@ pub struct TrainArgs {
     #[arg(long)]
     #[serde(default)]
     pub offload_optimizer: bool,
-    /// Optimizer steps.
+    /// Optimizer steps (default 600).
     #[arg(long)]
     pub steps: Option<u64>,
-    /// Peak learning rate.
+    /// Peak learning rate (default 3e-3 for tiny, 6e-4 otherwise).
     #[arg(long)]
     pub lr: Option<f64>,
     /// Warmup steps.
@@ -295,8 +295,11 @@ impl TrainConfig {
                 .steps()
                 .collect(),
         };
+        let model = a.model.unwrap_or_else(|| "tiny".into());
+        // The tiny default model learns fastest at a high rate; larger models use GPT-2's 6e-4.
+        let default_lr = if model == "tiny" { 3e-3 } else { 6e-4 };
         let c = TrainConfig {
-            model: a.model.unwrap_or_else(|| "tiny".into()),
+            model,
             data: a.data,
             device: a.device.unwrap_or(DeviceSpec::Auto),
             precision: a.precision.unwrap_or(if on_gpu {
@@ -311,8 +314,8 @@ impl TrainConfig {
             zero: a.zero.unwrap_or(0),
             world: a.world.unwrap_or(1),
             offload_optimizer: a.offload_optimizer,
-            steps: a.steps.unwrap_or(1500),
-            lr: a.lr.unwrap_or(1e-3),
+            steps: a.steps.unwrap_or(600),
+            lr: a.lr.unwrap_or(default_lr),
             warmup: a.warmup.unwrap_or(50),
             schedule: a.schedule.unwrap_or_default(),
             min_lr_frac: a.min_lr_frac.unwrap_or(0.1),
@@ -321,7 +324,7 @@ impl TrainConfig {
             weight_decay: a.weight_decay.unwrap_or(0.1),
             momentum: a.momentum.unwrap_or(0.9),
             grad_clip: a.grad_clip.unwrap_or(1.0),
-            eval_every: a.eval_every.unwrap_or(250),
+            eval_every: a.eval_every.unwrap_or(200),
             eval_batches: a.eval_batches.unwrap_or(4),
             early_stop_patience: a.early_stop_patience.unwrap_or(0),
             early_stop_min_delta: a.early_stop_min_delta.unwrap_or(0.0),

@@ -117,8 +117,16 @@ struct Data {
 fn data_for(cfg: &TrainConfig) -> Result<Data> {
     match &cfg.data {
         None => {
+            // 2-3 digit operands, zero-padded so every digit sits at a fixed position, the sum
+            // written least significant digit first: the layout a small transformer learns
+            // fastest (each answer digit depends on two fixed positions and the carry it just
+            // wrote).
             let a = AdditionConfig {
                 seed: cfg.seed,
+                min_digits: 2,
+                max_digits: 3,
+                pad_operands: true,
+                reverse_answer: true,
                 ..AdditionConfig::default()
             };
             Ok(Data {
