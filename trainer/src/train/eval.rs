@@ -26,9 +26,9 @@ impl Trainer {
         let n = self.cfg.eval_batches.max(1);
         for _ in 0..n {
             let batch = loader.next_batch()?;
-            self.tape.clear();
+            self.eval_tape.clear();
             let loss = self.model.loss(
-                &mut self.tape,
+                &mut self.eval_tape,
                 &self.params,
                 batch.inputs(),
                 batch.targets(),
@@ -36,9 +36,9 @@ impl Trainer {
                 batch.t,
                 lathe_autograd::Recompute::None,
             )?;
-            sum += self.tape.scalar(loss)? as f64;
+            sum += self.eval_tape.scalar(loss)? as f64;
         }
-        self.tape.clear();
+        self.eval_tape.clear();
         Ok(sum / n as f64)
     }
 

@@ -167,6 +167,8 @@ pub struct Trainer {
     loader: Loader,
     data: Data,
     tape: Tape,
+    /// Evaluation runs on its own tape, so the training tape's peak memory is the step's.
+    eval_tape: Tape,
     dtype: DType,
     recompute: Recompute,
     seq_len: usize,
@@ -245,6 +247,7 @@ impl Trainer {
             loader: Self::open_loader(&cfg, &data, seq_len, None)?,
             scaler: LossScaler::for_precision(cfg.precision),
             tape: Tape::new(dtype),
+            eval_tape: Tape::new(dtype),
             recompute: recompute_of(cfg.recompute),
             cfg,
             model,
