@@ -474,7 +474,7 @@ impl Trainer {
             rec.tok_s = meter.update(tokens, t0.elapsed()).unwrap_or(f64::NAN);
             losses.push(rec.loss);
             let done = self.step;
-            let eval_now = cfg.eval_every > 0 && done % cfg.eval_every == 0 && done < cfg.steps;
+            let eval_now = cfg.eval_every > 0 && done.is_multiple_of(cfg.eval_every) && done < cfg.steps;
             if eval_now || done == cfg.steps {
                 let v = self.val_loss()?;
                 rec.val_loss = Some(v);
@@ -493,7 +493,7 @@ impl Trainer {
                 {
                     stopped_early = true;
                 }
-            } else if bar.is_none() && (done % 50 == 0 || done == 1) {
+            } else if bar.is_none() && (done.is_multiple_of(50) || done == 1) {
                 eprintln!(
                     "step {done}/{}: loss {:.4}, {:.0} tok/s{}",
                     cfg.steps,
@@ -526,7 +526,7 @@ impl Trainer {
                 m.write_step(&rec)?;
             }
             let save_now = cfg.save.is_some()
-                && ((cfg.save_every > 0 && done % cfg.save_every == 0)
+                && ((cfg.save_every > 0 && done.is_multiple_of(cfg.save_every))
                     || done == cfg.steps
                     || stopped_early);
             if save_now {
