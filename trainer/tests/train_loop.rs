@@ -223,3 +223,31 @@ fn bad_settings_and_missing_gpu_are_clear_errors() {
     .unwrap_err();
     assert!(format!("{e:#}").contains("/nonexistent/lathe-ck"), "{e:#}");
 }
+
+#[test]
+fn profile_writes_a_trace_with_every_phase() {
+    let dir = tempfile::tempdir().unwrap();
+    let trace = dir.path().join("trace.json");
+    run(TrainArgs {
+        profile: Some(trace.clone()),
+        profile_wait: Some(1),
+        profile_warmup: Some(1),
+        profile_active: Some(2),
+        ..small(5)
+    });
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&trace).unwrap()).unwrap();
+    let events = v["traceEvents"].as_array().expect("traceEvents");
+    for name in ["data", "forward", "backward", "optimizer"] {
+        let n = events
+            .iter()
+            .filter(|e| e["ph"] == "X" && e["name"] == name)
+            .count();
+        assert_eq!(n, 2, "{name}: one span in each of the 2 active steps");
+    }
+    assert!(
+        events
+            .iter()
+            .any(|e| e["ph"] == "C" && e["name"] == "allocated_bytes"),
+        "memory counter track missing"
+    );
+}

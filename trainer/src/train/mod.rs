@@ -23,6 +23,7 @@ use crate::optim::{
     SgdConfig, StepArgs, StepOutcome, WorkingCopy, clip_factor, grad_norm, write_working_copy,
 };
 use crate::precision::{LossScaler, NonFiniteInjection, Precision, has_nonfinite};
+use crate::profiler::{Phase, Profiler, RangeSink, Schedule as ProfSchedule};
 use crate::schedule::{Schedule, scale_lr_linear};
 use anyhow::{Context, Result, bail};
 use half::{bf16, f16};
@@ -178,6 +179,8 @@ pub struct Trainer {
     early: Option<EarlyStopping>,
     inject: NonFiniteInjection,
     best_val: Option<f64>,
+    /// Step profiler (`--profile`); disabled otherwise (one branch per call).
+    prof: Profiler,
 }
 
 impl Trainer {
@@ -188,9 +191,6 @@ impl Trainer {
                 "--world, --zero and --offload-optimizer need the sharded trainer, which this \
                  build does not have yet"
             );
-        }
-        if cfg.profile.is_some() {
-            bail!("--profile is not available in this build yet");
         }
         let data = data_for(&cfg)?;
         let gcfg = GptConfig::from_name(&cfg.model)?.with_vocab_size(data.vocab);
@@ -264,6 +264,7 @@ impl Trainer {
             early,
             inject,
             best_val: None,
+            prof: Profiler::disabled(),
         };
         if let Some(dir) = t.cfg.resume.clone() {
             t.resume_from(&dir)?;
@@ -356,6 +357,12 @@ impl Trainer {
         8 * n + working + opt + self.tape.peak_activation_bytes() as u64
     }
 
+    /// Bytes held right now: parameters, optimizer state and the tape's live activations.
+    fn live_bytes(&self) -> u64 {
+        self.mem_peak_bytes() - self.tape.peak_activation_bytes() as u64
+            + self.tape.live_activation_bytes() as u64
+    }
+
     /// One optimizer step; returns its log record.
     fn train_step(&mut self) -> Result<StepRecord> {
         let t0 = Instant::now();
@@ -368,8 +375,12 @@ impl Trainer {
         let mut loss_sum = 0f64;
         let (b, t) = (self.cfg.micro_batch, self.seq_len);
         for _ in 0..accum {
-            let batch = self.loader.next_batch()?;
+            let batch = {
+                let _s = self.prof.span("data", Phase::Data);
+                self.loader.next_batch()?
+            };
             self.tape.clear();
+            let fwd = self.prof.begin("forward", Phase::Forward);
             let loss = self.model.loss(
                 &mut self.tape,
                 &self.params,
@@ -380,11 +391,17 @@ impl Trainer {
                 self.recompute,
             )?;
             loss_sum += self.tape.scalar(loss)? as f64;
-            self.tape.backward(loss, seed, &mut self.params)?;
+            self.prof.end(fwd);
+            {
+                let _s = self.prof.span("backward", Phase::Backward);
+                self.tape.backward(loss, seed, &mut self.params)?;
+            }
+            self.prof.counter("allocated_bytes", self.live_bytes() as f64);
             self.loader.recycle(batch);
         }
         self.tokens += (accum * b * t) as u64;
         let loss = loss_sum / accum as f64;
+        let opt_span = self.prof.begin("optimizer", Phase::Optimizer);
         self.inject.inject(step, self.params.grads_mut());
         let found_inf = has_nonfinite(self.params.grads());
         let inv_scale = self.scaler.inv_scale();
@@ -419,6 +436,7 @@ impl Trainer {
             self.publish_working();
         }
         let update = self.scaler.update(found_inf);
+        self.prof.end(opt_span);
         self.step += 1;
         Ok(StepRecord {
             step,
@@ -461,6 +479,10 @@ impl Trainer {
                 String::new()
             }
         );
+        if cfg.profile.is_some() {
+            let sched = ProfSchedule::new(cfg.profile_wait, cfg.profile_warmup, cfg.profile_active);
+            self.prof = Profiler::new(sched)?.with_range_sink(Box::new(NvtxSink));
+        }
         let bar = progress_bar(cfg.progress, cfg.steps, start_step);
         let mut meter = Throughput::new(0.9, 1);
         let mut losses = Vec::new();
@@ -522,6 +544,8 @@ impl Trainer {
                     rec.mem_peak_bytes as f64 / 1e6
                 ));
             }
+            self.prof.counter("peak_bytes", rec.mem_peak_bytes as f64);
+            self.prof.step();
             if let Some(m) = &mut metrics {
                 m.write_step(&rec)?;
             }
@@ -543,6 +567,13 @@ impl Trainer {
         }
         if let Some(b) = &bar {
             b.finish_and_clear();
+        }
+        if let Some(path) = &cfg.profile {
+            self.prof
+                .write_chrome_trace(path)
+                .with_context(|| format!("--profile {}", path.display()))?;
+            eprintln!("{}", self.prof.summary(None));
+            eprintln!("trace written to {} (open it in Perfetto or chrome://tracing)", path.display());
         }
         let eval = self.final_evaluation()?;
         let final_loss = losses.last().copied().unwrap_or(f64::NAN);
@@ -602,4 +633,24 @@ fn progress_bar(enabled: bool, steps: u64, start: u64) -> Option<indicatif::Prog
     bar.set_style(style);
     bar.set_position(start);
     Some(bar)
+}
+
+/// Sends the profiler's spans to NVTX, so Nsight Systems shows them; a silent no-op where the
+/// NVTX library is absent.
+struct NvtxSink;
+
+thread_local! {
+    static NVTX_STACK: std::cell::RefCell<Vec<lathe_host::nvtx::Range>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+impl RangeSink for NvtxSink {
+    fn push_range(&self, name: &str) {
+        NVTX_STACK.with(|s| s.borrow_mut().push(lathe_host::nvtx::range(name)));
+    }
+    fn pop_range(&self) {
+        NVTX_STACK.with(|s| {
+            s.borrow_mut().pop();
+        });
+    }
 }
