@@ -21,7 +21,7 @@ pub fn time_with_events(
     iters: u64,
     mut f: impl FnMut() -> lathe_host::Result<()>,
 ) -> Duration {
-    let run = || -> lathe_host::Result<Duration> {
+    let mut run = || -> lathe_host::Result<Duration> {
         f()?;
         let start = stream.record()?;
         for _ in 0..iters {

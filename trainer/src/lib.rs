@@ -1,6 +1,7 @@
 //! lathe-trainer: precision, optimizers, schedules, checkpoints, data pipeline, profiler and the
 //! `lathe` command line.
 
+pub mod bench;
 pub mod checkpoint;
 pub mod config;
 pub mod data;

@@ -19,6 +19,8 @@ enum Command {
     Prepare(lathe_trainer::data::PrepareArgs),
     /// Turn a `--log` JSONL file into a self-contained HTML report.
     Report(lathe_trainer::report::ReportArgs),
+    /// Quick measurements: activation memory per recomputation policy, CPU step time.
+    Bench(lathe_trainer::bench::BenchArgs),
     /// Start one training process per GPU (like torchrun).
     Launch(lathe_trainer::launch::LaunchArgs),
     /// List CUDA devices.
@@ -42,6 +44,7 @@ fn run(cli: Cli) -> Result<i32> {
         Command::Train(args) => lathe_trainer::train::run_train(*args).map(|_| 0),
         Command::Prepare(args) => lathe_trainer::data::run_prepare(args).map(|_| 0),
         Command::Report(args) => lathe_trainer::report::run_report(args).map(|_| 0),
+        Command::Bench(args) => lathe_trainer::bench::run_bench(args).map(|_| 0),
         Command::Launch(args) => lathe_trainer::launch::run_launch(args),
         Command::Devices => devices().map(|_| 0),
     }

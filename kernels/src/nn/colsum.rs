@@ -1,0 +1,212 @@
+//! Deterministic column sums of per-block partials: the second pass of every parameter
+//! gradient that many blocks contribute to (layernorm weight and bias, bias of a linear layer).
+//!
+//! `lathe_colsum_acc_f32(partials, groups, width, stride, out)`:
+//! `out[c] += sum_{g < groups} partials[g * stride + c]` for `c < width`, the sum in a fixed
+//! order: the groups are cut into 32 consecutive segments of `ceil(groups / 32)`; warp `w` of a
+//! 1024-thread block adds segment `w` in order (lane = column, 4 loads in flight), and warp 0
+//! adds the 32 segment sums in order, starting from 0. Grid: one block per 32 columns.
+//! The twin follows the same tree, so the result is the same bits as [`twin::colsum_acc`].
+
+use super::ptxgen::{Asm, emit, entry, ld_ptr};
+use crate::desc::{ArgKind, Cost, Elem, Geometry, KernelDesc, Module, Problem, Target, arg};
+use std::borrow::Cow;
+
+/// Threads per block (32 warps).
+pub const THREADS: u32 = 1024;
+/// Segments the groups are cut into (one per warp).
+pub const SEGMENTS: usize = 32;
+
+fn kernel(name: &str) -> String {
+    let mut a = Asm::default();
+    entry(
+        &mut a,
+        name,
+        &[
+            ("partials", "u64"),
+            ("groups", "u32"),
+            ("width", "u32"),
+            ("stride", "u32"),
+            ("out", "u64"),
+        ],
+    );
+    a.c("segment sums, [warp][lane] padded to 33 columns");
+    emit!(a, ".shared .align 4 .f32 s_seg[{}];", SEGMENTS * 33);
+    a.l(".reg .b64 %pp, %po, %ad, %step, %a1;");
+    a.l(".reg .b32 %groups, %width, %stride, %tx, %lane, %warp, %col, %seg, %g, %g1, %g4, %t;");
+    a.l(".reg .f32 %acc, %v<4>, %total;");
+    a.l(".reg .pred %pc, %pq;");
+    ld_ptr(&mut a, "%pp", "partials");
+    ld_ptr(&mut a, "%po", "out");
+    a.l("ld.param.u32 %groups, [p_groups];");
+    a.l("ld.param.u32 %width, [p_width];");
+    a.l("ld.param.u32 %stride, [p_stride];");
+    a.l("mov.u32 %tx, %tid.x;");
+    a.l("and.b32 %lane, %tx, 31;");
+    a.l("shr.u32 %warp, %tx, 5;");
+    a.l("mov.u32 %col, %ctaid.x;");
+    a.l("shl.b32 %col, %col, 5;");
+    a.l("add.u32 %col, %col, %lane;");
+    a.l("setp.lt.u32 %pc, %col, %width;");
+    a.c("segment of this warp: [warp * seg, min((warp + 1) * seg, groups))");
+    emit!(a, "add.u32 %seg, %groups, {};", SEGMENTS - 1);
+    emit!(a, "shr.u32 %seg, %seg, {};", SEGMENTS.trailing_zeros());
+    a.l("mul.lo.u32 %g, %warp, %seg;");
+    a.l("add.u32 %g1, %g, %seg;");
+    a.l("min.u32 %g1, %g1, %groups;");
+    a.l("mov.f32 %acc, 0f00000000;");
+    a.l("@!%pc bra $SEG_DONE;");
+    a.c("%ad = partials + 4 * (g * stride + col); %step = 4 * stride");
+    a.l("mul.wide.u32 %ad, %g, %stride;");
+    a.l("cvt.u64.u32 %a1, %col;");
+    a.l("add.u64 %ad, %ad, %a1;");
+    a.l("shl.b64 %ad, %ad, 2;");
+    a.l("add.u64 %ad, %pp, %ad;");
+    a.l("mul.wide.u32 %step, %stride, 4;");
+    a.label("$QUAD");
+    a.l("add.u32 %g4, %g, 4;");
+    a.l("setp.gt.u32 %pq, %g4, %g1;");
+    a.l("@%pq bra $ONE;");
+    a.l("ld.global.f32 %v0, [%ad];");
+    a.l("add.u64 %a1, %ad, %step;");
+    a.l("ld.global.f32 %v1, [%a1];");
+    a.l("add.u64 %a1, %a1, %step;");
+    a.l("ld.global.f32 %v2, [%a1];");
+    a.l("add.u64 %a1, %a1, %step;");
+    a.l("ld.global.f32 %v3, [%a1];");
+    for i in 0..4 {
+        emit!(a, "add.rn.f32 %acc, %acc, %v{i};");
+    }
+    a.l("add.u64 %ad, %a1, %step;");
+    a.l("mov.u32 %g, %g4;");
+    a.l("bra $QUAD;");
+    a.label("$ONE");
+    a.l("setp.ge.u32 %pq, %g, %g1;");
+    a.l("@%pq bra $SEG_DONE;");
+    a.l("ld.global.f32 %v0, [%ad];");
+    a.l("add.rn.f32 %acc, %acc, %v0;");
+    a.l("add.u64 %ad, %ad, %step;");
+    a.l("add.u32 %g, %g, 1;");
+    a.l("bra $ONE;");
+    a.label("$SEG_DONE");
+    a.l("mov.u32 %t, s_seg;");
+    a.l("mad.lo.u32 %g, %warp, 33, %lane;");
+    a.l("shl.b32 %g, %g, 2;");
+    a.l("add.u32 %g, %g, %t;");
+    a.l("st.shared.f32 [%g], %acc;");
+    a.l("bar.sync 0;");
+    a.l("setp.ne.u32 %pq, %warp, 0;");
+    a.l("@%pq bra $DONE;");
+    a.l("@!%pc bra $DONE;");
+    a.c("warp 0: total = 0 + seg[0] + ... + seg[31] for its column");
+    a.l("mov.f32 %total, 0f00000000;");
+    a.l("shl.b32 %g, %lane, 2;");
+    a.l("add.u32 %g, %g, %t;");
+    for w in 0..SEGMENTS {
+        emit!(a, "ld.shared.f32 %v0, [%g+{}];", 4 * 33 * w);
+        a.l("add.rn.f32 %total, %total, %v0;");
+    }
+    a.l("mul.wide.u32 %ad, %col, 4;");
+    a.l("add.u64 %ad, %po, %ad;");
+    a.l("ld.global.f32 %v0, [%ad];");
+    a.l("add.rn.f32 %v0, %v0, %total;");
+    a.l("st.global.f32 [%ad], %v0;");
+    a.label("$DONE");
+    a.l("ret;");
+    a.l("}");
+    a.s
+}
+
+fn module_ptx() -> Cow<'static, str> {
+    let mut s = crate::ptx::header(Target::Sm80);
+    s.push_str(&kernel("lathe_colsum_acc_f32"));
+    Cow::Owned(s)
+}
+
+/// The module of this family.
+pub static MODULE: Module = Module {
+    name: "nn_colsum",
+    target: Target::Sm80,
+    ptx: module_ptx,
+};
+
+/// `Problem { batch: groups, n: width }`: `partials (groups, stride) f32` (first `width`
+/// columns read), `out (width) f32` accumulated (`+=`).
+pub static COLSUM_ACC_F32: KernelDesc = KernelDesc {
+    entry: "lathe_colsum_acc_f32",
+    module: &MODULE,
+    args: &[
+        arg("partials", ArgKind::In(Elem::F32)),
+        arg("groups", ArgKind::U32),
+        arg("width", ArgKind::U32),
+        arg("stride", ArgKind::U32),
+        arg("out", ArgKind::Out(Elem::F32)),
+    ],
+    geometry: |p: &Problem| Geometry {
+        grid: (p.n.div_ceil(32).max(1) as u32, 1, 1),
+        block: (THREADS, 1, 1),
+        shared_bytes: 0,
+    },
+    cost: |p: &Problem| Cost {
+        flops: p.batch * p.n,
+        bytes: 4 * p.batch * p.n + 8 * p.n,
+    },
+    summary: "out[c] += sum over groups of partials[g][c], fixed order",
+};
+
+/// Every kernel of this module.
+pub static ALL: &[&KernelDesc] = &[&COLSUM_ACC_F32];
+
+/// CPU twins.
+pub mod twin {
+    use super::SEGMENTS;
+
+    /// The kernel's sum, in its order: `out[c] += sum_g partials[g * stride + c]`.
+    pub fn colsum_acc(
+        partials: &[f32],
+        groups: usize,
+        width: usize,
+        stride: usize,
+        out: &mut [f32],
+    ) {
+        let seg = groups.div_ceil(SEGMENTS);
+        for (c, o) in out.iter_mut().enumerate().take(width) {
+            let mut total = 0f32;
+            for w in 0..SEGMENTS {
+                let g0 = (w * seg).min(groups);
+                let g1 = (g0 + seg).min(groups);
+                let mut acc = 0f32;
+                for g in g0..g1 {
+                    acc += partials[g * stride + c];
+                }
+                total += acc;
+            }
+            *o += total;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::Rng;
+
+    #[test]
+    fn twin_sums_every_group_once() {
+        let mut rng = Rng::new(3);
+        for (groups, width, stride) in [(1, 1, 1), (33, 5, 7), (1024, 70, 140), (31, 3, 3)] {
+            let p = rng.vec_f32(groups * stride, -1.0, 1.0);
+            let mut out = rng.vec_f32(width, -1.0, 1.0);
+            let before = out.clone();
+            twin::colsum_acc(&p, groups, width, stride, &mut out);
+            for c in 0..width {
+                let want: f64 =
+                    before[c] as f64 + (0..groups).map(|g| p[g * stride + c] as f64).sum::<f64>();
+                assert!(
+                    (out[c] as f64 - want).abs() < 1e-4,
+                    "({groups},{width}) column {c}"
+                );
+            }
+        }
+    }
+}

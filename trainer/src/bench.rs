@@ -1,0 +1,164 @@
+//! `lathe bench`: quick measurements from the command line (criterion benches under `benches/`
+//! are the careful ones).
+//!
+//! - `lathe bench memory [--model M] [--micro-batch B] [--seq-len T] [--precision P]`: activation
+//!   memory of one training step under each recomputation policy, from a dry run of the tape
+//!   (exact accounting, no compute), so it works for gpt2-124m shapes on any machine.
+//! - `lathe bench step [--model M] ...`: wall time of training steps on the CPU backend.
+
+use crate::precision::Precision;
+use anyhow::Result;
+use lathe_autograd::{DType, Gpt, GptConfig, Recompute};
+
+/// What to measure.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum BenchKind {
+    /// Activation memory per recomputation policy (dry run).
+    Memory,
+    /// CPU training-step time.
+    Step,
+}
+
+/// Flags of `lathe bench`.
+#[derive(Clone, Debug, clap::Args)]
+pub struct BenchArgs {
+    pub kind: BenchKind,
+    /// Model presets to measure (repeatable); default tiny and gpt2-124m for memory, tiny for
+    /// step.
+    #[arg(long)]
+    pub model: Vec<String>,
+    #[arg(long)]
+    pub micro_batch: Option<usize>,
+    /// Default: the model's context length.
+    #[arg(long)]
+    pub seq_len: Option<usize>,
+    #[arg(long, default_value = "bf16")]
+    pub precision: Precision,
+    /// Steps to time (`step` only).
+    #[arg(long, default_value_t = 5)]
+    pub steps: u64,
+}
+
+fn dtype(p: Precision) -> DType {
+    match p {
+        Precision::Fp32 => DType::F32,
+        Precision::Bf16 => DType::BF16,
+        Precision::Fp16 => DType::F16,
+    }
+}
+
+/// One row of the recomputation memory table.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MemoryRow {
+    pub model: String,
+    pub b: usize,
+    pub t: usize,
+    pub policy: &'static str,
+    pub peak_bytes: usize,
+    /// Peak relative to `none`.
+    pub ratio: f64,
+}
+
+/// Activation memory of one step of `model` under none / act / block recomputation.
+pub fn recompute_memory(
+    model: &str,
+    b: usize,
+    t: Option<usize>,
+    precision: Precision,
+) -> Result<Vec<MemoryRow>> {
+    let cfg = GptConfig::from_name(model)?;
+    let t = t.unwrap_or(cfg.block_size);
+    let gpt = Gpt::new(cfg)?;
+    let mut rows = Vec::new();
+    let mut base = 0usize;
+    for (name, r) in [
+        ("none", Recompute::None),
+        ("act", Recompute::Act),
+        ("block", Recompute::Block),
+    ] {
+        let m = gpt.activation_memory(b, t, dtype(precision), r)?;
+        if r == Recompute::None {
+            base = m.peak_bytes;
+        }
+        rows.push(MemoryRow {
+            model: model.to_string(),
+            b,
+            t,
+            policy: name,
+            peak_bytes: m.peak_bytes,
+            ratio: m.peak_bytes as f64 / base.max(1) as f64,
+        });
+    }
+    Ok(rows)
+}
+
+/// Entry point of `lathe bench`.
+pub fn run_bench(args: BenchArgs) -> Result<()> {
+    match args.kind {
+        BenchKind::Memory => {
+            let models = if args.model.is_empty() {
+                vec!["tiny".to_string(), "gpt2-124m".to_string()]
+            } else {
+                args.model.clone()
+            };
+            println!(
+                "activation memory of one training step ({}), dry run of the tape",
+                args.precision.as_str()
+            );
+            println!(
+                "{:<10} {:>4} {:>5} {:<6} {:>12} {:>8}",
+                "model", "B", "T", "policy", "peak MiB", "vs none"
+            );
+            for m in &models {
+                let b = args.micro_batch.unwrap_or(if m == "tiny" { 32 } else { 16 });
+                for r in recompute_memory(m, b, args.seq_len, args.precision)? {
+                    println!(
+                        "{:<10} {:>4} {:>5} {:<6} {:>12.1} {:>7.1}%",
+                        r.model,
+                        r.b,
+                        r.t,
+                        r.policy,
+                        r.peak_bytes as f64 / (1u64 << 20) as f64,
+                        100.0 * r.ratio
+                    );
+                }
+            }
+            Ok(())
+        }
+        BenchKind::Step => {
+            let model = args.model.first().cloned().unwrap_or_else(|| "tiny".into());
+            let targs = crate::config::TrainArgs {
+                model: Some(model),
+                device: Some(crate::config::DeviceSpec::Cpu),
+                micro_batch: args.micro_batch,
+                seq_len: args.seq_len,
+                precision: Some(args.precision),
+                steps: Some(args.steps),
+                eval_every: Some(0),
+                eval_problems: Some(1),
+                no_progress: true,
+                ..Default::default()
+            };
+            let out = crate::train::run_train(targs)?;
+            println!(
+                "{} steps; peak memory {:.1} MB",
+                out.steps,
+                out.peak_mem_bytes as f64 / 1e6
+            );
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recomputation_lowers_the_peak_in_order() {
+        let rows = recompute_memory("tiny", 8, Some(64), Precision::Bf16).unwrap();
+        assert_eq!(rows.len(), 3);
+        assert!(rows[1].peak_bytes < rows[0].peak_bytes, "{rows:?}");
+        assert!(rows[2].peak_bytes < rows[1].peak_bytes, "{rows:?}");
+    }
+}
