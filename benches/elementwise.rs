@@ -14,10 +14,16 @@ use lathe_kernels::rng::Rng;
 const N: usize = 64 << 20;
 
 fn bench(c: &mut Criterion) {
-    let Some(dev) = device_or_skip("elementwise") else { return };
+    let Some(dev) = device_or_skip("elementwise") else {
+        return;
+    };
     let s = dev.compute_stream().clone();
-    let x32 = dev.htod(&Rng::new(1).vec_f32(N, -1.0, 1.0)).expect("upload");
-    let mut y32 = dev.htod(&Rng::new(2).vec_f32(N, -1.0, 1.0)).expect("upload");
+    let x32 = dev
+        .htod(&Rng::new(1).vec_f32(N, -1.0, 1.0))
+        .expect("upload");
+    let mut y32 = dev
+        .htod(&Rng::new(2).vec_f32(N, -1.0, 1.0))
+        .expect("upload");
     let mut xb = dev.alloc::<bf16>(N).expect("alloc");
     dev.cast(&x32, &mut xb).expect("cast");
     let mut yb = dev.alloc::<bf16>(N).expect("alloc");

@@ -29,7 +29,9 @@ pub fn time_with_events(
         }
         let end = stream.record()?;
         end.synchronize()?;
-        Ok(Duration::from_secs_f64(start.elapsed_ms(&end)? as f64 / 1e3))
+        Ok(Duration::from_secs_f64(
+            start.elapsed_ms(&end)? as f64 / 1e3,
+        ))
     };
     match run() {
         Ok(d) => d,

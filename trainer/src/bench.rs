@@ -110,7 +110,9 @@ pub fn run_bench(args: BenchArgs) -> Result<()> {
                 "model", "B", "T", "policy", "peak MiB", "vs none"
             );
             for m in &models {
-                let b = args.micro_batch.unwrap_or(if m == "tiny" { 32 } else { 16 });
+                let b = args
+                    .micro_batch
+                    .unwrap_or(if m == "tiny" { 32 } else { 16 });
                 for r in recompute_memory(m, b, args.seq_len, args.precision)? {
                     println!(
                         "{:<10} {:>4} {:>5} {:<6} {:>12.1} {:>7.1}%",

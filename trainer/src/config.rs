@@ -28,7 +28,9 @@ impl std::str::FromStr for DeviceSpec {
                     .parse()
                     .map(DeviceSpec::Cuda)
                     .map_err(|_| format!("bad device `{s}`: expected cuda:N with N a number")),
-                None => Err(format!("bad device `{s}`: expected auto, cpu, cuda or cuda:N")),
+                None => Err(format!(
+                    "bad device `{s}`: expected auto, cpu, cuda or cuda:N"
+                )),
             },
         }
     }
@@ -405,14 +407,22 @@ mod tests {
     fn config_file_fills_unset_flags_and_rejects_typos() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("run.toml");
-        std::fs::write(&p, "model = \"tiny\"\nsteps = 7\nlr = 0.01\nmicro_batch = 3\n").unwrap();
+        std::fs::write(
+            &p,
+            "model = \"tiny\"\nsteps = 7\nlr = 0.01\nmicro_batch = 3\n",
+        )
+        .unwrap();
         let a = TrainArgs {
             config: Some(p.clone()),
             steps: Some(9),
             ..Default::default()
         };
         let c = TrainConfig::resolve(a.with_config_file().unwrap(), false).unwrap();
-        assert_eq!((c.steps, c.lr, c.micro_batch), (9, 0.01, 3), "flags win over the file");
+        assert_eq!(
+            (c.steps, c.lr, c.micro_batch),
+            (9, 0.01, 3),
+            "flags win over the file"
+        );
         std::fs::write(&p, "stepz = 7\n").unwrap();
         let a = TrainArgs {
             config: Some(p),

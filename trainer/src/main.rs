@@ -5,7 +5,11 @@ use clap::{Parser, Subcommand};
 use lathe_trainer::config::TrainArgs;
 
 #[derive(Parser)]
-#[command(name = "lathe", version, about = "Train neural networks fast with hand-written PTX kernels")]
+#[command(
+    name = "lathe",
+    version,
+    about = "Train neural networks fast with hand-written PTX kernels"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,

@@ -264,7 +264,7 @@ fn lower(p: &Problem) -> u64 {
 macro_rules! attn_descs {
     ($f:ident, $b:ident, $args:ident, $sfx:literal, $size:literal) => {
         #[doc = concat!("`Problem { batch: B*H, n: T }`: `scores, probs (B*H, T, T) ", $sfx,
-                                            "`, probs may be scores.")]
+                                                    "`, probs may be scores.")]
         pub static $f: KernelDesc = KernelDesc {
             entry: concat!("lathe_attn_softmax_fwd_", $sfx),
             module: &MODULE,
@@ -277,7 +277,7 @@ macro_rules! attn_descs {
             summary: "causal masked softmax forward (scale, mask, softmax in f32)",
         };
         #[doc = concat!("`Problem { batch: B*H, n: T }`: `probs, dprobs, dscores (B*H, T, T) ",
-                                            $sfx, "`, dscores may be dprobs.")]
+                                                    $sfx, "`, dscores may be dprobs.")]
         pub static $b: KernelDesc = KernelDesc {
             entry: concat!("lathe_attn_softmax_bwd_", $sfx),
             module: &MODULE,
