@@ -292,6 +292,35 @@ impl<T: DeviceElem> PinnedBuffer<T> {
         Ok(unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) })
     }
 
+    /// Waits for any copy in flight; afterwards [`PinnedBuffer::idle_slice`] is `Some`.
+    pub fn wait_idle(&mut self) -> Result<()> {
+        self.wait()?;
+        self.pending = None;
+        Ok(())
+    }
+
+    /// Whether no copy is in flight (never blocks).
+    pub fn is_idle(&self) -> bool {
+        self.pending.as_ref().is_none_or(Event::is_complete)
+    }
+
+    /// The contents if no copy is in flight (never blocks).
+    pub fn idle_slice(&self) -> Option<&[T]> {
+        // SAFETY: `ptr` holds `len` initialised elements and no copy touches them (checked).
+        self.is_idle()
+            .then(|| unsafe { std::slice::from_raw_parts(self.ptr, self.len) })
+    }
+
+    /// Mutable contents if no copy is in flight (never blocks).
+    pub fn idle_slice_mut(&mut self) -> Option<&mut [T]> {
+        if !self.is_idle() {
+            return None;
+        }
+        self.pending = None;
+        // SAFETY: as in `idle_slice`, and `&mut self` makes this the only access.
+        Some(unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) })
+    }
+
     /// Starts copying this buffer into `dst` on `stream`; returns at once.
     pub fn copy_to_device_async(
         &mut self,

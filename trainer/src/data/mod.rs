@@ -11,6 +11,8 @@
 //! - [`addition`]: integer addition problems as text, with answer-only targets, a held-out
 //!   partition and an exact-match evaluator.
 //! - [`curriculum`]: short sequences first.
+//! - [`pinned`]: pinned host buffers and the copy-stream feeder that overlaps uploads with
+//!   compute on a GPU.
 //!
 //! A run picks its data with a [`Source`] (a shard directory, or the addition corpus) and reads
 //! it through the same [`Loader`] either way.
@@ -20,6 +22,7 @@ pub mod buffer;
 pub mod curriculum;
 pub mod error;
 pub mod loader;
+pub mod pinned;
 pub mod plan;
 pub mod prepare;
 pub mod shard;
