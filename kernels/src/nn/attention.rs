@@ -263,8 +263,8 @@ fn lower(p: &Problem) -> u64 {
 
 macro_rules! attn_descs {
     ($f:ident, $b:ident, $args:ident, $sfx:literal, $size:literal) => {
-        #[doc = concat!("`Problem { batch: B*H, n: T }`: `scores, probs (B*H, T, T) ", $sfx,
-                                                    "`, probs may be scores.")]
+        #[doc = concat!("`Problem { batch: B*H, n: T }`: scores, probs (B*H, T, T) ", $sfx, ".")]
+        #[doc = "probs may be scores (in place)."]
         pub static $f: KernelDesc = KernelDesc {
             entry: concat!("lathe_attn_softmax_fwd_", $sfx),
             module: &MODULE,
@@ -276,8 +276,8 @@ macro_rules! attn_descs {
             },
             summary: "causal masked softmax forward (scale, mask, softmax in f32)",
         };
-        #[doc = concat!("`Problem { batch: B*H, n: T }`: `probs, dprobs, dscores (B*H, T, T) ",
-                                                    $sfx, "`, dscores may be dprobs.")]
+        #[doc = concat!("`Problem { batch: B*H, n: T }`: probs, dprobs, dscores (B*H, T, T) ", $sfx, ".")]
+        #[doc = "dscores may be dprobs (in place)."]
         pub static $b: KernelDesc = KernelDesc {
             entry: concat!("lathe_attn_softmax_bwd_", $sfx),
             module: &MODULE,
