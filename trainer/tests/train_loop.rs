@@ -75,8 +75,15 @@ fn log_has_every_field_and_a_summary() {
     }
     let s = &lines[6];
     assert_eq!(s["summary"], true);
-    assert!(s.get("eval_accuracy").is_some() && s.get("final_loss").is_some(), "{s}");
-    assert!(out.losses[5] < out.losses[0], "loss did not drop: {:?}", out.losses);
+    assert!(
+        s.get("eval_accuracy").is_some() && s.get("final_loss").is_some(),
+        "{s}"
+    );
+    assert!(
+        out.losses[5] < out.losses[0],
+        "loss did not drop: {:?}",
+        out.losses
+    );
 }
 
 #[test]
@@ -97,7 +104,10 @@ fn fp16_skips_non_finite_steps_and_backs_off_the_scale() {
     assert_eq!(steps[2].loss_scale, 65536.0, "step 2 ran at the old scale");
     assert_eq!(steps[3].loss_scale, 32768.0, "halved after the skip");
     assert_eq!(steps[5].loss_scale, 16384.0, "halved again after step 4");
-    assert!(steps.iter().all(|s| s.loss.is_finite()), "training continued");
+    assert!(
+        steps.iter().all(|s| s.loss.is_finite()),
+        "training continued"
+    );
 }
 
 #[test]
@@ -112,8 +122,14 @@ fn bf16_and_fp32_skip_and_log_non_finite_steps() {
             ..small(3)
         });
         let steps = steps_of(&log);
-        assert!(steps[1].skipped && !steps[0].skipped && !steps[2].skipped, "{p:?}");
-        assert!(steps.iter().all(|s| s.loss_scale == 1.0), "{p:?}: no scaling");
+        assert!(
+            steps[1].skipped && !steps[0].skipped && !steps[2].skipped,
+            "{p:?}"
+        );
+        assert!(
+            steps.iter().all(|s| s.loss_scale == 1.0),
+            "{p:?}: no scaling"
+        );
     }
 }
 
@@ -166,7 +182,12 @@ fn recomputation_changes_nothing_but_memory() {
     });
     let bits = |o: &TrainOutcome| o.losses.iter().map(|l| l.to_bits()).collect::<Vec<_>>();
     assert_eq!(bits(&a), bits(&b));
-    assert!(b.peak_mem_bytes < a.peak_mem_bytes, "{} vs {}", b.peak_mem_bytes, a.peak_mem_bytes);
+    assert!(
+        b.peak_mem_bytes < a.peak_mem_bytes,
+        "{} vs {}",
+        b.peak_mem_bytes,
+        a.peak_mem_bytes
+    );
 }
 
 #[test]
