@@ -15,6 +15,7 @@ pub mod device;
 pub mod driver;
 pub mod error;
 pub mod gemm_ops;
+pub mod hopper_ops;
 pub mod module;
 pub mod nn_ops;
 pub mod nvtx;

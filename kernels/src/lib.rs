@@ -11,6 +11,7 @@
 pub mod desc;
 pub mod elementwise;
 pub mod gemm;
+pub mod hopper;
 pub mod nn;
 pub mod ptx;
 pub mod ptxas;
@@ -29,6 +30,7 @@ pub mod registry {
         let mut v: Vec<&'static Module> = vec![&elementwise::MODULE, &reduce::MODULE];
         v.extend(nn::modules());
         v.extend(gemm::modules());
+        v.extend(hopper::modules());
         v
     }
 
@@ -39,6 +41,7 @@ pub mod registry {
         v.extend_from_slice(reduce::ALL);
         v.extend(nn::kernels());
         v.extend(gemm::kernels());
+        v.extend(hopper::kernels());
         v
     }
 
