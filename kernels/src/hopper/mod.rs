@@ -1,13 +1,258 @@
 //! Hopper (sm_90a) tensor-core GEMM: wgmma, TMA and warp specialization.
+//!
+//! `C(M, N) = A(M, K) B(N, K)^T`: A and B are bf16, both stored row-major with K contiguous
+//! ("K-major", the layout `wgmma` reads without transposition); C is f32 or bf16, row-major
+//! `(M, N)`, f32 accumulation. Operands reach the kernel as TMA tensor maps built on the host
+//! (`lathe_host::hopper_ops`), which also handles the M, N and K tails (out-of-bounds boxes are
+//! zero-filled); the epilogue checks M and N bounds.
+//!
+//! Which training products map on it directly (row-major storage, Conv1D weight `W (in, out)`):
+//!
+//! | product | A | B (must be `(N, K)`) | fits |
+//! |---|---|---|---|
+//! | forward `Y(rows, out) = X W` | X `(rows, in)` | `W^T`, i.e. W stored `(out, in)` | needs `W^T` (a pre-transposed copy, refreshed after each optimizer step) |
+//! | input grad `dX(rows, in) = dY W^T` | dY `(rows, out)` | W `(in, out)` | directly |
+//! | weight grad `dW(in, out) = X^T dY` | `X^T` | `dY^T` | neither operand is K-major: needs the descriptor transpose bits (not yet) |
+//!
+//! A `Linear` layer whose weight is stored `(out, in)` (PyTorch's `nn.Linear`) makes the
+//! forward direct instead and the input gradient the transposed one. `wgmma` also reads bf16
+//! operands stored MN-major (the `imm-trans-a/b` bits with an MN-major descriptor): that is the
+//! next step and is not implemented in these versions.
+//!
+//! Versions (numbered, kept):
+//! - v1: 128x256x64 tile, 4-stage TMA/mbarrier ring, 1 producer + 2 consumer warpgroups,
+//!   `setmaxnreg`, persistent grid over tiles in grouped order, `wgmma.wait_group 0` after each
+//!   stage (the stage is released as soon as its products are done).
+//! - v2: v1 with one wgmma group kept in flight (`wait_group 1`, the previous stage released),
+//!   so the tensor cores do not drain between K steps.
 
-use crate::desc::{KernelDesc, Module};
+pub mod ptx;
+pub mod twin;
+
+use crate::desc::{Arg, ArgKind, Cost, Elem, Geometry, KernelDesc, Module, Problem, Target, arg};
+use std::borrow::Cow;
+use std::sync::OnceLock;
+
+/// Rows of C per CTA tile (two consumer warpgroups of 64).
+pub const BM: u32 = 128;
+/// Columns of C per CTA tile (one m64n256 wgmma per consumer per K step of 16).
+pub const BN: u32 = 256;
+/// K elements per ring stage: one 128-byte swizzle row of bf16.
+pub const BK: u32 = 64;
+/// Ring stages.
+pub const STAGES: u32 = 4;
+/// Tile rows walked together before moving along N (L2 reuse of the B panel).
+pub const GROUP_M: u32 = 16;
+/// Threads per CTA: producer warpgroup + two consumer warpgroups.
+pub const THREADS: u32 = 384;
+/// Registers per thread the producer keeps after `setmaxnreg.dec`.
+pub const PRODUCER_REGS: u32 = 40;
+/// Registers per thread the consumers get with `setmaxnreg.inc`
+/// (128 x 40 + 256 x 232 = 64512 <= 65536).
+pub const CONSUMER_REGS: u32 = 232;
+
+// The register split must fit the SM's 64K registers (checked at compile time).
+const _: () = assert!(128 * PRODUCER_REGS + 256 * CONSUMER_REGS <= 65536);
+
+/// Bytes of one A stage: `BM` rows of `BK` bf16.
+pub const fn a_stage_bytes() -> u32 {
+    BM * BK * 2
+}
+
+/// Bytes of one B stage: `BN` rows of `BK` bf16.
+pub const fn b_stage_bytes() -> u32 {
+    BN * BK * 2
+}
+
+/// Dynamic shared memory per CTA: the ring, 2 x `STAGES` mbarriers, and 1024 bytes of slack
+/// for aligning the base to the 128B swizzle atom at run time.
+pub const fn shared_bytes() -> u32 {
+    ptx::barrier_offset() + 16 * STAGES + 1024
+}
+
+/// A kernel version. Each keeps its entry names; newer ones do not overwrite older ones.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Version {
+    V1,
+    V2,
+}
+
+impl Version {
+    /// Every version, oldest first.
+    pub const ALL: [Version; 2] = [Version::V1, Version::V2];
+    /// The version `lathe_host::hopper_ops` uses by default.
+    pub const SHIPPED: Version = Version::V2;
+
+    pub fn number(self) -> u32 {
+        match self {
+            Version::V1 => 1,
+            Version::V2 => 2,
+        }
+    }
+}
+
+/// Tiles of a problem: `(tiles_m, tiles_n)`.
+pub fn tiles(m: u64, n: u64) -> (u64, u64) {
+    (m.div_ceil(BM as u64), n.div_ceil(BN as u64))
+}
+
+/// The (m tile, n tile) of linear tile index `t`, in the order every CTA walks them: groups of
+/// `GROUP_M` tile rows, m fastest inside a group. The PTX computes the same function.
+pub fn tile_coords(t: u64, tiles_m: u64, tiles_n: u64) -> (u64, u64) {
+    let group = GROUP_M as u64 * tiles_n;
+    let first_m = (t / group) * GROUP_M as u64;
+    let size = (tiles_m - first_m).min(GROUP_M as u64);
+    let r = t % group;
+    (first_m + r % size, r / size)
+}
+
+/// The problem of a GEMM with `C (m, n)` and inner dimension `k`.
+pub fn problem(m: usize, n: usize, k: usize) -> Problem {
+    Problem {
+        n: n as u64,
+        m: m as u64,
+        k: k as u64,
+        batch: 1,
+    }
+}
+
+/// A plain grid (one CTA per tile). The host launches `min(tiles, SM count)` CTAs instead
+/// (persistent); the kernel walks `tile += nctaid.x`, so both are correct.
+fn geometry(p: &Problem) -> Geometry {
+    let (tm, tn) = tiles(p.m, p.n);
+    Geometry {
+        grid: ((tm * tn).min(u32::MAX as u64) as u32, 1, 1),
+        block: (THREADS, 1, 1),
+        shared_bytes: shared_bytes(),
+    }
+}
+
+fn cost(p: &Problem, out: u64) -> Cost {
+    Cost {
+        flops: 2 * p.m * p.n * p.k,
+        bytes: 2 * (p.m * p.k + p.n * p.k) + out * p.m * p.n,
+    }
+}
+fn cost_f32(p: &Problem) -> Cost {
+    cost(p, 4)
+}
+fn cost_bf16(p: &Problem) -> Cost {
+    cost(p, 2)
+}
+
+/// Parameters, in PTX order. The tensor maps are 128-byte by-value parameters that a typed
+/// [`ArgKind`] cannot describe; they are listed as `U64` placeholders for documentation and the
+/// host launches these kernels through its own path (`lathe_host::hopper_ops`).
+pub static ARGS_F32: &[Arg] = &[
+    arg("tmA", ArgKind::U64),
+    arg("tmB", ArgKind::U64),
+    arg("c", ArgKind::Out(Elem::F32)),
+    arg("m", ArgKind::U32),
+    arg("n", ArgKind::U32),
+    arg("k", ArgKind::U32),
+];
+/// As [`ARGS_F32`] with a bf16 C.
+pub static ARGS_BF16: &[Arg] = &[
+    arg("tmA", ArgKind::U64),
+    arg("tmB", ArgKind::U64),
+    arg("c", ArgKind::Out(Elem::BF16)),
+    arg("m", ArgKind::U32),
+    arg("n", ArgKind::U32),
+    arg("k", ArgKind::U32),
+];
+
+fn text(v: Version) -> Cow<'static, str> {
+    static V1: OnceLock<String> = OnceLock::new();
+    static V2: OnceLock<String> = OnceLock::new();
+    let cell = match v {
+        Version::V1 => &V1,
+        Version::V2 => &V2,
+    };
+    Cow::Borrowed(cell.get_or_init(|| ptx::module(v)).as_str())
+}
+fn ptx_v1() -> Cow<'static, str> {
+    text(Version::V1)
+}
+fn ptx_v2() -> Cow<'static, str> {
+    text(Version::V2)
+}
+
+pub static MODULE_V1: Module = Module {
+    name: "hgemm_v1",
+    target: Target::Sm90a,
+    ptx: ptx_v1,
+};
+pub static MODULE_V2: Module = Module {
+    name: "hgemm_v2",
+    target: Target::Sm90a,
+    ptx: ptx_v2,
+};
+
+macro_rules! desc {
+    ($name:ident, $entry:literal, $module:ident, $args:ident, $cost:ident, $summary:literal) => {
+        pub static $name: KernelDesc = KernelDesc {
+            entry: $entry,
+            module: &$module,
+            args: $args,
+            geometry,
+            cost: $cost,
+            summary: $summary,
+        };
+    };
+}
+desc!(
+    V1_F32,
+    "lathe_hgemm_tn_bf16_f32_v1",
+    MODULE_V1,
+    ARGS_F32,
+    cost_f32,
+    "C f32 (M,N) = A (M,K) B (N,K)^T, bf16 wgmma+TMA, 128x256x64, wait 0"
+);
+desc!(
+    V1_BF16,
+    "lathe_hgemm_tn_bf16_bf16_v1",
+    MODULE_V1,
+    ARGS_BF16,
+    cost_bf16,
+    "C bf16 (M,N) = A (M,K) B (N,K)^T, bf16 wgmma+TMA, 128x256x64, wait 0"
+);
+desc!(
+    V2_F32,
+    "lathe_hgemm_tn_bf16_f32_v2",
+    MODULE_V2,
+    ARGS_F32,
+    cost_f32,
+    "C f32 (M,N) = A (M,K) B (N,K)^T, bf16 wgmma+TMA, 128x256x64, one group in flight"
+);
+desc!(
+    V2_BF16,
+    "lathe_hgemm_tn_bf16_bf16_v2",
+    MODULE_V2,
+    ARGS_BF16,
+    cost_bf16,
+    "C bf16 (M,N) = A (M,K) B (N,K)^T, bf16 wgmma+TMA, 128x256x64, one group in flight"
+);
+
+/// The kernel of a version and output type (f32 or bf16); `None` for other outputs.
+pub fn kernel_for(v: Version, out: Elem) -> Option<&'static KernelDesc> {
+    match (v, out) {
+        (Version::V1, Elem::F32) => Some(&V1_F32),
+        (Version::V1, Elem::BF16) => Some(&V1_BF16),
+        (Version::V2, Elem::F32) => Some(&V2_F32),
+        (Version::V2, Elem::BF16) => Some(&V2_BF16),
+        _ => None,
+    }
+}
 
 /// Every module of this family.
 pub fn modules() -> Vec<&'static Module> {
-    Vec::new()
+    vec![&MODULE_V1, &MODULE_V2]
 }
 
 /// Every kernel of this family.
 pub fn kernels() -> Vec<&'static KernelDesc> {
-    Vec::new()
+    vec![&V1_F32, &V1_BF16, &V2_F32, &V2_BF16]
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,273 @@
+//! Hopper GEMM (wgmma + TMA, sm_90a) throughput in TFLOP/s next to cuBLASLt, measured in the
+//! same run on the same buffers.
+//!
+//!     cargo bench -p lathe-benches --bench hopper [-- FILTER]
+//!
+//! `C(M, N) = A(M, K) B(N, K)^T`, bf16 operands, bf16 C, f32 accumulation. Shapes (M, K, N):
+//! 4096^3, 8192^3 and GPT-2's (16384, 768, 2304) QKV, (16384, 768, 3072) MLP up,
+//! (16384, 3072, 768) MLP down, (16384, 768, 50304) LM head. Inputs are random (never zeros).
+//! A table of medians (7 event-timed batches of 10 launches after a warm-up) prints first, with
+//! the ratio to cuBLASLt; then criterion measures each case (throughput in elements = FLOPs).
+//!
+//! The peer runs the same product: row-major `C = A B^T` is column-major `C^T = B A^T`, i.e.
+//! cuBLASLt with `TRANSA = T` on our B (column-major `(K, N)`) and `TRANSB = N` on our A
+//! (column-major `(K, M)`). cuBLASLt is loaded at run time; without it the peer is skipped.
+//! Skips entirely without a GPU or on a GPU that is not compute capability 9.0.
+
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use cudarc::cublaslt::{result as lt, sys as ltsys};
+use half::bf16;
+use lathe_benches::{device_or_skip, time_with_events};
+use lathe_host::hopper_ops::{HopperGemm, Version};
+use lathe_host::{Device, DeviceBuffer, Stream};
+use lathe_kernels::rng::Rng;
+use std::ffi::c_void;
+use std::time::Duration;
+
+const WORKSPACE_BYTES: usize = 32 << 20;
+
+/// cuBLASLt's handle and workspace.
+struct Peer {
+    handle: ltsys::cublasLtHandle_t,
+    workspace: DeviceBuffer<u32>,
+}
+
+impl Peer {
+    fn new(dev: &Device) -> Result<Peer, String> {
+        // SAFETY: only probes whether the shared library can be opened.
+        if !unsafe { ltsys::is_culib_present() } {
+            return Err("libcublasLt not found".into());
+        }
+        dev.bind().map_err(|e| e.to_string())?;
+        let handle = lt::create_handle().map_err(|e| format!("cublasLtCreate: {e}"))?;
+        let workspace = dev
+            .alloc::<u32>(WORKSPACE_BYTES / 4)
+            .map_err(|e| e.to_string())?;
+        Ok(Peer { handle, workspace })
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        // SAFETY: created by `Peer::new`, destroyed once.
+        let _ = unsafe { lt::destroy_handle(self.handle) };
+    }
+}
+
+fn lt_err(what: &'static str) -> impl Fn(lt::CublasError) -> String {
+    move |e| format!("{what}: {e}")
+}
+
+/// One cuBLASLt `C = A B^T` problem (bf16 in, bf16 out, f32 compute) with its algorithm.
+struct PeerPlan<'p> {
+    peer: &'p Peer,
+    desc: ltsys::cublasLtMatmulDesc_t,
+    layouts: [ltsys::cublasLtMatrixLayout_t; 3],
+    algo: ltsys::cublasLtMatmulAlgo_t,
+}
+
+impl<'p> PeerPlan<'p> {
+    fn new(peer: &'p Peer, m: u64, n: u64, k: u64) -> Result<Self, String> {
+        let err = lt_err;
+        let desc = lt::create_matmul_desc(
+            ltsys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            ltsys::cudaDataType::CUDA_R_32F,
+        )
+        .map_err(err("cublasLtMatmulDescCreate"))?;
+        let set_trans = |attr, t: bool| -> Result<(), String> {
+            let v: i32 = t as i32;
+            // SAFETY: `desc` is live; the attribute takes a 4-byte cublasOperation_t.
+            unsafe { lt::set_matmul_desc_attribute(desc, attr, (&v as *const i32).cast(), 4) }
+                .map_err(err("cublasLtMatmulDescSetAttribute"))
+        };
+        use ltsys::cublasLtMatmulDescAttributes_t::*;
+        set_trans(CUBLASLT_MATMUL_DESC_TRANSA, true)?;
+        set_trans(CUBLASLT_MATMUL_DESC_TRANSB, false)?;
+        let bf = ltsys::cudaDataType::CUDA_R_16BF;
+        let layout = |r: u64, c: u64, ld: u64| {
+            lt::create_matrix_layout(bf, r, c, ld as i64).map_err(err("cublasLtMatrixLayoutCreate"))
+        };
+        let layouts = [layout(k, n, k)?, layout(k, m, k)?, layout(n, m, n)?];
+        let pref = lt::create_matmul_pref().map_err(err("cublasLtMatmulPreferenceCreate"))?;
+        let ws = WORKSPACE_BYTES;
+        // SAFETY: `pref` is live; the attribute takes a usize.
+        unsafe {
+            lt::set_matmul_pref_attribute(
+                pref,
+                ltsys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                (&ws as *const usize).cast(),
+                size_of::<usize>(),
+            )
+        }
+        .map_err(err("cublasLtMatmulPreferenceSetAttribute"))?;
+        // SAFETY: every descriptor is live and describes the buffers the plan runs on.
+        let heuristic = unsafe {
+            lt::get_matmul_algo_heuristic(
+                peer.handle,
+                desc,
+                layouts[0],
+                layouts[1],
+                layouts[2],
+                layouts[2],
+                pref,
+            )
+        };
+        // SAFETY: created above, not used after.
+        let _ = unsafe { lt::destroy_matmul_pref(pref) };
+        let heuristic = heuristic.map_err(err("cublasLtMatmulAlgoGetHeuristic"))?;
+        Ok(PeerPlan {
+            peer,
+            desc,
+            layouts,
+            algo: heuristic.algo,
+        })
+    }
+
+    /// `C = A B^T` on `stream` (addresses of Lathe buffers).
+    fn run(&self, a: u64, b: u64, c: u64, stream: &Stream) -> lathe_host::Result<()> {
+        let (alpha, beta) = (1f32, 0f32);
+        // SAFETY: the descriptors are live and match the buffers' shapes and types; the
+        // workspace outlives the call; the stream belongs to the handle's context.
+        unsafe {
+            lt::matmul(
+                self.peer.handle,
+                self.desc,
+                (&alpha as *const f32).cast(),
+                (&beta as *const f32).cast(),
+                b as *const c_void,
+                self.layouts[0],
+                a as *const c_void,
+                self.layouts[1],
+                c as *const c_void,
+                self.layouts[2],
+                c as *mut c_void,
+                self.layouts[2],
+                &self.algo,
+                self.peer.workspace.addr() as *mut c_void,
+                WORKSPACE_BYTES,
+                stream.raw() as ltsys::cudaStream_t,
+            )
+        }
+        .map_err(|e| lathe_host::Error::Invalid(format!("cublasLtMatmul: {e}")))
+    }
+}
+
+impl Drop for PeerPlan<'_> {
+    fn drop(&mut self) {
+        // SAFETY: created in `new`, destroyed once.
+        unsafe {
+            for l in self.layouts {
+                let _ = lt::destroy_matrix_layout(l);
+            }
+            let _ = lt::destroy_matmul_desc(self.desc);
+        }
+    }
+}
+
+fn random(dev: &Device, rng: &mut Rng, len: usize) -> DeviceBuffer<bf16> {
+    let v: Vec<bf16> = (0..len)
+        .map(|_| bf16::from_f32(rng.range_f32(-1.0, 1.0)))
+        .collect();
+    dev.htod(&v).expect("upload")
+}
+
+/// Median seconds per launch over 7 event-timed batches of 10 (after a warm-up).
+fn median_seconds(stream: &Stream, mut f: impl FnMut() -> lathe_host::Result<()>) -> f64 {
+    let mut v: Vec<f64> = (0..7)
+        .map(|_| time_with_events(stream, 10, &mut f).as_secs_f64() / 10.0)
+        .collect();
+    v.sort_by(f64::total_cmp);
+    v[3]
+}
+
+/// (name, M, K, N)
+const SHAPES: [(&str, usize, usize, usize); 6] = [
+    ("4096^3", 4096, 4096, 4096),
+    ("8192^3", 8192, 8192, 8192),
+    ("gpt2 qkv 16384x768x2304", 16384, 768, 2304),
+    ("gpt2 fc 16384x768x3072", 16384, 768, 3072),
+    ("gpt2 proj 16384x3072x768", 16384, 3072, 768),
+    ("gpt2 lm_head 16384x768x50304", 16384, 768, 50304),
+];
+
+fn bench(c: &mut Criterion) {
+    let Some(dev) = device_or_skip("hopper") else {
+        return;
+    };
+    if dev.compute_capability() != (9, 0) {
+        eprintln!(
+            "hopper: skipped, {} is not compute capability 9.0",
+            dev.describe()
+        );
+        return;
+    }
+    let gemms: Vec<HopperGemm> = Version::ALL
+        .iter()
+        .map(|&v| HopperGemm::new(&dev, v).expect("load the Hopper GEMM"))
+        .collect();
+    let peer = match Peer::new(&dev) {
+        Ok(p) => Some(p),
+        Err(e) => {
+            eprintln!("hopper: cuBLASLt peer skipped: {e}");
+            None
+        }
+    };
+    println!(
+        "hopper gemm on {} (bf16 C = A B^T, TFLOP/s, median of 7 x 10 launches)",
+        dev.describe()
+    );
+    let s = dev.compute_stream().clone();
+    let mut rng = Rng::new(0x4090);
+    for (name, m, k, n) in SHAPES {
+        let a = random(&dev, &mut rng, m * k);
+        let b = random(&dev, &mut rng, n * k);
+        let mut cbuf = random(&dev, &mut rng, m * n);
+        let flops = 2.0 * m as f64 * n as f64 * k as f64;
+        let mut line = format!("{name:<32}");
+        let mut best = 0f64;
+        for g in &gemms {
+            let t = median_seconds(&s, || g.gemm_on(&s, &a, &b, &mut cbuf, m, n, k));
+            let tf = flops / t / 1e12;
+            best = best.max(tf);
+            line.push_str(&format!(" v{} {tf:7.1}", g.version().number()));
+        }
+        let plan = peer.as_ref().and_then(|p| {
+            PeerPlan::new(p, m as u64, n as u64, k as u64)
+                .map_err(|e| eprintln!("{name}: cuBLASLt peer skipped: {e}"))
+                .ok()
+        });
+        if let Some(plan) = &plan {
+            let (pa, pb, pc) = (a.addr(), b.addr(), cbuf.addr());
+            let t = median_seconds(&s, || plan.run(pa, pb, pc, &s));
+            let peer_tf = flops / t / 1e12;
+            line.push_str(&format!(
+                " | cuBLASLt {peer_tf:7.1} | best/cuBLASLt {:.2}",
+                best / peer_tf
+            ));
+        }
+        println!("{line}");
+
+        let mut group = c.benchmark_group(format!("hopper/{name}"));
+        group.sample_size(10);
+        group.warm_up_time(Duration::from_millis(500));
+        group.measurement_time(Duration::from_secs(2));
+        group.throughput(Throughput::Elements(2 * (m * n * k) as u64));
+        for g in &gemms {
+            group.bench_function(format!("lathe_v{}", g.version().number()), |bench| {
+                bench.iter_custom(|iters| {
+                    time_with_events(&s, iters, || g.gemm_on(&s, &a, &b, &mut cbuf, m, n, k))
+                })
+            });
+        }
+        if let Some(plan) = &plan {
+            let (pa, pb, pc) = (a.addr(), b.addr(), cbuf.addr());
+            group.bench_function("cublaslt", |bench| {
+                bench.iter_custom(|iters| time_with_events(&s, iters, || plan.run(pa, pb, pc, &s)))
+            });
+        }
+        group.finish();
+    }
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
