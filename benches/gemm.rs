@@ -19,6 +19,7 @@
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use cudarc::cublaslt::{result as lt, sys as ltsys};
 use half::{bf16, f16};
+use lathe_benches::cublaslt::{Peer, WORKSPACE_BYTES, lt_err};
 use lathe_benches::{device_or_skip, time_with_events};
 use lathe_host::gemm_ops::{Gemm, Op, Version};
 use lathe_host::{Device, DeviceBuffer, DeviceElem, Stream};
@@ -28,47 +29,12 @@ use lathe_kernels::rng::Rng;
 use std::ffi::c_void;
 use std::time::Duration;
 
-/// cuBLASLt's handle and workspace, or the reason it is unavailable.
-struct Peer {
-    handle: ltsys::cublasLtHandle_t,
-    workspace: DeviceBuffer<u32>,
-}
-
-const WORKSPACE_BYTES: usize = 32 << 20;
-
-impl Peer {
-    fn new(dev: &Device) -> Result<Peer, String> {
-        // SAFETY: only probes whether the shared library can be opened.
-        if !unsafe { ltsys::is_culib_present() } {
-            return Err("libcublasLt not found".into());
-        }
-        dev.bind().map_err(|e| e.to_string())?;
-        let handle = lt::create_handle().map_err(|e| format!("cublasLtCreate: {e}"))?;
-        let workspace = dev
-            .alloc::<u32>(WORKSPACE_BYTES / 4)
-            .map_err(|e| e.to_string())?;
-        Ok(Peer { handle, workspace })
-    }
-}
-
-impl Drop for Peer {
-    fn drop(&mut self) {
-        // SAFETY: the handle was created by `Peer::new` and is destroyed once.
-        let _ = unsafe { lt::destroy_handle(self.handle) };
-    }
-}
-
 fn lt_type(e: Elem) -> ltsys::cudaDataType {
     match e {
         Elem::BF16 => ltsys::cudaDataType::CUDA_R_16BF,
         Elem::F16 => ltsys::cudaDataType::CUDA_R_16F,
         _ => ltsys::cudaDataType::CUDA_R_32F,
     }
-}
-
-/// Formats a cuBLASLt error with the call that returned it.
-fn lt_err(what: &'static str) -> impl Fn(lt::CublasError) -> String {
-    move |e| format!("{what}: {e}")
 }
 
 /// One cuBLASLt problem with its chosen algorithm.

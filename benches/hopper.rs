@@ -17,46 +17,13 @@
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use cudarc::cublaslt::{result as lt, sys as ltsys};
 use half::bf16;
+use lathe_benches::cublaslt::{Peer, WORKSPACE_BYTES, lt_err};
 use lathe_benches::{device_or_skip, time_with_events};
 use lathe_host::hopper_ops::{HopperGemm, Version};
 use lathe_host::{Device, DeviceBuffer, Stream};
 use lathe_kernels::rng::Rng;
 use std::ffi::c_void;
 use std::time::Duration;
-
-const WORKSPACE_BYTES: usize = 32 << 20;
-
-/// cuBLASLt's handle and workspace.
-struct Peer {
-    handle: ltsys::cublasLtHandle_t,
-    workspace: DeviceBuffer<u32>,
-}
-
-impl Peer {
-    fn new(dev: &Device) -> Result<Peer, String> {
-        // SAFETY: only probes whether the shared library can be opened.
-        if !unsafe { ltsys::is_culib_present() } {
-            return Err("libcublasLt not found".into());
-        }
-        dev.bind().map_err(|e| e.to_string())?;
-        let handle = lt::create_handle().map_err(|e| format!("cublasLtCreate: {e}"))?;
-        let workspace = dev
-            .alloc::<u32>(WORKSPACE_BYTES / 4)
-            .map_err(|e| e.to_string())?;
-        Ok(Peer { handle, workspace })
-    }
-}
-
-impl Drop for Peer {
-    fn drop(&mut self) {
-        // SAFETY: created by `Peer::new`, destroyed once.
-        let _ = unsafe { lt::destroy_handle(self.handle) };
-    }
-}
-
-fn lt_err(what: &'static str) -> impl Fn(lt::CublasError) -> String {
-    move |e| format!("{what}: {e}")
-}
 
 /// One cuBLASLt `C = A B^T` problem (bf16 in, bf16 out, f32 compute) with its algorithm.
 struct PeerPlan<'p> {

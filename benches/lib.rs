@@ -38,3 +38,46 @@ pub fn time_with_events(
         Err(e) => panic!("benchmark launch failed: {e}"),
     }
 }
+
+/// cuBLASLt as the peer of Lathe's GEMM benchmarks, loaded at run time.
+pub mod cublaslt {
+    use cudarc::cublaslt::{result as lt, sys as ltsys};
+    use lathe_host::{Device, DeviceBuffer};
+
+    /// Workspace cuBLASLt may use (as PyTorch gives it on Hopper).
+    pub const WORKSPACE_BYTES: usize = 32 << 20;
+
+    /// cuBLASLt's handle and workspace.
+    pub struct Peer {
+        pub handle: ltsys::cublasLtHandle_t,
+        pub workspace: DeviceBuffer<u32>,
+    }
+
+    impl Peer {
+        /// The peer on `dev`, or why it is unavailable (e.g. no libcublasLt).
+        pub fn new(dev: &Device) -> Result<Peer, String> {
+            // SAFETY: only probes whether the shared library can be opened.
+            if !unsafe { ltsys::is_culib_present() } {
+                return Err("libcublasLt not found".into());
+            }
+            dev.bind().map_err(|e| e.to_string())?;
+            let handle = lt::create_handle().map_err(|e| format!("cublasLtCreate: {e}"))?;
+            let workspace = dev
+                .alloc::<u32>(WORKSPACE_BYTES / 4)
+                .map_err(|e| e.to_string())?;
+            Ok(Peer { handle, workspace })
+        }
+    }
+
+    impl Drop for Peer {
+        fn drop(&mut self) {
+            // SAFETY: the handle was created by `Peer::new` and is destroyed once.
+            let _ = unsafe { lt::destroy_handle(self.handle) };
+        }
+    }
+
+    /// Formats a cuBLASLt error with the call that returned it.
+    pub fn lt_err(what: &'static str) -> impl Fn(lt::CublasError) -> String {
+        move |e| format!("{what}: {e}")
+    }
+}
