@@ -14,3 +14,4 @@ pub mod profiler;
 pub mod report;
 pub mod schedule;
 pub mod train;
+pub mod zero;

@@ -1,10 +1,17 @@
 //! Checkpoints of a run: what is saved, and restoring it so a resumed run continues exactly.
+//!
+//! A checkpoint always holds the full model and optimizer state, whatever the ZeRO stage: on
+//! save the shards are gathered to rank 0, which writes; on resume every rank reads the full
+//! state and keeps its shard. So one checkpoint resumes under any stage (stages give identical
+//! steps) and with or without offload; the world size must match (it fixes the data order and
+//! the reduction order).
 
-use super::{Trainer, Working};
+use super::Trainer;
 use crate::checkpoint::{CheckpointReader, OptimizerSnapshot, SaveRequest, prune, save};
 use crate::data::LoaderPosition;
 use crate::early_stop::EarlyStopping;
 use anyhow::{Context, Result, bail};
+use lathe_host::comm::Communicator;
 use lathe_kernels::rng::Rng;
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
@@ -21,7 +28,6 @@ const MUST_MATCH: &[&str] = &[
     "seq_len",
     "accum",
     "world",
-    "zero",
     "optimizer",
     "weight_decay",
     "momentum",
@@ -45,9 +51,15 @@ impl Trainer {
         })
     }
 
-    /// Writes `SAVE/step-NNNNNNNN/` atomically and prunes old ones (`--keep-last`).
+    /// Writes `SAVE/step-NNNNNNNN/` atomically and prunes old ones (`--keep-last`). A
+    /// collective from stage 1 on (the shards are gathered to rank 0, which writes).
     pub(super) fn save_checkpoint(&self) -> Result<()> {
         let Some(dir) = &self.cfg.save else {
+            return Ok(());
+        };
+        let master = self.zero.master_on_root(&self.comm)?;
+        let optimizer = self.zero.optimizer_on_root(&self.comm)?;
+        let (Some(master), Some((opt_state, opt_buffers))) = (master, optimizer) else {
             return Ok(());
         };
         let mut rng = BTreeMap::new();
@@ -61,17 +73,24 @@ impl Trainer {
         });
         let req = SaveRequest {
             step: self.step,
-            layout: &self.layout,
-            master: self.params.master(),
+            layout: self.zero.layout(),
+            master: &master,
             model_config: &self.model_config_json(),
-            optimizer: OptimizerSnapshot::of(&self.optimizer),
+            optimizer: OptimizerSnapshot {
+                state: opt_state,
+                buffers: opt_buffers
+                    .iter()
+                    .map(|(n, b)| (n.to_string(), &b[..]))
+                    .collect(),
+            },
             scaler: &self.scaler,
             rng: &rng,
             data_position: &data_position,
             settings: &settings,
             extra: &extra,
         };
-        let path = save(dir, &req).with_context(|| format!("saving a checkpoint in {}", dir.display()))?;
+        let path =
+            save(dir, &req).with_context(|| format!("saving a checkpoint in {}", dir.display()))?;
         if let Some(k) = NonZeroUsize::new(self.cfg.keep_last) {
             prune(dir, k)?;
         }
@@ -79,9 +98,11 @@ impl Trainer {
         Ok(())
     }
 
-    /// Restores everything from the latest complete checkpoint under `dir`.
+    /// Restores everything from the latest complete checkpoint under `dir` (every rank reads
+    /// the full state and keeps its shard).
     pub(super) fn resume_from(&mut self, dir: &Path) -> Result<()> {
-        let r = CheckpointReader::open(dir).with_context(|| format!("--resume {}", dir.display()))?;
+        let r =
+            CheckpointReader::open(dir).with_context(|| format!("--resume {}", dir.display()))?;
         let st = r.state();
         let now = serde_json::to_value(&self.cfg)?;
         for key in MUST_MATCH {
@@ -95,12 +116,45 @@ impl Trainer {
                 );
             }
         }
-        r.load_model(&self.layout, self.params.master_mut())?;
-        r.load_optimizer(&mut self.optimizer)?;
+        let n = self.zero.len();
+        let ours = self.zero.optimizer_shard().optimizer().config();
+        if st.optimizer.config.kind() != ours.kind() {
+            bail!(
+                "--resume {}: the checkpoint's optimizer is {}, this run uses {}",
+                r.path().display(),
+                st.optimizer.config.kind(),
+                ours.kind()
+            );
+        }
+        let mut master = vec![0f32; n];
+        r.load_model(self.zero.layout(), &mut master)?;
+        let mut buffers: Vec<(&str, Vec<f32>)> = self
+            .zero
+            .state_names()
+            .iter()
+            .map(|&name| (name, vec![0f32; n]))
+            .collect();
+        {
+            let mut views: Vec<(&str, &mut [f32])> = buffers
+                .iter_mut()
+                .map(|(name, b)| (*name, b.as_mut_slice()))
+                .collect();
+            r.load_optimizer_buffers(&mut views)?;
+        }
+        self.zero
+            .restore(&master, &st.optimizer, &buffers)
+            .with_context(|| format!("--resume {}", r.path().display()))?;
+        drop((master, buffers));
         self.scaler = st.scaler.clone();
         let pos: LoaderPosition = serde_json::from_value(st.data_position.clone())
             .context("the checkpoint's data position")?;
-        self.loader = Self::open_loader(&self.cfg, &self.data, self.seq_len, Some(pos))?;
+        self.loader = Self::open_loader(
+            &self.cfg,
+            &self.data,
+            self.seq_len,
+            self.comm.rank(),
+            Some(pos),
+        )?;
         self.step = st.step;
         self.tokens = st.extra.get("tokens").and_then(Value::as_u64).unwrap_or(0);
         self.best_val = st.extra.get("best_val_loss").and_then(Value::as_f64);
@@ -109,14 +163,9 @@ impl Trainer {
         {
             self.early = Some(serde_json::from_value::<EarlyStopping>(es.clone())?);
         }
-        // The working copy is a function of the master weights (and, with stochastic
-        // rounding, of the step that wrote it: the optimizer's step count).
-        let sr_step = self.optimizer.step_count();
-        match self.working {
-            Working::None => self.publish_working(),
-            _ => self.refresh_working(sr_step),
+        if self.is_root() {
+            eprintln!("resumed from {} at step {}", r.path().display(), self.step);
         }
-        eprintln!("resumed from {} at step {}", r.path().display(), self.step);
         Ok(())
     }
 }

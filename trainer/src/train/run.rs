@@ -1,0 +1,298 @@
+//! The run loop: steps, logging, evaluation, checkpoints (rank 0 reports; every rank takes
+//! part in the collectives that evaluation and checkpoints need).
+
+use super::{NvtxSink, TrainOutcome, Trainer, eval};
+use crate::early_stop::EarlyStopDecision;
+use crate::metrics::{MetricsWriter, RunSummary, Throughput};
+use crate::profiler::{Profiler, Schedule as ProfSchedule};
+use crate::zero::{RankMemory, StateWidths, rank_report};
+use anyhow::{Context, Result};
+use lathe_host::comm::{Communicator, ReduceOp};
+use std::time::Instant;
+
+impl Trainer {
+    /// Prints `msg` above the progress bar, or on stderr (rank 0 only).
+    fn say(&self, bar: &Option<indicatif::ProgressBar>, msg: String) {
+        if !self.is_root() {
+            return;
+        }
+        match bar {
+            Some(b) => b.println(msg),
+            None => eprintln!("{msg}"),
+        }
+    }
+
+    /// Every rank's startup memory, on every rank (a collective).
+    fn gather_memory(&self) -> Result<Vec<RankMemory>> {
+        const F: usize = 7;
+        let (world, rank) = (self.comm.world_size(), self.comm.rank());
+        let m = self.startup_memory;
+        let mut v = vec![0f64; world * F];
+        let mine = [
+            m.master,
+            m.working,
+            m.grads,
+            m.optimizer,
+            m.staging,
+            m.workspace_idle,
+            m.workspace_step,
+        ];
+        for (d, s) in v[rank * F..(rank + 1) * F].iter_mut().zip(mine) {
+            *d = s as f64;
+        }
+        self.comm.all_reduce(&mut v, ReduceOp::Sum)?;
+        Ok(v.chunks(F)
+            .map(|c| RankMemory {
+                master: c[0] as u64,
+                working: c[1] as u64,
+                grads: c[2] as u64,
+                optimizer: c[3] as u64,
+                staging: c[4] as u64,
+                offloaded: m.offloaded,
+                workspace_idle: c[5] as u64,
+                workspace_step: c[6] as u64,
+            })
+            .collect())
+    }
+
+    /// Validation loss on rank 0 (`None` elsewhere); a collective in stage 3.
+    fn val_loss(&mut self) -> Result<Option<f64>> {
+        let (cfg, data, model, tape, seq_len) = (
+            &self.cfg,
+            &self.data,
+            &self.model,
+            &mut self.eval_tape,
+            self.seq_len,
+        );
+        self.zero
+            .with_root_params(&self.comm, |p| {
+                eval::val_loss(cfg, data, model, tape, seq_len, p)
+            })?
+            .transpose()
+    }
+
+    /// Runs to `--steps` (or early stopping), evaluating, logging and checkpointing.
+    pub fn run(&mut self) -> Result<TrainOutcome> {
+        let cfg = self.cfg.clone();
+        let root = self.is_root();
+        let start_step = self.step;
+        let mut metrics = match &cfg.log {
+            Some(p) if root && cfg.resume.is_some() => Some(MetricsWriter::resume(p, start_step)?),
+            Some(p) if root => Some(MetricsWriter::create(p)?),
+            _ => None,
+        };
+        let n = self.zero.len();
+        let memory = self.gather_memory()?;
+        if root {
+            eprintln!(
+                "lathe: training {} ({:.2}M parameters) on the CPU, {} precision, {} steps of {} \
+                 x {} x {} tokens{}{}",
+                cfg.model,
+                n as f64 / 1e6,
+                cfg.precision.as_str(),
+                cfg.steps,
+                cfg.accum,
+                cfg.micro_batch,
+                self.seq_len,
+                if cfg.world > 1 || cfg.zero > 0 || cfg.offload_optimizer {
+                    format!(
+                        " on each of {} ranks, {}{}",
+                        cfg.world,
+                        self.zero.stage(),
+                        if cfg.offload_optimizer {
+                            ", optimizer offloaded"
+                        } else {
+                            ""
+                        }
+                    )
+                } else {
+                    String::new()
+                },
+                if start_step > 0 {
+                    format!(", resuming at step {start_step}")
+                } else {
+                    String::new()
+                }
+            );
+            let widths = StateWidths::lathe(cfg.precision, self.zero.state_names().len());
+            eprint!("{}", rank_report(&memory, n, self.zero.stage(), &widths));
+            if cfg.profile.is_some() {
+                let sched =
+                    ProfSchedule::new(cfg.profile_wait, cfg.profile_warmup, cfg.profile_active);
+                self.prof = Profiler::new(sched)?.with_range_sink(Box::new(NvtxSink));
+            }
+        }
+        let bar = if root {
+            progress_bar(cfg.progress, cfg.steps, start_step)
+        } else {
+            None
+        };
+        let mut meter = Throughput::new(0.9, 1);
+        let mut losses = Vec::new();
+        let mut stopped_early = false;
+        let mut last_val = None;
+        let run_start = Instant::now();
+        let step_tokens = (cfg.accum * cfg.micro_batch * self.seq_len * cfg.world) as u64;
+        while self.step < cfg.steps {
+            let t0 = Instant::now();
+            let mut rec = self.train_step()?;
+            rec.tok_s = meter.update(step_tokens, t0.elapsed()).unwrap_or(f64::NAN);
+            losses.push(rec.loss);
+            let done = self.step;
+            let eval_now =
+                cfg.eval_every > 0 && done.is_multiple_of(cfg.eval_every) && done < cfg.steps;
+            if eval_now || done == cfg.steps {
+                if let Some(v) = self.val_loss()? {
+                    rec.val_loss = Some(v);
+                    last_val = Some(v);
+                    self.best_val = Some(self.best_val.map_or(v, |b: f64| b.min(v)));
+                    let msg = format!(
+                        "step {done}/{}: loss {:.4}, val loss {v:.4}, {:.0} tok/s",
+                        cfg.steps, rec.loss, rec.tok_s
+                    );
+                    self.say(&bar, msg);
+                    if let Some(es) = &mut self.early
+                        && es.observe(rec.step, v) == EarlyStopDecision::Stop
+                    {
+                        stopped_early = true;
+                    }
+                }
+                // Rank 0 decided; every rank stops together.
+                let mut flag = [if stopped_early { 1.0f32 } else { 0.0 }];
+                self.comm.broadcast(&mut flag, 0)?;
+                stopped_early = flag[0] != 0.0;
+            } else if bar.is_none() && (done.is_multiple_of(50) || done == 1) {
+                let msg = format!(
+                    "step {done}/{}: loss {:.4}, {:.0} tok/s{}",
+                    cfg.steps,
+                    rec.loss,
+                    rec.tok_s,
+                    if rec.skipped {
+                        " (skipped: non-finite gradients)"
+                    } else {
+                        ""
+                    }
+                );
+                self.say(&bar, msg);
+            }
+            if rec.skipped {
+                let msg = format!(
+                    "step {}: non-finite gradients, step skipped; loss scale now {}",
+                    rec.step,
+                    self.scaler.scale()
+                );
+                self.say(&bar, msg);
+            }
+            if let Some(b) = &bar {
+                b.set_position(done);
+                b.set_message(format!(
+                    "loss {:.4} | {:.0} tok/s | mem {:.1} MB",
+                    rec.loss,
+                    rec.tok_s,
+                    rec.mem_peak_bytes as f64 / 1e6
+                ));
+            }
+            self.prof.counter("peak_bytes", rec.mem_peak_bytes as f64);
+            self.prof.step();
+            if let Some(m) = &mut metrics {
+                m.write_step(&rec)?;
+            }
+            let save_now = cfg.save.is_some()
+                && ((cfg.save_every > 0 && done.is_multiple_of(cfg.save_every))
+                    || done == cfg.steps
+                    || stopped_early);
+            if save_now {
+                self.save_checkpoint()?;
+            }
+            if stopped_early {
+                let msg =
+                    format!("early stopping at step {done}: validation loss stopped improving");
+                self.say(&bar, msg);
+                break;
+            }
+        }
+        if let Some(b) = &bar {
+            b.finish_and_clear();
+        }
+        if let (Some(path), true) = (&cfg.profile, root) {
+            self.prof
+                .write_chrome_trace(path)
+                .with_context(|| format!("--profile {}", path.display()))?;
+            eprintln!("{}", self.prof.summary(None));
+            eprintln!(
+                "trace written to {} (open it in Perfetto or chrome://tracing)",
+                path.display()
+            );
+        }
+        let eval = {
+            let (cfg, data, model) = (&self.cfg, &self.data, &self.model);
+            self.zero
+                .with_root_params(&self.comm, |p| eval::final_evaluation(cfg, data, model, p))?
+                .transpose()?
+                .unwrap_or_default()
+        };
+        let final_loss = losses.last().copied().unwrap_or(f64::NAN);
+        let wall = run_start.elapsed().as_secs_f64();
+        let run_tokens = losses.len() as f64 * step_tokens as f64;
+        let summary = RunSummary {
+            steps: self.step,
+            tokens: self.tokens,
+            final_loss,
+            eval_accuracy: eval.accuracy,
+            final_val_loss: last_val,
+            best_val_loss: self.best_val,
+            skipped_steps: self.scaler.skipped_steps(),
+            wall_s: wall,
+            mean_tok_s: if wall > 0.0 {
+                run_tokens / wall
+            } else {
+                f64::NAN
+            },
+            stopped_early,
+            ..Default::default()
+        };
+        if let Some(m) = &mut metrics {
+            m.write_summary(&summary)?;
+        }
+        if root {
+            eprintln!(
+                "done: {} steps, final loss {final_loss:.4}{}{} in {wall:.1} s ({:.0} tok/s)",
+                self.step,
+                last_val
+                    .map(|v| format!(", val loss {v:.4}"))
+                    .unwrap_or_default(),
+                eval.accuracy
+                    .map(|a| format!(", exact match {:.1}%", 100.0 * a))
+                    .unwrap_or_default(),
+                summary.mean_tok_s
+            );
+        }
+        Ok(TrainOutcome {
+            steps: self.step,
+            losses,
+            final_loss,
+            final_val_loss: last_val,
+            eval_accuracy: eval.accuracy,
+            skipped_steps: self.scaler.skipped_steps(),
+            stopped_early,
+            peak_mem_bytes: self.mem_peak_bytes(),
+            ranks: Vec::new(),
+        })
+    }
+}
+
+fn progress_bar(enabled: bool, steps: u64, start: u64) -> Option<indicatif::ProgressBar> {
+    use std::io::IsTerminal;
+    if !enabled || !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let bar = indicatif::ProgressBar::new(steps);
+    let style = indicatif::ProgressStyle::with_template(
+        "{elapsed_precise} [{bar:30}] step {pos}/{len} {msg}",
+    )
+    .map(|s| s.progress_chars("=> "))
+    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+    bar.set_style(style);
+    bar.set_position(start);
+    Some(bar)
+}
