@@ -114,8 +114,11 @@ impl Trainer {
                     String::new()
                 }
             );
-            let widths = StateWidths::lathe(cfg.precision, self.zero.state_names().len());
-            eprint!("{}", rank_report(&memory, n, self.zero.stage(), &widths));
+            // The per-rank memory table matters when state is split across ranks.
+            if cfg.world > 1 || cfg.zero > 0 || cfg.offload_optimizer {
+                let widths = StateWidths::lathe(cfg.precision, self.zero.state_names().len());
+                eprint!("{}", rank_report(&memory, n, self.zero.stage(), &widths));
+            }
             if cfg.profile.is_some() {
                 let sched =
                     ProfSchedule::new(cfg.profile_wait, cfg.profile_warmup, cfg.profile_active);
