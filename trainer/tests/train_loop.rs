@@ -272,3 +272,38 @@ fn profile_writes_a_trace_with_every_phase() {
         "memory counter track missing"
     );
 }
+
+#[test]
+fn trains_on_prepared_shards() {
+    use lathe_trainer::data::{PrepareArgs, TokenizerKind, run_prepare};
+    let dir = tempfile::tempdir().unwrap();
+    let text = dir.path().join("corpus.txt");
+    let mut s = String::new();
+    for i in 0..400 {
+        s.push_str(&format!(
+            "line {i}: the quick brown fox jumps over the lazy dog.\n"
+        ));
+    }
+    std::fs::write(&text, s).unwrap();
+    let data = dir.path().join("data");
+    run_prepare(PrepareArgs {
+        input: vec![text],
+        out: data.clone(),
+        tokenizer: TokenizerKind::Bytes,
+        val_fraction: 0.1,
+        shard_tokens: 4096,
+    })
+    .unwrap();
+    let out = run(TrainArgs {
+        data: Some(data),
+        eval_every: Some(3),
+        ..small(6)
+    });
+    assert_eq!(out.steps, 6);
+    assert_eq!(
+        out.eval_accuracy, None,
+        "exact match is for the built-in corpus only"
+    );
+    assert!(out.final_val_loss.is_some_and(f64::is_finite));
+    assert!(out.losses[5] < out.losses[0], "{:?}", out.losses);
+}
