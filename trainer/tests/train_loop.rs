@@ -271,6 +271,19 @@ fn profile_writes_a_trace_with_every_phase() {
             .any(|e| e["ph"] == "C" && e["name"] == "allocated_bytes"),
         "memory counter track missing"
     );
+    // The CPU backend's op timings form the trace's kernel track.
+    assert!(
+        events
+            .iter()
+            .any(|e| e["ph"] == "M" && e["args"]["name"] == "CPU"),
+        "no CPU kernel process"
+    );
+    for op in ["linear", "linear (backward)", "attention", "cross_entropy"] {
+        assert!(
+            events.iter().any(|e| e["ph"] == "X" && e["name"] == op),
+            "no `{op}` op span"
+        );
+    }
 }
 
 #[test]

@@ -87,7 +87,7 @@ pub(crate) fn render(st: &State) -> Result<Vec<u8>, ProfilerError> {
     if !streams.is_empty() {
         events.push(meta(
             json!({"name": "process_name", "ph": "M", "pid": GPU_PID, "tid": 0,
-            "args": {"name": "GPU"}}),
+            "args": {"name": st.device_label.as_deref().unwrap_or("GPU")}}),
         ));
         events.push(meta(
             json!({"name": "process_sort_index", "ph": "M", "pid": GPU_PID,

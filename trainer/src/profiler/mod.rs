@@ -121,6 +121,9 @@ pub(crate) struct State {
     pub windows: Vec<StepWindow>,
     /// Names of the threads that recorded something.
     pub threads: BTreeMap<u64, String>,
+    /// What executes the kernel records ("GPU" unless set): the trace's process name and the
+    /// summary's table title.
+    pub device_label: Option<String>,
 }
 
 impl State {
@@ -510,6 +513,14 @@ impl Profiler {
                 let st = inner.lock();
                 summary::build(&st, Some(&inner.schedule), roofline, cost)
             }
+        }
+    }
+
+    /// Names what executes the kernel records (default "GPU"). The CPU backend feeds its op
+    /// timings as kernel records under "CPU".
+    pub fn set_device_label(&self, label: &str) {
+        if let Some(inner) = self.inner.as_deref() {
+            inner.lock().device_label = Some(label.to_string());
         }
     }
 

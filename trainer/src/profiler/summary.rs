@@ -215,6 +215,8 @@ pub struct Summary {
     pub step_thread: Option<String>,
     /// Host spans by name and phase, longest total first.
     pub host_spans: Vec<SpanStat>,
+    /// What ran the kernels ("GPU", or "CPU" on the CPU backend).
+    pub device_label: String,
     /// GPU kernels by name, longest total first.
     pub kernels: Vec<KernelStat>,
     /// Sum of all kernel times (streams may overlap, so this can exceed the step time).
@@ -323,6 +325,7 @@ pub(crate) fn build(
         .len();
 
     Summary {
+        device_label: st.device_label.clone().unwrap_or_else(|| "GPU".into()),
         schedule: schedule.copied(),
         steps: windows.iter().map(|w| w.step).collect(),
         measured_ns,

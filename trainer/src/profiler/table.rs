@@ -95,14 +95,16 @@ impl Summary {
         if self.kernels.is_empty() {
             return writeln!(
                 f,
-                "GPU kernels: none recorded (CPU backend, or no GPU runtime feeding kernel spans)"
+                "{} kernels: none recorded (CPU backend, or no GPU runtime feeding kernel spans)",
+                self.device_label
             );
         }
         let calls: u64 = self.kernels.iter().map(|k| k.calls).sum();
         writeln!(
             f,
-            "GPU kernels: {} kernel(s), {calls} launch(es) on {} stream(s), {} ms kernel time \
+            "{} kernels: {} kernel(s), {calls} launch(es) on {} stream(s), {} ms kernel time \
              = {:.1}% of the measured step (streams may overlap)",
+            self.device_label,
             self.kernels.len(),
             self.streams,
             ms(self.kernel_total_ns as f64),

@@ -123,6 +123,9 @@ impl Trainer {
                 let sched =
                     ProfSchedule::new(cfg.profile_wait, cfg.profile_warmup, cfg.profile_active);
                 self.prof = Profiler::new(sched)?.with_range_sink(Box::new(NvtxSink));
+                // The CPU backend's ops stand in for kernels, on a "CPU" track of the trace.
+                self.prof.set_device_label("CPU");
+                self.tape.set_profiling(true);
             }
         }
         let bar = if root {

@@ -3,12 +3,39 @@
 use super::Trainer;
 use crate::metrics::StepRecord;
 use crate::optim::{StepArgs, clip_factor};
-use crate::profiler::Phase;
+use crate::profiler::{KernelRecord, Phase};
 use crate::zero::mean_over_ranks;
 use anyhow::Result;
 use std::time::Instant;
 
 impl Trainer {
+    /// Hands the tape's op timings (the CPU backend's "kernels") to the profiler, on its
+    /// "CPU" kernel track, while it records; drops them otherwise.
+    fn record_op_timings(&mut self) {
+        let events = self.tape.take_events();
+        if !self.prof.is_recording() {
+            return;
+        }
+        // Convert `Instant`s to the profiler's time base through one common reading.
+        let (now, now_ns) = (Instant::now(), self.prof.now_ns());
+        for ev in events {
+            let ago = now.saturating_duration_since(ev.start).as_nanos() as u64;
+            let name = if ev.backward {
+                format!("{} (backward)", ev.op)
+            } else {
+                ev.op.to_string()
+            };
+            self.prof.kernel_span(KernelRecord {
+                name: name.into(),
+                stream: 0,
+                start_ns: now_ns.saturating_sub(ago),
+                dur_ns: (ev.secs * 1e9) as u64,
+                flops: 0,
+                bytes: 0,
+            });
+        }
+    }
+
     /// One optimizer step; returns its log record (the same on every rank but for timings).
     pub(super) fn train_step(&mut self) -> Result<StepRecord> {
         let t0 = Instant::now();
@@ -48,6 +75,7 @@ impl Trainer {
             }
             self.prof
                 .counter("allocated_bytes", self.live_bytes() as f64);
+            self.record_op_timings();
             self.loader.recycle(batch);
         }
         self.tokens += (accum * b * t * self.cfg.world) as u64;
