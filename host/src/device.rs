@@ -54,6 +54,7 @@ pub(crate) struct DeviceInner {
     pub(crate) copy: Stream,
     pub(crate) modules: ModuleCache,
     pub(crate) alloc: CachingAllocator<DriverMemory>,
+    pub(crate) timer: std::sync::Mutex<Option<crate::timing::KernelTimer>>,
 }
 
 /// One CUDA device. Cheap to clone (shared).
@@ -113,6 +114,7 @@ impl Device {
                 copy,
                 modules: ModuleCache::default(),
                 alloc,
+                timer: std::sync::Mutex::new(None),
             }),
         })
     }

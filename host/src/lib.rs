@@ -22,6 +22,7 @@ pub mod nvtx;
 pub mod ops;
 pub mod stream;
 pub mod testing;
+pub mod timing;
 
 pub use alloc::MemoryStats;
 pub use buffer::{DeviceBuffer, DeviceElem, PinnedBuffer};

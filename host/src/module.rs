@@ -277,6 +277,7 @@ impl Device {
             .map(|b| b.as_mut_ptr().cast::<c_void>())
             .collect();
         self.bind()?;
+        let timed = self.timing_start(stream)?;
         // SAFETY: the argument list matches the kernel's PTX parameter list in count and
         // kind (check_args, and the registry tests that compare descriptors with the PTX);
         // each parameter value lives in `storage` until the call returns (the driver copies
@@ -291,6 +292,10 @@ impl Device {
                 &mut params,
             )
         }
-        .ctx("cuLaunchKernel")
+        .ctx("cuLaunchKernel")?;
+        if let Some(start) = timed {
+            self.timing_end(start, stream, k.entry, (k.cost)(problem))?;
+        }
+        Ok(())
     }
 }

@@ -311,3 +311,35 @@ fn bad_launches_are_errors() {
     );
     assert!(r.is_err(), "wrong argument count accepted");
 }
+
+#[test]
+fn kernel_timing_records_every_launch() {
+    let Some(dev) = gpu_or_skip("kernel_timing_records_every_launch") else {
+        return;
+    };
+    let n = 1 << 20;
+    let x = dev.htod(&Rng::new(3).vec_f32(n, -1.0, 1.0)).unwrap();
+    let mut y = dev.alloc::<bf16>(n).unwrap();
+    assert!(
+        dev.take_kernel_timings().unwrap().is_none(),
+        "off by default"
+    );
+    dev.enable_kernel_timing().unwrap();
+    dev.cast(&x, &mut y).unwrap();
+    let _ = dev.sum(&x).unwrap(); // two launches
+    let t = dev.take_kernel_timings().unwrap().expect("timing on");
+    let entries: Vec<&str> = t.kernels.iter().map(|k| k.entry).collect();
+    assert_eq!(
+        entries,
+        ["lathe_cast_f32_bf16", "lathe_sum_f32", "lathe_sum_f32"]
+    );
+    assert!(t.kernels.iter().all(|k| k.dur_ns > 0), "{:?}", t.kernels);
+    assert!(
+        t.kernels[1].start_ns >= t.kernels[0].start_ns,
+        "in stream order"
+    );
+    assert_eq!(t.kernels[0].bytes, 6 * n as u64, "cost from the descriptor");
+    dev.disable_kernel_timing();
+    dev.cast(&x, &mut y).unwrap();
+    assert!(dev.take_kernel_timings().unwrap().is_none());
+}
