@@ -554,3 +554,63 @@ impl std::fmt::Debug for Profiler {
         }
     }
 }
+
+/// Feeds kernel timings measured on a GPU with CUDA events ([`lathe_host::timing`]) into the
+/// profiler's GPU track, converting their origin to the profiler's time base.
+pub fn record_kernel_timings(prof: &Profiler, timings: &lathe_host::timing::KernelTimings) {
+    if !prof.is_recording() {
+        return;
+    }
+    let since_origin = timings.origin.elapsed().as_nanos() as u64;
+    let origin_ns = prof.now_ns().saturating_sub(since_origin);
+    for k in &timings.kernels {
+        prof.kernel_span(KernelRecord {
+            name: Cow::Borrowed(k.entry),
+            // Streams become tracks 0, 1, ... by their raw handle's low bits.
+            stream: (k.stream & 0xffff_ffff) as u32,
+            start_ns: origin_ns + k.start_ns,
+            dur_ns: k.dur_ns,
+            flops: k.flops,
+            bytes: k.bytes,
+        });
+    }
+}
+
+#[cfg(test)]
+mod feed_tests {
+    use super::*;
+    use lathe_host::timing::{KernelTiming, KernelTimings};
+
+    #[test]
+    fn gpu_timings_land_in_the_kernel_table() {
+        let prof = Profiler::new(Schedule::new(0, 0, 1)).unwrap();
+        let timings = KernelTimings {
+            origin: Instant::now(),
+            kernels: vec![
+                KernelTiming {
+                    entry: "lathe_adamw_f32",
+                    stream: 7,
+                    start_ns: 1_000,
+                    dur_ns: 2_000_000,
+                    flops: 0,
+                    bytes: 4_000_000_000,
+                },
+                KernelTiming {
+                    entry: "lathe_adamw_f32",
+                    stream: 7,
+                    start_ns: 3_000_000,
+                    dur_ns: 2_000_000,
+                    flops: 0,
+                    bytes: 4_000_000_000,
+                },
+            ],
+        };
+        record_kernel_timings(&prof, &timings);
+        prof.step();
+        let s = prof.summary(None);
+        assert_eq!(s.kernels.len(), 1);
+        assert_eq!(s.kernels[0].calls, 2);
+        let gbps = s.kernels[0].gbps().unwrap();
+        assert!((gbps - 2000.0).abs() < 1.0, "{gbps} GB/s");
+    }
+}
