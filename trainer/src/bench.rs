@@ -5,6 +5,8 @@
 //!   memory of one training step under each recomputation policy, from a dry run of the tape
 //!   (exact accounting, no compute), so it works for gpt2-124m shapes on any machine.
 //! - `lathe bench step [--model M] ...`: wall time of training steps on the CPU backend.
+//! - `lathe bench zero [--model M] [--worlds 1,2,4,8] [--precision P]`: model-state bytes per
+//!   rank at every ZeRO stage (Lathe's layout next to the ZeRO paper's formulas).
 
 use crate::precision::Precision;
 use anyhow::Result;
@@ -17,6 +19,8 @@ pub enum BenchKind {
     Memory,
     /// CPU training-step time.
     Step,
+    /// Per-rank model-state memory at every ZeRO stage, next to the ZeRO paper's formulas.
+    Zero,
 }
 
 /// Flags of `lathe bench`.
@@ -37,6 +41,9 @@ pub struct BenchArgs {
     /// Steps to time (`step` only).
     #[arg(long, default_value_t = 5)]
     pub steps: u64,
+    /// World sizes for the `zero` table.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4,8")]
+    pub worlds: Vec<usize>,
 }
 
 fn dtype(p: Precision) -> DType {
@@ -125,6 +132,21 @@ pub fn run_bench(args: BenchArgs) -> Result<()> {
                     );
                 }
             }
+            Ok(())
+        }
+        BenchKind::Zero => {
+            let model = args
+                .model
+                .first()
+                .cloned()
+                .unwrap_or_else(|| "gpt2-124m".into());
+            let params = GptConfig::from_name(&model)?.num_params();
+            if args.worlds.iter().any(|&w| w == 0) {
+                anyhow::bail!("--worlds: world sizes must be at least 1");
+            }
+            // AdamW: two moment buffers.
+            let table = crate::zero::memory_table(&model, params, args.precision, 2, &args.worlds);
+            println!("{table}");
             Ok(())
         }
         BenchKind::Step => {
