@@ -141,7 +141,7 @@ pub fn run_bench(args: BenchArgs) -> Result<()> {
                 .cloned()
                 .unwrap_or_else(|| "gpt2-124m".into());
             let params = GptConfig::from_name(&model)?.num_params();
-            if args.worlds.iter().any(|&w| w == 0) {
+            if args.worlds.contains(&0) {
                 anyhow::bail!("--worlds: world sizes must be at least 1");
             }
             // AdamW: two moment buffers.
