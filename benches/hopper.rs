@@ -55,38 +55,13 @@ impl<'p> PeerPlan<'p> {
             lt::create_matrix_layout(bf, r, c, ld as i64).map_err(err("cublasLtMatrixLayoutCreate"))
         };
         let layouts = [layout(k, n, k)?, layout(k, m, k)?, layout(n, m, n)?];
-        let pref = lt::create_matmul_pref().map_err(err("cublasLtMatmulPreferenceCreate"))?;
-        let ws = WORKSPACE_BYTES;
-        // SAFETY: `pref` is live; the attribute takes a usize.
-        unsafe {
-            lt::set_matmul_pref_attribute(
-                pref,
-                ltsys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
-                (&ws as *const usize).cast(),
-                size_of::<usize>(),
-            )
-        }
-        .map_err(err("cublasLtMatmulPreferenceSetAttribute"))?;
-        // SAFETY: every descriptor is live and describes the buffers the plan runs on.
-        let heuristic = unsafe {
-            lt::get_matmul_algo_heuristic(
-                peer.handle,
-                desc,
-                layouts[0],
-                layouts[1],
-                layouts[2],
-                layouts[2],
-                pref,
-            )
-        };
-        // SAFETY: created above, not used after.
-        let _ = unsafe { lt::destroy_matmul_pref(pref) };
-        let heuristic = heuristic.map_err(err("cublasLtMatmulAlgoGetHeuristic"))?;
+        // SAFETY: `desc` and `layouts` were created just above and are live.
+        let algo = unsafe { peer.best_algo(desc, &layouts) }?;
         Ok(PeerPlan {
             peer,
             desc,
             layouts,
-            algo: heuristic.algo,
+            algo,
         })
     }
 

@@ -80,4 +80,51 @@ pub mod cublaslt {
     pub fn lt_err(what: &'static str) -> impl Fn(lt::CublasError) -> String {
         move |e| format!("{what}: {e}")
     }
+
+    impl Peer {
+        /// cuBLASLt's first heuristic algorithm for `desc` over `layouts` (A, B, C; D = C),
+        /// allowed the peer's workspace.
+        ///
+        /// # Safety
+        /// `desc` and `layouts` must be live cuBLASLt descriptors created on this peer's
+        /// context.
+        pub unsafe fn best_algo(
+            &self,
+            desc: ltsys::cublasLtMatmulDesc_t,
+            layouts: &[ltsys::cublasLtMatrixLayout_t; 3],
+        ) -> Result<ltsys::cublasLtMatmulAlgo_t, String> {
+            let pref =
+                lt::create_matmul_pref().map_err(lt_err("cublasLtMatmulPreferenceCreate"))?;
+            let ws = WORKSPACE_BYTES;
+            // SAFETY: `pref` is live; the attribute takes a usize.
+            let set = unsafe {
+                lt::set_matmul_pref_attribute(
+                    pref,
+                    ltsys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                    (&ws as *const usize).cast(),
+                    size_of::<usize>(),
+                )
+            };
+            // SAFETY: every descriptor is live and describes the buffers the plan runs on.
+            let heuristic = set
+                .map_err(lt_err("cublasLtMatmulPreferenceSetAttribute"))
+                .and_then(|_| {
+                    unsafe {
+                        lt::get_matmul_algo_heuristic(
+                            self.handle,
+                            desc,
+                            layouts[0],
+                            layouts[1],
+                            layouts[2],
+                            layouts[2],
+                            pref,
+                        )
+                    }
+                    .map_err(lt_err("cublasLtMatmulAlgoGetHeuristic"))
+                });
+            // SAFETY: created above, not used after.
+            let _ = unsafe { lt::destroy_matmul_pref(pref) };
+            Ok(heuristic?.algo)
+        }
+    }
 }
