@@ -97,6 +97,10 @@ impl<'p> PeerPlan<'p> {
 
     /// Launches `C = alpha op(A) op(B) + beta C` on `stream` (addresses of Lathe buffers).
     fn run(&self, a: u64, b: u64, c: u64, stream: &Stream) -> lathe_host::Result<()> {
+        let raw_stream = stream
+            .raw()
+            .ok_or_else(|| lathe_host::Error::Invalid("cuBLASLt needs a CUDA stream".into()))?
+            as ltsys::cudaStream_t;
         // SAFETY: the descriptors are live and match the buffers' shapes, types and leading
         // dimensions (built from the same Gemm); the workspace outlives the call; the stream
         // belongs to the context the handle was created in.
@@ -117,7 +121,7 @@ impl<'p> PeerPlan<'p> {
                 &self.algo,
                 self.peer.workspace.addr() as *mut c_void,
                 WORKSPACE_BYTES,
-                stream.raw() as ltsys::cudaStream_t,
+                raw_stream,
             )
         }
         .map_err(|e| lathe_host::Error::Invalid(format!("cublasLtMatmul: {e}")))

@@ -68,6 +68,10 @@ impl<'p> PeerPlan<'p> {
     /// `C = A B^T` on `stream` (addresses of Lathe buffers).
     fn run(&self, a: u64, b: u64, c: u64, stream: &Stream) -> lathe_host::Result<()> {
         let (alpha, beta) = (1f32, 0f32);
+        let raw_stream = stream
+            .raw()
+            .ok_or_else(|| lathe_host::Error::Invalid("cuBLASLt needs a CUDA stream".into()))?
+            as ltsys::cudaStream_t;
         // SAFETY: the descriptors are live and match the buffers' shapes and types; the
         // workspace outlives the call; the stream belongs to the handle's context.
         unsafe {
@@ -87,7 +91,7 @@ impl<'p> PeerPlan<'p> {
                 &self.algo,
                 self.peer.workspace.addr() as *mut c_void,
                 WORKSPACE_BYTES,
-                stream.raw() as ltsys::cudaStream_t,
+                raw_stream,
             )
         }
         .map_err(|e| lathe_host::Error::Invalid(format!("cublasLtMatmul: {e}")))

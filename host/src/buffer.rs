@@ -1,7 +1,7 @@
 //! Device buffers from the caching allocator, pinned host buffers, and copies between them.
 
 use crate::alloc::{Block, Pending};
-use crate::device::Device;
+use crate::device::{Backend, Device};
 use crate::error::{Context, Error, Result};
 use crate::module::KernelArg;
 use crate::stream::{Event, Stream};
@@ -129,10 +129,8 @@ impl<T: DeviceElem> DeviceBuffer<T> {
             return Ok(());
         }
         let s = self.dev.compute_stream();
-        self.dev.bind()?;
-        // SAFETY: the source holds `len` elements; `dst` is a host slice of that length; we
-        // synchronise the stream before returning, so `dst` is not used by the driver after.
-        unsafe { result::memcpy_dtoh_async(dst, self.addr(), s.raw()) }.ctx("cuMemcpyDtoHAsync")?;
+        self.dev
+            .copy_dtoh_async(bytemuck::cast_slice_mut(dst), self.addr(), s)?;
         s.synchronize()
     }
 
@@ -149,9 +147,8 @@ impl<T: DeviceElem> DeviceBuffer<T> {
             return Ok(());
         }
         let s = self.dev.compute_stream();
-        self.dev.bind()?;
-        // SAFETY: the destination holds `len` elements; `src` lives until we synchronise.
-        unsafe { result::memcpy_htod_async(self.addr(), src, s.raw()) }.ctx("cuMemcpyHtoDAsync")?;
+        self.dev
+            .copy_htod_async(self.addr(), bytemuck::cast_slice(src), s)?;
         s.synchronize()
     }
 
@@ -167,17 +164,69 @@ impl<T: DeviceElem> DeviceBuffer<T> {
         if self.len == 0 {
             return Ok(());
         }
-        self.dev.bind()?;
-        // SAFETY: both buffers hold `len` elements; ordered on the compute stream.
-        unsafe {
-            result::memcpy_dtod_async(
-                dst.addr(),
-                self.addr(),
-                self.bytes(),
-                self.dev.compute_stream().raw(),
-            )
+        self.dev.copy_dtod_async(
+            dst.addr(),
+            self.addr(),
+            self.bytes(),
+            self.dev.compute_stream(),
+        )
+    }
+}
+
+impl Device {
+    /// Starts a host-to-device copy of `src` to `dst` on `stream`. On a GPU the caller keeps
+    /// `src` alive and unchanged until the stream has passed the copy; the simulated device
+    /// copies before returning.
+    pub(crate) fn copy_htod_async(&self, dst: u64, src: &[u8], stream: &Stream) -> Result<()> {
+        match &self.inner.backend {
+            Backend::Cuda { .. } => {
+                self.bind()?;
+                // SAFETY: `dst` is a device address with room for `src` (the callers check
+                // lengths); the callers keep `src` valid until the stream passes the copy.
+                unsafe { result::memcpy_htod_async(dst, src, stream.cu()?) }
+                    .ctx("cuMemcpyHtoDAsync")
+            }
+            Backend::Sim { sim, .. } => sim
+                .write(dst, src)
+                .map_err(|e| Error::sim("host-to-device copy", e)),
         }
-        .ctx("cuMemcpyDtoDAsync")
+    }
+
+    /// Starts a device-to-host copy into `dst` on `stream` (see [`Device::copy_htod_async`]).
+    pub(crate) fn copy_dtoh_async(&self, dst: &mut [u8], src: u64, stream: &Stream) -> Result<()> {
+        match &self.inner.backend {
+            Backend::Cuda { .. } => {
+                self.bind()?;
+                // SAFETY: `src` holds `dst.len()` bytes (the callers check lengths); the
+                // callers do not touch `dst` until the stream passes the copy.
+                unsafe { result::memcpy_dtoh_async(dst, src, stream.cu()?) }
+                    .ctx("cuMemcpyDtoHAsync")
+            }
+            Backend::Sim { sim, .. } => sim
+                .read(src, dst)
+                .map_err(|e| Error::sim("device-to-host copy", e)),
+        }
+    }
+
+    /// A device-to-device copy of `bytes` on `stream`.
+    pub(crate) fn copy_dtod_async(
+        &self,
+        dst: u64,
+        src: u64,
+        bytes: usize,
+        stream: &Stream,
+    ) -> Result<()> {
+        match &self.inner.backend {
+            Backend::Cuda { .. } => {
+                self.bind()?;
+                // SAFETY: both ranges hold `bytes` bytes of live buffers (callers check).
+                unsafe { result::memcpy_dtod_async(dst, src, bytes, stream.cu()?) }
+                    .ctx("cuMemcpyDtoDAsync")
+            }
+            Backend::Sim { sim, .. } => sim
+                .copy(dst, src, bytes as u64)
+                .map_err(|e| Error::sim("device-to-device copy", e)),
+        }
     }
 }
 
@@ -246,14 +295,23 @@ unsafe impl<T: DeviceElem> Send for PinnedBuffer<T> {}
 unsafe impl<T: DeviceElem> Sync for PinnedBuffer<T> {}
 
 impl<T: DeviceElem> PinnedBuffer<T> {
-    /// A zeroed pinned buffer of `len` elements.
+    /// A zeroed pinned buffer of `len` elements (ordinary host memory on the simulated
+    /// device, where nothing needs page-locking).
     pub fn new(dev: &Device, len: usize) -> Result<Self> {
-        let bytes = len.max(1) * size_of::<T>();
-        dev.bind()?;
-        // SAFETY: the context is current; cuMemHostAlloc returns page-locked memory of `bytes`.
-        let p = unsafe { result::malloc_host(bytes, 0) }.ctx("cuMemHostAlloc")? as *mut T;
-        // SAFETY: `p` points to `bytes` writable bytes; zero is a valid bit pattern for Pod.
-        unsafe { std::ptr::write_bytes(p.cast::<u8>(), 0, bytes) };
+        let cap = len.max(1);
+        let p = if dev.is_sim() {
+            let b: Box<[T]> = vec![T::zeroed(); cap].into_boxed_slice();
+            Box::into_raw(b).cast::<T>()
+        } else {
+            let bytes = cap * size_of::<T>();
+            dev.bind()?;
+            // SAFETY: the context is current; cuMemHostAlloc returns page-locked memory of
+            // `bytes`.
+            let p = unsafe { result::malloc_host(bytes, 0) }.ctx("cuMemHostAlloc")? as *mut T;
+            // SAFETY: `p` points to `bytes` writable bytes; zero is a valid bit pattern for Pod.
+            unsafe { std::ptr::write_bytes(p.cast::<u8>(), 0, bytes) };
+            p
+        };
         Ok(PinnedBuffer {
             ptr: p,
             len,
@@ -335,14 +393,11 @@ impl<T: DeviceElem> PinnedBuffer<T> {
             });
         }
         self.wait()?;
-        self.dev.bind()?;
-        // SAFETY: `dst` holds `len` elements; the source stays valid until the event recorded
-        // below has completed (host access and drop wait for it).
-        unsafe {
-            let src = std::slice::from_raw_parts(self.ptr, self.len);
-            result::memcpy_htod_async(dst.addr(), src, stream.raw())
-        }
-        .ctx("cuMemcpyHtoDAsync")?;
+        // SAFETY: `ptr` holds `len` initialised elements; the slice stays valid until the
+        // event recorded below has completed (host access and drop wait for it).
+        let src = unsafe { std::slice::from_raw_parts(self.ptr, self.len) };
+        self.dev
+            .copy_htod_async(dst.addr(), bytemuck::cast_slice(src), stream)?;
         self.pending = Some(stream.record_sync_point()?);
         dst.record_stream(stream);
         Ok(())
@@ -358,14 +413,11 @@ impl<T: DeviceElem> PinnedBuffer<T> {
             });
         }
         self.wait()?;
-        self.dev.bind()?;
         // SAFETY: as in copy_to_device_async; the destination is owned by `self` and is not
         // accessed by the host until the recorded event completes.
-        unsafe {
-            let dst = std::slice::from_raw_parts_mut(self.ptr, self.len);
-            result::memcpy_dtoh_async(dst, src.addr(), stream.raw())
-        }
-        .ctx("cuMemcpyDtoHAsync")?;
+        let dst = unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) };
+        self.dev
+            .copy_dtoh_async(bytemuck::cast_slice_mut(dst), src.addr(), stream)?;
         self.pending = Some(stream.record_sync_point()?);
         Ok(())
     }
@@ -374,6 +426,12 @@ impl<T: DeviceElem> PinnedBuffer<T> {
 impl<T: DeviceElem> Drop for PinnedBuffer<T> {
     fn drop(&mut self) {
         let _ = self.wait();
+        if self.dev.is_sim() {
+            let cap = self.len.max(1);
+            // SAFETY: allocated in `new` as a boxed slice of `cap` elements; dropped once.
+            drop(unsafe { Box::from_raw(std::ptr::slice_from_raw_parts_mut(self.ptr, cap)) });
+            return;
+        }
         let _ = self.dev.bind();
         // SAFETY: allocated by cuMemHostAlloc; no copy is in flight (waited above).
         let _ = unsafe { result::free_host(self.ptr.cast()) };

@@ -1,4 +1,5 @@
-//! `Device`: one CUDA device with its context, streams, module cache and caching allocator.
+//! `Device`: one GPU (a CUDA context) or one simulated GPU (lathe-sim), with its streams,
+//! module cache and caching allocator, behind one API.
 
 use crate::alloc::{AllocError, CachingAllocator, MemoryStats, RawError, RawMemory};
 use crate::driver::{device_count, ensure_driver};
@@ -6,7 +7,10 @@ use crate::error::{Context, Error, Result};
 use crate::module::ModuleCache;
 use crate::stream::Stream;
 use cudarc::driver::{CudaContext, result, sys};
-use std::sync::Arc;
+use lathe_sim::{Sim, SimConfig};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 /// Driver memory for the caching allocator.
 pub(crate) struct DriverMemory {
@@ -43,8 +47,87 @@ impl RawMemory for DriverMemory {
     }
 }
 
+/// The simulated device's memory for the caching allocator.
+pub(crate) struct SimMemory {
+    sim: Sim,
+}
+
+impl RawMemory for SimMemory {
+    fn alloc(&self, bytes: usize) -> Result<u64, RawError> {
+        match self.sim.alloc(bytes as u64) {
+            Ok(p) => Ok(p),
+            Err(e) if e.kind == lathe_sim::ErrorKind::OutOfMemory => Err(RawError::OutOfMemory),
+            Err(e) => Err(RawError::Other(e.to_string())),
+        }
+    }
+
+    unsafe fn free(&self, ptr: u64) {
+        // The allocator only frees what `alloc` returned; an error would be a bug in it, and
+        // there is nothing to do about one here.
+        let _ = self.sim.free(ptr);
+    }
+
+    fn mem_info(&self) -> (usize, usize) {
+        let (free, total) = self.sim.mem_info();
+        (free as usize, total as usize)
+    }
+
+    fn synchronize(&self) {}
+}
+
+/// The memory under a device's caching allocator.
+pub(crate) enum DeviceMemory {
+    Driver(DriverMemory),
+    Sim(SimMemory),
+}
+
+impl RawMemory for DeviceMemory {
+    fn alloc(&self, bytes: usize) -> Result<u64, RawError> {
+        match self {
+            DeviceMemory::Driver(m) => m.alloc(bytes),
+            DeviceMemory::Sim(m) => m.alloc(bytes),
+        }
+    }
+
+    unsafe fn free(&self, ptr: u64) {
+        match self {
+            // SAFETY: forwarded with the caller's guarantee.
+            DeviceMemory::Driver(m) => unsafe { m.free(ptr) },
+            // SAFETY: as above.
+            DeviceMemory::Sim(m) => unsafe { m.free(ptr) },
+        }
+    }
+
+    fn mem_info(&self) -> (usize, usize) {
+        match self {
+            DeviceMemory::Driver(m) => m.mem_info(),
+            DeviceMemory::Sim(m) => m.mem_info(),
+        }
+    }
+
+    fn synchronize(&self) {
+        match self {
+            DeviceMemory::Driver(m) => m.synchronize(),
+            DeviceMemory::Sim(m) => m.synchronize(),
+        }
+    }
+}
+
+/// What a device runs on.
+pub(crate) enum Backend {
+    Cuda {
+        ctx: Arc<CudaContext>,
+        modules: ModuleCache,
+    },
+    Sim {
+        sim: Sim,
+        /// Parsed modules by name (each module parsed once per device).
+        modules: Mutex<HashMap<&'static str, lathe_sim::Module>>,
+    },
+}
+
 pub(crate) struct DeviceInner {
-    pub(crate) ctx: Arc<CudaContext>,
+    pub(crate) backend: Backend,
     pub(crate) ordinal: usize,
     pub(crate) name: String,
     pub(crate) cc: (u32, u32),
@@ -52,15 +135,18 @@ pub(crate) struct DeviceInner {
     pub(crate) max_shared_optin: u32,
     pub(crate) compute: Stream,
     pub(crate) copy: Stream,
-    pub(crate) modules: ModuleCache,
-    pub(crate) alloc: CachingAllocator<DriverMemory>,
+    pub(crate) alloc: CachingAllocator<DeviceMemory>,
     pub(crate) timer: std::sync::Mutex<Option<crate::timing::KernelTimer>>,
 }
 
-/// One CUDA device. Cheap to clone (shared).
+/// One device: a CUDA GPU ([`Device::cuda`]) or Lathe's simulated GPU ([`Device::sim`]).
+/// Cheap to clone (shared).
 ///
 /// Holds two streams: `compute` for kernels and `copy` for host/device transfers that overlap
 /// compute. Without a driver or device, [`Device::cuda`] returns an error, never panics.
+/// Buffers, copies, streams, events, module loading, the caching allocator and typed launches
+/// behave the same on both kinds; the simulated device runs each launch to completion when it
+/// is submitted, checks it with its sanitizer and counts what it did instead of timing it.
 #[derive(Clone)]
 pub struct Device {
     pub(crate) inner: Arc<DeviceInner>,
@@ -78,7 +164,7 @@ impl Device {
         device_count()
     }
 
-    /// Opens device `ordinal` (its primary context).
+    /// Opens CUDA device `ordinal` (its primary context).
     pub fn cuda(ordinal: usize) -> Result<Device> {
         ensure_driver()?;
         let count = device_count()?;
@@ -95,16 +181,15 @@ impl Device {
         let sm_count = attr(CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as u32;
         let max_shared_optin = attr(CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)? as u32;
         let name = ctx.name().ctx("cuDeviceGetName")?;
-        let compute = Stream {
-            inner: ctx.new_stream().ctx("cuStreamCreate")?,
-        };
-        let copy = Stream {
-            inner: ctx.new_stream().ctx("cuStreamCreate")?,
-        };
-        let alloc = CachingAllocator::new(DriverMemory { ctx: ctx.clone() });
+        let compute = Stream::cuda(ctx.new_stream().ctx("cuStreamCreate")?);
+        let copy = Stream::cuda(ctx.new_stream().ctx("cuStreamCreate")?);
+        let alloc = CachingAllocator::new(DeviceMemory::Driver(DriverMemory { ctx: ctx.clone() }));
         Ok(Device {
             inner: Arc::new(DeviceInner {
-                ctx,
+                backend: Backend::Cuda {
+                    ctx,
+                    modules: ModuleCache::default(),
+                },
                 ordinal,
                 name,
                 cc,
@@ -112,13 +197,67 @@ impl Device {
                 max_shared_optin,
                 compute,
                 copy,
-                modules: ModuleCache::default(),
                 alloc,
                 timer: std::sync::Mutex::new(None),
             }),
         })
     }
 
+    /// A new simulated GPU with an H100's properties (sm_90a, 132 SMs, 227 KiB of opt-in
+    /// shared memory) and the default memory size (`LATHE_SIM_MEMORY` bytes if set, else
+    /// 16 GiB). Each call makes a separate device with its own memory.
+    pub fn sim() -> Result<Device> {
+        let mut config = SimConfig::default();
+        if let Ok(v) = std::env::var("LATHE_SIM_MEMORY") {
+            config.memory_bytes = parse_bytes(&v).ok_or_else(|| {
+                Error::Invalid(format!(
+                    "LATHE_SIM_MEMORY={v:?} is not a size in bytes (e.g. 1073741824, 512M, 2G)"
+                ))
+            })?;
+        }
+        Ok(Device::sim_with(config))
+    }
+
+    /// A new simulated GPU with the given properties (e.g. a small `memory_bytes` to test
+    /// out-of-memory handling).
+    pub fn sim_with(config: SimConfig) -> Device {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let sim = Sim::new(config);
+        let c = sim.config();
+        let alloc = CachingAllocator::new(DeviceMemory::Sim(SimMemory { sim: sim.clone() }));
+        Device {
+            inner: Arc::new(DeviceInner {
+                ordinal: NEXT.fetch_add(1, Ordering::Relaxed),
+                name: c.name.clone(),
+                cc: c.compute_capability,
+                sm_count: c.sm_count,
+                max_shared_optin: c.max_shared_per_block_optin,
+                compute: Stream::sim(),
+                copy: Stream::sim(),
+                alloc,
+                timer: std::sync::Mutex::new(None),
+                backend: Backend::Sim {
+                    sim,
+                    modules: Mutex::new(HashMap::new()),
+                },
+            }),
+        }
+    }
+
+    /// Whether this is the simulated device.
+    pub fn is_sim(&self) -> bool {
+        matches!(self.inner.backend, Backend::Sim { .. })
+    }
+
+    /// The simulator behind a simulated device (`None` on a GPU).
+    pub fn sim_device(&self) -> Option<&Sim> {
+        match &self.inner.backend {
+            Backend::Sim { sim, .. } => Some(sim),
+            Backend::Cuda { .. } => None,
+        }
+    }
+
+    /// The ordinal: the CUDA device number, or the simulated device's number in this process.
     pub fn ordinal(&self) -> usize {
         self.inner.ordinal
     }
@@ -127,7 +266,7 @@ impl Device {
         &self.inner.name
     }
 
-    /// (major, minor), e.g. (9, 0) for an H100.
+    /// (major, minor), e.g. (9, 0) for an H100 and for the simulated device.
     pub fn compute_capability(&self) -> (u32, u32) {
         self.inner.cc
     }
@@ -136,16 +275,28 @@ impl Device {
         self.inner.sm_count
     }
 
-    /// (free, total) device memory in bytes.
-    pub fn memory_info(&self) -> Result<(usize, usize)> {
-        self.inner.ctx.mem_get_info().ctx("cuMemGetInfo")
+    /// Shared memory one block may use after opting in, in bytes.
+    pub fn max_shared_per_block_optin(&self) -> u32 {
+        self.inner.max_shared_optin
     }
 
-    /// "cuda:0 NVIDIA H100 80GB HBM3 (sm_90, 132 SMs)".
+    /// (free, total) device memory in bytes.
+    pub fn memory_info(&self) -> Result<(usize, usize)> {
+        match &self.inner.backend {
+            Backend::Cuda { ctx, .. } => ctx.mem_get_info().ctx("cuMemGetInfo"),
+            Backend::Sim { sim, .. } => {
+                let (free, total) = sim.mem_info();
+                Ok((free as usize, total as usize))
+            }
+        }
+    }
+
+    /// "cuda:0 NVIDIA H100 80GB HBM3 (sm_90, 132 SMs)" or "sim:0 Lathe simulated H100 ...".
     pub fn describe(&self) -> String {
         let (ma, mi) = self.inner.cc;
+        let kind = if self.is_sim() { "sim" } else { "cuda" };
         format!(
-            "cuda:{} {} (sm_{ma}{mi}, {} SMs)",
+            "{kind}:{} {} (sm_{ma}{mi}, {} SMs)",
             self.inner.ordinal, self.inner.name, self.inner.sm_count
         )
     }
@@ -162,19 +313,27 @@ impl Device {
 
     /// A new stream on this device.
     pub fn new_stream(&self) -> Result<Stream> {
-        Ok(Stream {
-            inner: self.inner.ctx.new_stream().ctx("cuStreamCreate")?,
-        })
+        match &self.inner.backend {
+            Backend::Cuda { ctx, .. } => Ok(Stream::cuda(ctx.new_stream().ctx("cuStreamCreate")?)),
+            Backend::Sim { .. } => Ok(Stream::sim()),
+        }
     }
 
     /// Waits for all work on the device.
     pub fn synchronize(&self) -> Result<()> {
-        self.inner.ctx.synchronize().ctx("cuCtxSynchronize")
+        match &self.inner.backend {
+            Backend::Cuda { ctx, .. } => ctx.synchronize().ctx("cuCtxSynchronize"),
+            Backend::Sim { .. } => Ok(()),
+        }
     }
 
-    /// Makes this device's context current on the calling thread.
+    /// Makes this device's context current on the calling thread (nothing to do on the
+    /// simulated device).
     pub fn bind(&self) -> Result<()> {
-        self.inner.ctx.bind_to_thread().ctx("cuCtxSetCurrent")
+        match &self.inner.backend {
+            Backend::Cuda { ctx, .. } => ctx.bind_to_thread().ctx("cuCtxSetCurrent"),
+            Backend::Sim { .. } => Ok(()),
+        }
     }
 
     /// The allocator's statistics (allocated, reserved, peaks, counts).
@@ -192,9 +351,16 @@ impl Device {
         self.inner.alloc.empty_cache()
     }
 
-    /// The underlying cudarc context, for code that needs cudarc directly (NCCL, cuBLASLt).
-    pub fn cudarc_context(&self) -> &Arc<CudaContext> {
-        &self.inner.ctx
+    /// The underlying cudarc context, for code that needs cudarc directly (NCCL, cuBLASLt);
+    /// an error on the simulated device.
+    pub fn cudarc_context(&self) -> Result<&Arc<CudaContext>> {
+        match &self.inner.backend {
+            Backend::Cuda { ctx, .. } => Ok(ctx),
+            Backend::Sim { .. } => Err(Error::Invalid(format!(
+                "{} is simulated: it has no CUDA context",
+                self.describe()
+            ))),
+        }
     }
 
     pub(crate) fn alloc_error(&self, e: AllocError) -> Error {
@@ -215,5 +381,29 @@ impl Device {
             },
             AllocError::Other(e) => Error::Invalid(format!("device allocation failed: {e}")),
         }
+    }
+}
+
+/// Parses "123", "512K", "64M", "2G" (powers of 1024) into bytes.
+fn parse_bytes(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let (num, mult) = match s.chars().last()? {
+        'k' | 'K' => (&s[..s.len() - 1], 1u64 << 10),
+        'm' | 'M' => (&s[..s.len() - 1], 1 << 20),
+        'g' | 'G' => (&s[..s.len() - 1], 1 << 30),
+        _ => (s, 1),
+    };
+    num.trim().parse::<u64>().ok()?.checked_mul(mult)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn byte_sizes_parse() {
+        assert_eq!(super::parse_bytes("1024"), Some(1024));
+        assert_eq!(super::parse_bytes("512M"), Some(512 << 20));
+        assert_eq!(super::parse_bytes("2G"), Some(2 << 30));
+        assert_eq!(super::parse_bytes("x"), None);
+        assert_eq!(super::parse_bytes(""), None);
     }
 }

@@ -61,8 +61,23 @@ pub enum Error {
         expected: usize,
         got: usize,
     },
+    #[error("{what} on the simulated device failed: {source}")]
+    Sim {
+        what: String,
+        #[source]
+        source: lathe_sim::SimError,
+    },
     #[error("{0}")]
     Invalid(String),
+}
+
+impl Error {
+    pub(crate) fn sim(what: impl Into<String>, source: lathe_sim::SimError) -> Error {
+        Error::Sim {
+            what: what.into(),
+            source,
+        }
+    }
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,7 +1,9 @@
-//! lathe-host: the GPU runtime over cudarc's driver API.
+//! lathe-host: the device runtime — cudarc's driver API for a GPU, lathe-sim for the
+//! simulated device, behind one API.
 //!
-//! - [`Device`]: a CUDA device with its compute and copy streams, module cache and caching
-//!   allocator. `Device::cuda(0)` returns [`Error::NoDriver`] on machines without CUDA.
+//! - [`Device`]: a CUDA device (`Device::cuda(0)`, [`Error::NoDriver`] on machines without
+//!   CUDA) or the simulated GPU (`Device::sim()`), with its compute and copy streams, module
+//!   cache and caching allocator.
 //! - [`DeviceBuffer`], [`PinnedBuffer`]: memory, and copies between host and device.
 //! - [`Device::launch`]: typed launch of a kernel descriptor from `lathe-kernels`.
 //! - [`alloc`]: the caching allocator and its statistics.
@@ -21,6 +23,7 @@ pub mod nn_ops;
 pub mod nvtx;
 pub mod ops;
 pub mod stream;
+pub mod tensor_map;
 pub mod testing;
 pub mod timing;
 
@@ -28,8 +31,10 @@ pub use alloc::MemoryStats;
 pub use buffer::{DeviceBuffer, DeviceElem, PinnedBuffer};
 pub use device::Device;
 pub use error::{Error, Result};
-pub use module::KernelArg;
+pub use lathe_sim::SimConfig;
+pub use module::{KernelArg, TensorMapBytes};
 pub use stream::{Event, Stream};
+pub use tensor_map::{TensorMapSpec, TmaSwizzle};
 
 #[cfg(test)]
 mod tests {

@@ -1,15 +1,17 @@
 //! The module cache and typed kernel launches.
 //!
-//! Each PTX module is JIT-loaded once per device (`cuModuleLoadDataEx`, with the JIT's error
-//! log captured into the error on failure); functions are looked up once and kept. A launch
-//! checks its arguments against the kernel's descriptor (count, pointer element types, which
-//! pointers are written) before anything reaches the driver.
+//! Each PTX module is loaded once per device: JIT-compiled by the driver on a GPU
+//! (`cuModuleLoadDataEx`, with the JIT's error log captured into the error on failure), parsed
+//! by the interpreter on the simulated device. A launch checks its arguments against the
+//! kernel's descriptor (count, pointer element types, which pointers are written, tensor maps)
+//! before anything reaches the driver or the simulator; on the simulated device the pointer
+//! arguments also bound every global access the kernel makes.
 
-use crate::device::Device;
+use crate::device::{Backend, Device};
 use crate::error::{Context, Error, Result};
 use crate::stream::Stream;
 use cudarc::driver::{result, sys};
-use lathe_kernels::{ArgKind, Elem, KernelDesc, Module, Problem};
+use lathe_kernels::{ArgKind, Elem, Geometry, KernelDesc, Module, Problem};
 use std::collections::HashMap;
 use std::ffi::{CString, c_void};
 use std::sync::{Arc, Mutex};
@@ -53,7 +55,11 @@ pub(crate) struct ModuleCache {
     functions: Mutex<HashMap<&'static str, Function>>,
 }
 
-fn load_with_log(dev: &Device, m: &Module) -> Result<Arc<LoadedModule>> {
+fn load_with_log(
+    dev: &Device,
+    ctx: &Arc<cudarc::driver::CudaContext>,
+    m: &Module,
+) -> Result<Arc<LoadedModule>> {
     dev.bind()?;
     let ptx = (m.ptx)();
     let src = CString::new(ptx.as_bytes())
@@ -105,28 +111,49 @@ fn load_with_log(dev: &Device, m: &Module) -> Result<Arc<LoadedModule>> {
     }
     Ok(Arc::new(LoadedModule {
         raw,
-        ctx: dev.inner.ctx.clone(),
+        ctx: ctx.clone(),
     }))
 }
 
 impl Device {
-    /// JIT-loads a module if this device has not yet (each module once per device).
+    /// Loads a module if this device has not yet (each module once per device).
     pub fn load_module(&self, m: &'static Module) -> Result<()> {
-        self.module(m).map(|_| ())
+        match &self.inner.backend {
+            Backend::Cuda { .. } => self.module(m).map(|_| ()),
+            Backend::Sim { .. } => self.sim_module(m).map(|_| ()),
+        }
     }
 
     fn module(&self, m: &'static Module) -> Result<Arc<LoadedModule>> {
-        let cache = &self.inner.modules;
-        let mut mods = cache.modules.lock().unwrap_or_else(|e| e.into_inner());
+        let Backend::Cuda { ctx, modules } = &self.inner.backend else {
+            return Err(Error::Invalid("not a CUDA device".into()));
+        };
+        let mut mods = modules.modules.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(l) = mods.get(m.name) {
             return Ok(l.clone());
         }
-        let l = load_with_log(self, m)?;
+        let l = load_with_log(self, ctx, m)?;
         mods.insert(m.name, l.clone());
         Ok(l)
     }
 
-    pub(crate) fn function(&self, k: &'static KernelDesc) -> Result<Function> {
+    /// The parsed module on the simulated device.
+    fn sim_module(&self, m: &'static Module) -> Result<lathe_sim::Module> {
+        let Backend::Sim { sim, modules } = &self.inner.backend else {
+            return Err(Error::Invalid("not a simulated device".into()));
+        };
+        let mut mods = modules.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(l) = mods.get(m.name) {
+            return Ok(l.clone());
+        }
+        let l = sim
+            .load_module(&(m.ptx)())
+            .map_err(|e| Error::sim(format!("loading PTX module `{}`", m.name), e))?;
+        mods.insert(m.name, l.clone());
+        Ok(l)
+    }
+
+    fn check_target(&self, k: &'static KernelDesc) -> Result<()> {
         if !k.module.target.runs_on(self.inner.cc) {
             return Err(Error::UnsupportedTarget {
                 entry: k.entry,
@@ -136,8 +163,16 @@ impl Device {
                 minor: self.inner.cc.1,
             });
         }
+        Ok(())
+    }
+
+    pub(crate) fn function(&self, k: &'static KernelDesc) -> Result<Function> {
+        self.check_target(k)?;
+        let Backend::Cuda { modules, .. } = &self.inner.backend else {
+            return Err(Error::Invalid("not a CUDA device".into()));
+        };
         {
-            let fns = self.inner.modules.functions.lock();
+            let fns = modules.functions.lock();
             if let Some(f) = fns.unwrap_or_else(|e| e.into_inner()).get(k.entry) {
                 return Ok(f.clone());
             }
@@ -152,13 +187,24 @@ impl Device {
             _module: module,
             shared_optin: Arc::new(Mutex::new(48 * 1024)),
         };
-        self.inner
-            .modules
+        modules
             .functions
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(k.entry, f.clone());
         Ok(f)
+    }
+}
+
+/// A TMA tensor map as a kernel receives it: 128 bytes, 64-byte aligned. On a GPU the driver
+/// encodes it (`cuTensorMapEncodeTiled`); on the simulated device Lathe's own encoder does.
+#[derive(Clone, Copy, PartialEq, Eq)]
+#[repr(C, align(64))]
+pub struct TensorMapBytes(pub [u8; 128]);
+
+impl std::fmt::Debug for TensorMapBytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TensorMapBytes(..)")
     }
 }
 
@@ -175,18 +221,64 @@ pub enum KernelArg {
     U32(u32),
     U64(u64),
     F32(f32),
+    /// A tensor map over `bytes` bytes of `elem` at `addr` (the tensor it describes; the
+    /// kernel only reads it through TMA).
+    TensorMap {
+        map: TensorMapBytes,
+        elem: Elem,
+        addr: u64,
+        bytes: u64,
+    },
 }
 
+/// One parameter's bytes, aligned for any parameter kind (tensor maps need 64).
+#[repr(C, align(64))]
+struct ParamSlot([u8; 128]);
+
 impl KernelArg {
-    fn bytes(&self) -> [u8; 8] {
-        let mut b = [0u8; 8];
-        match *self {
-            KernelArg::Ptr { addr, .. } => b.copy_from_slice(&addr.to_ne_bytes()),
-            KernelArg::U64(v) => b.copy_from_slice(&v.to_ne_bytes()),
+    fn slot(&self) -> ParamSlot {
+        let mut b = [0u8; 128];
+        match self {
+            KernelArg::Ptr { addr, .. } => b[..8].copy_from_slice(&addr.to_ne_bytes()),
+            KernelArg::U64(v) => b[..8].copy_from_slice(&v.to_ne_bytes()),
             KernelArg::U32(v) => b[..4].copy_from_slice(&v.to_ne_bytes()),
             KernelArg::F32(v) => b[..4].copy_from_slice(&v.to_ne_bytes()),
+            KernelArg::TensorMap { map, .. } => b.copy_from_slice(&map.0),
         }
-        b
+        ParamSlot(b)
+    }
+
+    /// The parameter value and the memory range it grants, for the simulated device.
+    fn sim_param(&self) -> (lathe_sim::Param, Option<lathe_sim::Region>) {
+        use lathe_sim::{Param, Region};
+        match *self {
+            KernelArg::Ptr {
+                addr,
+                elem,
+                len,
+                writable,
+            } => (
+                Param::U64(addr),
+                Some(Region {
+                    addr,
+                    bytes: (len * elem.size()) as u64,
+                    writable,
+                }),
+            ),
+            KernelArg::U32(v) => (Param::U32(v), None),
+            KernelArg::U64(v) => (Param::U64(v), None),
+            KernelArg::F32(v) => (Param::F32(v), None),
+            KernelArg::TensorMap {
+                map, addr, bytes, ..
+            } => (
+                Param::Bytes(map.0.to_vec()),
+                Some(Region {
+                    addr,
+                    bytes,
+                    writable: false,
+                }),
+            ),
+        }
     }
 }
 
@@ -211,6 +303,7 @@ pub fn check_args(k: &KernelDesc, args: &[KernelArg]) -> Result<()> {
             (ArgKind::U32, KernelArg::U32(_)) => true,
             (ArgKind::U64, KernelArg::U64(_)) => true,
             (ArgKind::F32, KernelArg::F32(_)) => true,
+            (ArgKind::TensorMap(e), KernelArg::TensorMap { elem, .. }) => *elem == e,
             _ => false,
         };
         if !ok {
@@ -229,7 +322,8 @@ impl Device {
     /// The kernel reads and writes the buffers behind the pointer arguments asynchronously:
     /// those buffers must stay alive until the stream has passed this launch. Lathe's buffers
     /// return to a stream-ordered pool when dropped, so dropping one right after the launch on
-    /// the same stream is safe.
+    /// the same stream is safe. On the simulated device the launch runs to completion first,
+    /// and a sanitizer finding or fault is returned as [`Error::Sim`].
     pub fn launch(
         &self,
         k: &'static KernelDesc,
@@ -237,29 +331,73 @@ impl Device {
         args: &[KernelArg],
         stream: &Stream,
     ) -> Result<()> {
+        self.launch_with(k, &(k.geometry)(problem), problem, args, stream)
+    }
+
+    /// [`Device::launch`] with an explicit geometry instead of the descriptor's (e.g. a
+    /// persistent kernel launched with one block per SM). `problem` still gives the cost.
+    pub fn launch_with(
+        &self,
+        k: &'static KernelDesc,
+        g: &Geometry,
+        problem: &Problem,
+        args: &[KernelArg],
+        stream: &Stream,
+    ) -> Result<()> {
         check_args(k, args)?;
-        let f = self.function(k)?;
-        let g = (k.geometry)(problem);
+        self.check_target(k)?;
         if g.grid.0 == 0 || g.grid.1 == 0 || g.grid.2 == 0 {
             return Err(Error::BadLaunch {
                 entry: k.entry,
                 problem: format!("empty grid {:?} for {problem:?}", g.grid),
             });
         }
+        if g.shared_bytes > self.inner.max_shared_optin {
+            return Err(Error::BadLaunch {
+                entry: k.entry,
+                problem: format!(
+                    "needs {} bytes of shared memory, the device allows {}",
+                    g.shared_bytes, self.inner.max_shared_optin
+                ),
+            });
+        }
+        match &self.inner.backend {
+            Backend::Cuda { .. } => self.launch_cuda(k, g, problem, args, stream),
+            Backend::Sim { sim, .. } => {
+                let module = self.sim_module(k.module)?;
+                let (params, regions): (Vec<_>, Vec<_>) =
+                    args.iter().map(KernelArg::sim_param).unzip();
+                let launch = lathe_sim::Launch {
+                    grid: g.grid,
+                    block: g.block,
+                    shared_bytes: g.shared_bytes,
+                    params,
+                    regions: regions.into_iter().flatten().collect(),
+                };
+                let submitted = std::time::Instant::now();
+                let counters = sim
+                    .launch(&module, k.entry, &launch)
+                    .map_err(|e| Error::sim(format!("launch of `{}`", k.entry), e))?;
+                self.record_sim_launch(k.entry, stream, submitted, (k.cost)(problem), counters);
+                Ok(())
+            }
+        }
+    }
+
+    fn launch_cuda(
+        &self,
+        k: &'static KernelDesc,
+        g: &Geometry,
+        problem: &Problem,
+        args: &[KernelArg],
+        stream: &Stream,
+    ) -> Result<()> {
+        let f = self.function(k)?;
         if g.shared_bytes > 48 * 1024 {
             let mut optin = f.shared_optin.lock().unwrap_or_else(|e| e.into_inner());
-            if g.shared_bytes > self.inner.max_shared_optin {
-                return Err(Error::BadLaunch {
-                    entry: k.entry,
-                    problem: format!(
-                        "needs {} bytes of shared memory, the device allows {}",
-                        g.shared_bytes, self.inner.max_shared_optin
-                    ),
-                });
-            }
             if *optin < g.shared_bytes {
                 // SAFETY: a valid function handle and attribute; the value is within the
-                // device's opt-in limit (checked above).
+                // device's opt-in limit (checked by the caller).
                 unsafe {
                     result::function::set_function_attribute(
                         f.raw,
@@ -271,24 +409,26 @@ impl Device {
                 *optin = g.shared_bytes;
             }
         }
-        let mut storage: Vec<[u8; 8]> = args.iter().map(KernelArg::bytes).collect();
+        let mut storage: Vec<ParamSlot> = args.iter().map(KernelArg::slot).collect();
         let mut params: Vec<*mut c_void> = storage
             .iter_mut()
-            .map(|b| b.as_mut_ptr().cast::<c_void>())
+            .map(|b| b.0.as_mut_ptr().cast::<c_void>())
             .collect();
         self.bind()?;
+        let raw_stream = stream.cu()?;
         let timed = self.timing_start(stream)?;
         // SAFETY: the argument list matches the kernel's PTX parameter list in count and
         // kind (check_args, and the registry tests that compare descriptors with the PTX);
-        // each parameter value lives in `storage` until the call returns (the driver copies
-        // them at launch); pointers are device addresses of live Lathe buffers.
+        // each parameter value lives in `storage`, 64-byte aligned, until the call returns
+        // (the driver copies them at launch); pointers are device addresses of live Lathe
+        // buffers and tensor maps describe live buffers.
         unsafe {
             result::launch_kernel(
                 f.raw,
                 g.grid,
                 g.block,
                 g.shared_bytes,
-                stream.raw(),
+                raw_stream,
                 &mut params,
             )
         }

@@ -1,5 +1,9 @@
 //! Kernel timing with CUDA events, for the profiler's GPU track.
 //!
+//! On the simulated device there is no device time: each launch is recorded with the
+//! simulator's counters instead (instructions, sectors, bank conflicts, tensor FLOPs), its
+//! `start_ns` the host time it was submitted and `dur_ns` the host time the simulation took.
+//!
 //! When enabled ([`Device::enable_kernel_timing`]), every [`Device::launch`] records a timing
 //! event on its stream before and after the kernel. [`Device::take_kernel_timings`] waits for
 //! the recorded events and returns one [`KernelTiming`] per launch, with start times relative to
@@ -25,6 +29,9 @@ pub struct KernelTiming {
     /// From the kernel descriptor.
     pub flops: u64,
     pub bytes: u64,
+    /// What the launch did, on the simulated device (`None` on a GPU). When set, the times
+    /// above are host times of the simulation, not device times.
+    pub counters: Option<lathe_sim::Counters>,
 }
 
 /// Timings taken from a device, with the host time of their origin.
@@ -49,6 +56,8 @@ pub(crate) struct KernelTimer {
     origin: Event,
     origin_host: Instant,
     pending: Vec<Pending>,
+    /// Simulated launches, recorded complete.
+    simulated: Vec<KernelTiming>,
 }
 
 impl Device {
@@ -59,6 +68,7 @@ impl Device {
             origin,
             origin_host: Instant::now(),
             pending: Vec::new(),
+            simulated: Vec::new(),
         };
         *self.inner.timer.lock().unwrap_or_else(|e| e.into_inner()) = Some(t);
         Ok(())
@@ -81,7 +91,7 @@ impl Device {
     /// Waits for every timed launch so far and returns their timings (oldest first); timing
     /// stays enabled. `None` when timing is off.
     pub fn take_kernel_timings(&self) -> Result<Option<KernelTimings>> {
-        let (origin, origin_host, pending) = {
+        let (origin, origin_host, pending, simulated) = {
             let mut g = self.inner.timer.lock().unwrap_or_else(|e| e.into_inner());
             let Some(t) = g.as_mut() else {
                 return Ok(None);
@@ -90,8 +100,15 @@ impl Device {
                 t.origin.clone(),
                 t.origin_host,
                 std::mem::take(&mut t.pending),
+                std::mem::take(&mut t.simulated),
             )
         };
+        if !simulated.is_empty() {
+            return Ok(Some(KernelTimings {
+                origin: origin_host,
+                kernels: simulated,
+            }));
+        }
         let mut kernels = Vec::with_capacity(pending.len());
         for p in pending {
             p.end.synchronize()?;
@@ -104,6 +121,7 @@ impl Device {
                 dur_ns: (dur_ms * 1e6) as u64,
                 flops: p.flops,
                 bytes: p.bytes,
+                counters: None,
             });
         }
         Ok(Some(KernelTimings {
@@ -141,5 +159,31 @@ impl Device {
             });
         }
         Ok(())
+    }
+
+    /// Records a completed simulated launch when timing is on.
+    pub(crate) fn record_sim_launch(
+        &self,
+        entry: &'static str,
+        stream: &Stream,
+        submitted: Instant,
+        cost: lathe_kernels::Cost,
+        counters: lathe_sim::Counters,
+    ) {
+        let mut g = self.inner.timer.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(t) = g.as_mut() {
+            let start_ns = submitted
+                .saturating_duration_since(t.origin_host)
+                .as_nanos() as u64;
+            t.simulated.push(KernelTiming {
+                entry,
+                stream: stream.key(),
+                start_ns,
+                dur_ns: submitted.elapsed().as_nanos() as u64,
+                flops: cost.flops,
+                bytes: cost.bytes,
+                counters: Some(counters),
+            });
+        }
     }
 }

@@ -6,7 +6,7 @@
 //! Skips without a GPU; fails instead with `LATHE_REQUIRE_GPU=1`.
 
 use half::{bf16, f16};
-use lathe_host::testing::gpu_or_skip;
+use lathe_host::testing::test_device;
 use lathe_host::{Device, DeviceElem, KernelArg};
 use lathe_kernels::elementwise::twin::Float;
 use lathe_kernels::gemm::{Gemm, Linear, Op, Version, kernel_for, twin};
@@ -230,41 +230,31 @@ fn sweep<I: DeviceElem + Float>(dev: &Device, version: Version, seed: u64) {
 
 #[test]
 fn gemm_v1_bf16_every_layout_epilogue_and_shape() {
-    let Some(dev) = gpu_or_skip("gemm_v1_bf16_every_layout_epilogue_and_shape") else {
-        return;
-    };
+    let dev = test_device("gemm_v1_bf16_every_layout_epilogue_and_shape");
     sweep::<bf16>(&dev, Version::V1, 0x6E1);
 }
 
 #[test]
 fn gemm_v1_f16_every_layout_epilogue_and_shape() {
-    let Some(dev) = gpu_or_skip("gemm_v1_f16_every_layout_epilogue_and_shape") else {
-        return;
-    };
+    let dev = test_device("gemm_v1_f16_every_layout_epilogue_and_shape");
     sweep::<f16>(&dev, Version::V1, 0x6E2);
 }
 
 #[test]
 fn gemm_v2_bf16_every_layout_epilogue_and_shape() {
-    let Some(dev) = gpu_or_skip("gemm_v2_bf16_every_layout_epilogue_and_shape") else {
-        return;
-    };
+    let dev = test_device("gemm_v2_bf16_every_layout_epilogue_and_shape");
     sweep::<bf16>(&dev, Version::V2, 0x6E3);
 }
 
 #[test]
 fn gemm_v2_f16_every_layout_epilogue_and_shape() {
-    let Some(dev) = gpu_or_skip("gemm_v2_f16_every_layout_epilogue_and_shape") else {
-        return;
-    };
+    let dev = test_device("gemm_v2_f16_every_layout_epilogue_and_shape");
     sweep::<f16>(&dev, Version::V2, 0x6E4);
 }
 
 #[test]
 fn gemm_gpt2_sized_every_layout() {
-    let Some(dev) = gpu_or_skip("gemm_gpt2_sized_every_layout") else {
-        return;
-    };
+    let dev = test_device("gemm_gpt2_sized_every_layout");
     let mut rng = Rng::new(0x6E5);
     for version in Version::ALL {
         for (i, (a, b)) in OPS.into_iter().enumerate() {
@@ -284,9 +274,7 @@ fn gemm_gpt2_sized_every_layout() {
 
 #[test]
 fn linear_layer_training_products_through_the_typed_api() {
-    let Some(dev) = gpu_or_skip("linear_layer_training_products_through_the_typed_api") else {
-        return;
-    };
+    let dev = test_device("linear_layer_training_products_through_the_typed_api");
     let mut rng = Rng::new(0x6E6);
     let l = Linear {
         rows: 300,
@@ -364,9 +352,7 @@ fn linear_layer_training_products_through_the_typed_api() {
 
 #[test]
 fn gemm_rejects_bad_problems_with_clear_errors() {
-    let Some(dev) = gpu_or_skip("gemm_rejects_bad_problems_with_clear_errors") else {
-        return;
-    };
+    let dev = test_device("gemm_rejects_bad_problems_with_clear_errors");
     let a = dev.alloc::<bf16>(6).unwrap();
     let b = dev.alloc::<bf16>(6).unwrap();
     let mut c = dev.alloc::<f32>(4).unwrap();

@@ -9,7 +9,7 @@
 
 use half::bf16;
 use lathe_host::hopper_ops::{HopperGemm, Version};
-use lathe_host::testing::gpu_or_skip;
+use lathe_host::testing::test_device;
 use lathe_host::{Device, DeviceBuffer, DeviceElem};
 use lathe_kernels::Elem;
 use lathe_kernels::elementwise::twin::Float;
@@ -32,7 +32,7 @@ const FULL_TWIN_MACS: usize = 600_000_000;
 
 /// Device 0 if it is an sm_90 part, else `None` after saying why.
 fn hopper_or_skip(test: &str) -> Option<Device> {
-    let dev = gpu_or_skip(test)?;
+    let dev = test_device(test);
     if dev.compute_capability() != (9, 0) {
         eprintln!(
             "{test}: skipped, {} is not compute capability 9.0 (the kernels are sm_90a)",

@@ -3,7 +3,7 @@
 //! Skips without a GPU; fails instead with `LATHE_REQUIRE_GPU=1`.
 
 use half::{bf16, f16};
-use lathe_host::testing::{AWKWARD_SIZES, gpu_or_skip};
+use lathe_host::testing::{AWKWARD_SIZES, test_device};
 use lathe_host::{Device, DeviceBuffer, DeviceElem, KernelArg};
 use lathe_kernels::Problem;
 use lathe_kernels::elementwise::cast_for;
@@ -80,9 +80,7 @@ where
 
 #[test]
 fn casts_match_twins_at_awkward_sizes() {
-    let Some(dev) = gpu_or_skip("casts_match_twins_at_awkward_sizes") else {
-        return;
-    };
+    let dev = test_device("casts_match_twins_at_awkward_sizes");
     let mut rng = Rng::new(0xCA57);
     check_cast::<f32, bf16>(&dev, &mut rng);
     check_cast::<f32, f16>(&dev, &mut rng);
@@ -94,9 +92,7 @@ fn casts_match_twins_at_awkward_sizes() {
 
 #[test]
 fn casts_round_ties_to_even_and_keep_nan_inf() {
-    let Some(dev) = gpu_or_skip("casts_round_ties_to_even_and_keep_nan_inf") else {
-        return;
-    };
+    let dev = test_device("casts_round_ties_to_even_and_keep_nan_inf");
     let x = vec![
         1.0 + 1.0 / 256.0,
         1.0 + 3.0 / 256.0,
@@ -142,9 +138,7 @@ fn casts_round_ties_to_even_and_keep_nan_inf() {
 
 #[test]
 fn fill_scale_axpy_match_twins() {
-    let Some(dev) = gpu_or_skip("fill_scale_axpy_match_twins") else {
-        return;
-    };
+    let dev = test_device("fill_scale_axpy_match_twins");
     let mut rng = Rng::new(0xA1B2);
     fn run<T: DeviceElem + Float>(dev: &Device, rng: &mut Rng, name: &str) {
         for &n in AWKWARD_SIZES {
@@ -210,9 +204,7 @@ fn fill_scale_axpy_match_twins() {
 
 #[test]
 fn reductions_match_twins() {
-    let Some(dev) = gpu_or_skip("reductions_match_twins") else {
-        return;
-    };
+    let dev = test_device("reductions_match_twins");
     let mut rng = Rng::new(0x5EED);
     for &n in AWKWARD_SIZES.iter().chain(&[4_000_037usize]) {
         let x = rng.vec_f32(n, -1.0, 1.0);
@@ -251,9 +243,7 @@ fn reductions_match_twins() {
 
 #[test]
 fn allocator_reuses_and_counts() {
-    let Some(dev) = gpu_or_skip("allocator_reuses_and_counts") else {
-        return;
-    };
+    let dev = test_device("allocator_reuses_and_counts");
     dev.reset_peak_memory();
     let before = dev.memory_stats();
     let a = dev.alloc::<f32>(1000).unwrap();
@@ -272,9 +262,7 @@ fn allocator_reuses_and_counts() {
 
 #[test]
 fn pinned_copies_roundtrip_on_the_copy_stream() {
-    let Some(dev) = gpu_or_skip("pinned_copies_roundtrip_on_the_copy_stream") else {
-        return;
-    };
+    let dev = test_device("pinned_copies_roundtrip_on_the_copy_stream");
     let mut rng = Rng::new(9);
     let n = 1_000_003;
     let x = rng.vec_f32(n, -1.0, 1.0);
@@ -296,9 +284,7 @@ fn pinned_copies_roundtrip_on_the_copy_stream() {
 
 #[test]
 fn bad_launches_are_errors() {
-    let Some(dev) = gpu_or_skip("bad_launches_are_errors") else {
-        return;
-    };
+    let dev = test_device("bad_launches_are_errors");
     let x = dev.htod(&[1.0f32, 2.0]).unwrap();
     let mut y = dev.alloc::<bf16>(3).unwrap();
     assert!(dev.cast(&x, &mut y).is_err(), "length mismatch accepted");
@@ -314,9 +300,7 @@ fn bad_launches_are_errors() {
 
 #[test]
 fn kernel_timing_records_every_launch() {
-    let Some(dev) = gpu_or_skip("kernel_timing_records_every_launch") else {
-        return;
-    };
+    let dev = test_device("kernel_timing_records_every_launch");
     let n = 1 << 20;
     let x = dev.htod(&Rng::new(3).vec_f32(n, -1.0, 1.0)).unwrap();
     let mut y = dev.alloc::<bf16>(n).unwrap();

@@ -8,7 +8,7 @@
 
 use half::{bf16, f16};
 use lathe_host::nn_ops::{AdamWLaunch, ClassifierShape, WorkingCopyMut};
-use lathe_host::testing::{AWKWARD_SIZES, gpu_or_skip};
+use lathe_host::testing::{AWKWARD_SIZES, test_device};
 use lathe_host::{Device, DeviceBuffer, DeviceElem, KernelArg};
 use lathe_kernels::Problem;
 use lathe_kernels::elementwise::twin::Float;
@@ -52,9 +52,7 @@ fn exact<T: Float>(what: &str, got: &[T], want: &[T]) {
 
 #[test]
 fn grad_check_norm_unscale_and_scaler_update() {
-    let Some(dev) = gpu_or_skip("grad_check_norm_unscale_and_scaler_update") else {
-        return;
-    };
+    let dev = test_device("grad_check_norm_unscale_and_scaler_update");
     let mut rng = Rng::new(0xA3);
     for &n in AWKWARD_SIZES.iter().chain(&[4_000_037usize]) {
         for bad in [None, Some((n / 2, f32::NAN)), Some((n - 1, f32::INFINITY))] {
@@ -177,9 +175,7 @@ fn launch_of(offset: u64, unscale: bool) -> AdamWLaunch {
 
 #[test]
 fn adamw_matches_twin_bit_for_bit() {
-    let Some(dev) = gpu_or_skip("adamw_matches_twin_bit_for_bit") else {
-        return;
-    };
+    let dev = test_device("adamw_matches_twin_bit_for_bit");
     let mut rng = Rng::new(0xADA);
     let offset = 1000u64;
     for w in [
@@ -245,9 +241,7 @@ fn adamw_matches_twin_bit_for_bit() {
 
 #[test]
 fn adamw_scalar_path_on_misaligned_buffers() {
-    let Some(dev) = gpu_or_skip("adamw_scalar_path_on_misaligned_buffers") else {
-        return;
-    };
+    let dev = test_device("adamw_scalar_path_on_misaligned_buffers");
     let mut rng = Rng::new(0x51);
     let n = 4099;
     let c = adam_case(&mut rng, n + 1);
@@ -322,9 +316,7 @@ fn adamw_scalar_path_on_misaligned_buffers() {
 /// no f32-vs-f64 norm enters the update).
 #[test]
 fn device_step_sequence_matches_host_sequence() {
-    let Some(dev) = gpu_or_skip("device_step_sequence_matches_host_sequence") else {
-        return;
-    };
+    let dev = test_device("device_step_sequence_matches_host_sequence");
     let mut rng = Rng::new(0x5E9);
     let n = 100_003;
     let c = adam_case(&mut rng, n);
@@ -433,9 +425,7 @@ fn layernorm_case<T: DeviceElem + Float>(dev: &Device, rng: &mut Rng, rows: usiz
 
 #[test]
 fn layernorm_matches_twin() {
-    let Some(dev) = gpu_or_skip("layernorm_matches_twin") else {
-        return;
-    };
+    let dev = test_device("layernorm_matches_twin");
     let mut rng = Rng::new(0x1A7);
     // Ragged C, GPT-2's C, C = 4096, more rows than backward blocks, shared memory past 48 KiB.
     for &(rows, c) in &[(1, 1), (7, 37), (33, 768), (5, 4096), (2077, 64), (3, 8192)] {
@@ -510,9 +500,7 @@ fn pointwise_case<T: DeviceElem + Float>(dev: &Device, rng: &mut Rng, n: usize) 
 
 #[test]
 fn pointwise_kernels_match_twins() {
-    let Some(dev) = gpu_or_skip("pointwise_kernels_match_twins") else {
-        return;
-    };
+    let dev = test_device("pointwise_kernels_match_twins");
     let mut rng = Rng::new(0x6E1);
     for &n in AWKWARD_SIZES.iter().chain(&[257 * 4099]) {
         pointwise_case::<f32>(&dev, &mut rng, n);
@@ -587,9 +575,7 @@ fn classifier_case<T: DeviceElem + Float>(
 
 #[test]
 fn fused_classifier_matches_twin() {
-    let Some(dev) = gpu_or_skip("fused_classifier_matches_twin") else {
-        return;
-    };
+    let dev = test_device("fused_classifier_matches_twin");
     let mut rng = Rng::new(0xC1A5);
     classifier_case::<f32>(&dev, &mut rng, 5, 68, 61);
     classifier_case::<f32>(&dev, &mut rng, 3, 67, 67);
@@ -646,9 +632,7 @@ fn embedding_case<T: DeviceElem + Float>(
 
 #[test]
 fn embedding_matches_twin_bit_for_bit() {
-    let Some(dev) = gpu_or_skip("embedding_matches_twin_bit_for_bit") else {
-        return;
-    };
+    let dev = test_device("embedding_matches_twin_bit_for_bit");
     let mut rng = Rng::new(0xE3B);
     embedding_case::<f32>(&dev, &mut rng, 2, 7, 12, 70);
     embedding_case::<bf16>(&dev, &mut rng, 4, 256, 768, 5003);
@@ -698,9 +682,7 @@ fn attention_case<T: DeviceElem + Float>(dev: &Device, rng: &mut Rng, bh: usize,
 
 #[test]
 fn attention_softmax_matches_twin() {
-    let Some(dev) = gpu_or_skip("attention_softmax_matches_twin") else {
-        return;
-    };
+    let dev = test_device("attention_softmax_matches_twin");
     let mut rng = Rng::new(0xA77);
     for &(bh, t) in &[(1, 1), (2, 9), (3, 64), (2, 257), (2, 1024)] {
         attention_case::<f32>(&dev, &mut rng, bh, t);
@@ -711,9 +693,7 @@ fn attention_softmax_matches_twin() {
 
 #[test]
 fn nn_shape_errors_are_errors_not_launches() {
-    let Some(dev) = gpu_or_skip("nn_shape_errors_are_errors_not_launches") else {
-        return;
-    };
+    let dev = test_device("nn_shape_errors_are_errors_not_launches");
     let x = dev.htod(&[1.0f32; 10]).unwrap();
     let w = dev.htod(&[1.0f32; 3]).unwrap();
     let mut out = dev.alloc::<f32>(10).unwrap();

@@ -83,6 +83,9 @@ pub enum ArgKind {
     U32,
     U64,
     F32,
+    /// A TMA tensor map passed by value: `.param .align 64 .b8 name[128]`. It describes a
+    /// tensor of the given element type in device memory, which the kernel only reads.
+    TensorMap(Elem),
 }
 
 /// One kernel parameter, in PTX order.

@@ -1,16 +1,14 @@
 //! The GPU feeder: batches written by the loader into pinned buffers, uploaded on the copy
 //! stream, arrive on the device equal to the plain loader's batches. Skips without a GPU.
 
-use lathe_host::testing::gpu_or_skip;
+use lathe_host::testing::test_device;
 use lathe_trainer::data::pinned::{DeviceFeeder, PinnedPool};
 use lathe_trainer::data::{AdditionConfig, Loader, LoaderConfig, Source, Split};
 use std::sync::Arc;
 
 #[test]
 fn pinned_uploads_match_the_plain_loader() {
-    let Some(dev) = gpu_or_skip("pinned_uploads_match_the_plain_loader") else {
-        return;
-    };
+    let dev = test_device("pinned_uploads_match_the_plain_loader");
     let source = Source::Addition(AdditionConfig::default());
     let mut cfg = LoaderConfig::new(8, 38);
     cfg.seed = 5;

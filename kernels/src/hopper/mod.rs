@@ -140,12 +140,10 @@ fn cost_bf16(p: &Problem) -> Cost {
     cost(p, 2)
 }
 
-/// Parameters, in PTX order. The tensor maps are 128-byte by-value parameters that a typed
-/// [`ArgKind`] cannot describe; they are listed as `U64` placeholders for documentation and the
-/// host launches these kernels through its own path (`lathe_host::hopper_ops`).
+/// Parameters, in PTX order. The tensor maps are 128-byte by-value parameters of bf16 tensors.
 pub static ARGS_F32: &[Arg] = &[
-    arg("tmA", ArgKind::U64),
-    arg("tmB", ArgKind::U64),
+    arg("tmA", ArgKind::TensorMap(Elem::BF16)),
+    arg("tmB", ArgKind::TensorMap(Elem::BF16)),
     arg("c", ArgKind::Out(Elem::F32)),
     arg("m", ArgKind::U32),
     arg("n", ArgKind::U32),
@@ -153,8 +151,8 @@ pub static ARGS_F32: &[Arg] = &[
 ];
 /// As [`ARGS_F32`] with a bf16 C.
 pub static ARGS_BF16: &[Arg] = &[
-    arg("tmA", ArgKind::U64),
-    arg("tmB", ArgKind::U64),
+    arg("tmA", ArgKind::TensorMap(Elem::BF16)),
+    arg("tmB", ArgKind::TensorMap(Elem::BF16)),
     arg("c", ArgKind::Out(Elem::BF16)),
     arg("m", ArgKind::U32),
     arg("n", ArgKind::U32),

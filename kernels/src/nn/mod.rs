@@ -124,6 +124,7 @@ mod tests {
                         | crate::desc::ArgKind::U64 => ".u64",
                         crate::desc::ArgKind::U32 => ".u32",
                         crate::desc::ArgKind::F32 => ".f32",
+                        crate::desc::ArgKind::TensorMap(_) => ".b8",
                     };
                     assert_eq!(ty, want_ty, "{} parameter {}", d.entry, a.name);
                 }

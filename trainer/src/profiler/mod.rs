@@ -594,6 +594,7 @@ mod feed_tests {
                     dur_ns: 2_000_000,
                     flops: 0,
                     bytes: 4_000_000_000,
+                    counters: None,
                 },
                 KernelTiming {
                     entry: "lathe_adamw_f32",
@@ -602,6 +603,7 @@ mod feed_tests {
                     dur_ns: 2_000_000,
                     flops: 0,
                     bytes: 4_000_000_000,
+                    counters: None,
                 },
             ],
         };
