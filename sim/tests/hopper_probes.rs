@@ -187,15 +187,25 @@ fn tma_wg_matches_the_f64_product_and_the_hand_swizzle() {
             Ok(())
         })
         .unwrap();
-        assert_eq!(bytes.len(), 8192, "expect_tx 16384 covers two 8192-byte boxes");
-        assert_eq!(reads, 1, "a box of whole contiguous rows is one global read");
+        assert_eq!(
+            bytes.len(),
+            8192,
+            "expect_tx 16384 covers two 8192-byte boxes"
+        );
+        assert_eq!(
+            reads, 1,
+            "a box of whole contiguous rows is one global read"
+        );
         smem[dst as usize..dst as usize + 8192].copy_from_slice(&bytes);
     }
     // TMA's 128B swizzle is exactly the probe's hand swizzle.
     let mut hand = vec![0u8; SMEM];
     stage("swz128", &ga, &mut hand, SA);
     stage("swz128", &gb, &mut hand, SB);
-    assert!(smem == hand, "TMA SWIZZLE_128B differs from chunk ^ (row % 8)");
+    assert!(
+        smem == hand,
+        "TMA SWIZZLE_128B differs from chunk ^ (row % 8)"
+    );
     let d = run_wgmma(&smem, 16, 1024, 1, 32);
     let (err, ok) = compare(&a, &b, &d);
     assert!(ok, "tma_wg: max abs err {err:e} over the f32 bound");
