@@ -216,7 +216,7 @@ pub fn validate(desc: &TensorMapDesc) -> Result<(), SimError> {
             desc.box_dims.len()
         )));
     }
-    if desc.global_addr % 16 != 0 {
+    if !desc.global_addr.is_multiple_of(16) {
         return Err(bad(format!(
             "global_addr = {:#x} is not 16-byte aligned",
             desc.global_addr
@@ -228,7 +228,7 @@ pub fn validate(desc: &TensorMapDesc) -> Result<(), SimError> {
         }
     }
     for (i, &s) in desc.strides.iter().enumerate() {
-        if s % 16 != 0 {
+        if !s.is_multiple_of(16) {
             return Err(bad(format!(
                 "strides[{i}] = {s} bytes is not a multiple of 16"
             )));
@@ -243,7 +243,7 @@ pub fn validate(desc: &TensorMapDesc) -> Result<(), SimError> {
         }
     }
     let inner = desc.box_dims[0] as u64 * desc.dtype.size() as u64;
-    if inner % 16 != 0 {
+    if !inner.is_multiple_of(16) {
         return Err(bad(format!(
             "box_dims[0] = {} ({inner} bytes of {:?}) is not a multiple of 16 bytes",
             desc.box_dims[0], desc.dtype

@@ -358,6 +358,9 @@ fn tma_fill(
     }
 }
 
+/// One TMA box: its coordinates and its shared address.
+type TmaBox = ([i32; 2], u32);
+
 fn read(smem: &[u8], a: u32) -> u16 {
     u16::from_le_bytes([smem[a as usize], smem[a as usize + 1]])
 }
@@ -373,26 +376,25 @@ fn k_major_tiles_written_by_tma_read_back() {
             let span = s.span_bytes();
             // Swizzled: boxes (span/2 K) x rows, K-block b at BASE + b * rows * span; SBO 8 rows.
             // No swizzle: 8 x 8 core matrices, K-adjacent 128 B apart, 8-row groups KTOT/8 * 128.
-            let (boxes, bx, lbo, sbo): (Vec<([i32; 2], u32)>, [u32; 2], u32, u32) =
-                if s == Swizzle::None {
-                    let b = (0..rows / 8)
-                        .flat_map(|i| {
-                            (0..KTOT / 8).map(move |j| {
-                                (
-                                    [8 * j as i32, 8 * i as i32],
-                                    BASE + (i * KTOT / 8 + j) * 128,
-                                )
-                            })
+            let (boxes, bx, lbo, sbo): (Vec<TmaBox>, [u32; 2], u32, u32) = if s == Swizzle::None {
+                let b = (0..rows / 8)
+                    .flat_map(|i| {
+                        (0..KTOT / 8).map(move |j| {
+                            (
+                                [8 * j as i32, 8 * i as i32],
+                                BASE + (i * KTOT / 8 + j) * 128,
+                            )
                         })
-                        .collect();
-                    (b, [8, 8], 128, KTOT / 8 * 128)
-                } else {
-                    let per = span / 2;
-                    let b = (0..KTOT / per)
-                        .map(|b| ([(b * per) as i32, 0], BASE + b * rows * span))
-                        .collect();
-                    (b, [per, rows], 16, 8 * span)
-                };
+                    })
+                    .collect();
+                (b, [8, 8], 128, KTOT / 8 * 128)
+            } else {
+                let per = span / 2;
+                let b = (0..KTOT / per)
+                    .map(|b| ([(b * per) as i32, 0], BASE + b * rows * span))
+                    .collect();
+                (b, [per, rows], 16, 8 * span)
+            };
             tma_fill(&mut smem, &g, rows, KTOT, bx, s, &boxes);
             for step in 0..KTOT / 16 {
                 let start = if s == Swizzle::None {
@@ -429,7 +431,7 @@ fn mn_major_operands_reproduce_the_transposed_matrix() {
             let gt = matrix(16, rows); // X^T: 16 rows (k) x `rows` columns (mn)
             let mut smem = vec![0u8; 0x20000];
             let span = s.span_bytes();
-            let (boxes, bx): (Vec<([i32; 2], u32)>, [u32; 2]) = if s == Swizzle::None {
+            let (boxes, bx): (Vec<TmaBox>, [u32; 2]) = if s == Swizzle::None {
                 // Core matrices of 8 k-rows x 8 mn; mn-adjacent 128 B apart (SBO), k-adjacent
                 // rows/8 * 128 apart (LBO).
                 let b = (0..2u32)

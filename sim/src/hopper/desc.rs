@@ -138,20 +138,35 @@ pub fn encode(d: &MatrixDesc) -> Result<u64, SimError> {
 /// (2 for bf16/f16; 1 or 4 work the same way). See the module documentation for the layouts.
 #[inline]
 pub fn operand_offset(d: &MatrixDesc, major: Major, mn: u32, k: u32, elem_bytes: u32) -> u32 {
+    let off = mn_part(d, major, mn, elem_bytes) + k_part(d, major, k, elem_bytes);
+    d.swizzle.apply(d.start.wrapping_add(off))
+}
+
+/// The part of an operand element's unswizzled byte offset that depends on its row `mn`.
+#[inline]
+pub(crate) fn mn_part(d: &MatrixDesc, major: Major, mn: u32, elem_bytes: u32) -> u32 {
     let t = 16 / elem_bytes;
     let span = d.swizzle.span_bytes();
-    let off = match (major, d.swizzle) {
-        (Major::K, Swizzle::None) => {
-            (mn % 8) * 16 + (mn / 8) * d.sbo + (k % t) * elem_bytes + (k / t) * d.lbo
-        }
-        (Major::K, _) => (mn % 8) * span + (mn / 8) * d.sbo + k * elem_bytes,
-        (Major::MN, Swizzle::None) => {
-            (mn % t) * elem_bytes + (mn / t) * d.sbo + (k % 8) * 16 + (k / 8) * d.lbo
-        }
+    match (major, d.swizzle) {
+        (Major::K, Swizzle::None) => (mn % 8) * 16 + (mn / 8) * d.sbo,
+        (Major::K, _) => (mn % 8) * span + (mn / 8) * d.sbo,
+        (Major::MN, Swizzle::None) => (mn % t) * elem_bytes + (mn / t) * d.sbo,
         (Major::MN, _) => {
             let b = mn * elem_bytes;
-            b % span + (b / span) * d.lbo + (k % 8) * span + (k / 8) * d.sbo
+            b % span + (b / span) * d.lbo
         }
-    };
-    d.swizzle.apply(d.start.wrapping_add(off))
+    }
+}
+
+/// The part of an operand element's unswizzled byte offset that depends on its column `k`.
+#[inline]
+pub(crate) fn k_part(d: &MatrixDesc, major: Major, k: u32, elem_bytes: u32) -> u32 {
+    let t = 16 / elem_bytes;
+    let span = d.swizzle.span_bytes();
+    match (major, d.swizzle) {
+        (Major::K, Swizzle::None) => (k % t) * elem_bytes + (k / t) * d.lbo,
+        (Major::K, _) => k * elem_bytes,
+        (Major::MN, Swizzle::None) => (k % 8) * 16 + (k / 8) * d.lbo,
+        (Major::MN, _) => (k % 8) * span + (k / 8) * d.sbo,
+    }
 }

@@ -17,6 +17,13 @@ use crate::tensor_map::{Swizzle, TensorMapDesc, validate};
 /// The alignment `cp.async.bulk.tensor` requires of its shared-memory address.
 pub const SMEM_ALIGN: u32 = 128;
 
+/// A global-memory reader: fills the buffer with the bytes at the address (the interpreter
+/// checks bounds, regions and initialization there).
+pub type ReadGlobal<'a> = dyn FnMut(u64, &mut [u8]) -> Result<(), SimError> + 'a;
+
+/// A global-memory writer: stores the bytes at the address.
+pub type WriteGlobal<'a> = dyn FnMut(u64, &[u8]) -> Result<(), SimError> + 'a;
+
 /// Calls `f(global_addr, box_byte_offset, bytes)` for every in-bounds run of the box at
 /// `coords`, in row-major order, merging rows that are contiguous both in global memory and in
 /// the box. Out-of-bounds elements belong to no run.
@@ -103,7 +110,7 @@ fn check_args(map: &TensorMapDesc, coords: &[i32], smem_addr: u32) -> Result<(),
             ),
         ));
     }
-    if smem_addr % SMEM_ALIGN != 0 {
+    if !smem_addr.is_multiple_of(SMEM_ALIGN) {
         return Err(SimError::new(
             ErrorKind::Misaligned,
             format!("TMA: shared address {smem_addr:#x} is not {SMEM_ALIGN}-byte aligned"),
@@ -155,7 +162,7 @@ pub fn load_box(
     map: &TensorMapDesc,
     coords: &[i32],
     dst_smem_addr: u32,
-    read_global: &mut dyn FnMut(u64, &mut [u8]) -> Result<(), SimError>,
+    read_global: &mut ReadGlobal,
 ) -> Result<Vec<u8>, SimError> {
     check_args(map, coords, dst_smem_addr)?;
     let len = map.box_bytes() as usize;
@@ -184,7 +191,7 @@ pub fn store_box(
     coords: &[i32],
     src_smem_addr: u32,
     smem: &[u8],
-    write_global: &mut dyn FnMut(u64, &[u8]) -> Result<(), SimError>,
+    write_global: &mut WriteGlobal,
 ) -> Result<(), SimError> {
     check_args(map, coords, src_smem_addr)?;
     let len = map.box_bytes() as usize;
