@@ -35,6 +35,48 @@ fn swizzle_is_a_bijection_on_its_atom() {
 }
 
 #[test]
+fn swizzle_matches_the_isa_tables() {
+    // The ISA's swizzling-mode tables: 128-byte shared-memory lines (rows) of eight 16-byte
+    // chunks from a pattern-aligned start; entry p of row r is the chunk stored at position p.
+    let t32 = [[0, 1, 2, 3, 4, 5, 6, 7], [1, 0, 3, 2, 5, 4, 7, 6]];
+    let t64 = [
+        [0, 1, 2, 3, 4, 5, 6, 7],
+        [1, 0, 3, 2, 5, 4, 7, 6],
+        [2, 3, 0, 1, 6, 7, 4, 5],
+        [3, 2, 1, 0, 7, 6, 5, 4],
+    ];
+    let t128 = [
+        [0, 1, 2, 3, 4, 5, 6, 7],
+        [1, 0, 3, 2, 5, 4, 7, 6],
+        [2, 3, 0, 1, 6, 7, 4, 5],
+        [3, 2, 1, 0, 7, 6, 5, 4],
+        [4, 5, 6, 7, 0, 1, 2, 3],
+        [5, 4, 7, 6, 1, 0, 3, 2],
+        [6, 7, 4, 5, 2, 3, 0, 1],
+        [7, 6, 5, 4, 3, 2, 1, 0],
+    ];
+    let tables: [(Swizzle, &[[u32; 8]]); 3] = [
+        (Swizzle::B32, &t32),
+        (Swizzle::B64, &t64),
+        (Swizzle::B128, &t128),
+    ];
+    for (s, table) in tables {
+        for rep in 0..3u32 {
+            for (r, row) in table.iter().enumerate() {
+                let line = 0x2000 + rep * s.repeat_bytes() + 128 * r as u32;
+                for (p, &chunk) in row.iter().enumerate() {
+                    assert_eq!(
+                        s.apply(line + 16 * chunk),
+                        line + 16 * p as u32,
+                        "{s:?} r{r} p{p}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
 fn descriptor_bits_round_trip() {
     let mut s = 0x2545_f491_4f6c_dd1du64;
     for i in 0..1000 {

@@ -8,7 +8,8 @@
 //!   out-of-bounds zero fill.
 //! - [`desc`]: the 64-bit matrix descriptor and [`desc::operand_offset`], the shared address
 //!   of one operand element for K-major and MN-major operands under every swizzle mode.
-//! - [`wgmma`]: accumulator and A-fragment register layouts, and [`wgmma::mma`].
+//! - [`wgmma`]: accumulator and A-fragment register layouts, and [`wgmma::mma`] (one 16-bit
+//!   shared load per call) / [`wgmma::mma_chunked`] (one 16-byte chunk per call).
 //!
 //! Swizzle patterns are shared by TMA and wgmma: see [`crate::tensor_map::Swizzle`].
 

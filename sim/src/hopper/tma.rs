@@ -4,12 +4,14 @@
 //! Shared-memory layout of a box: the box's elements packed densely in row-major order
 //! (dimension 0 fastest), logical byte `j` at shared address `dst + j`, then the map's swizzle
 //! applied to each 16-byte chunk as a function of its absolute shared address
-//! ([`Swizzle::apply`]). The destination must be 128-byte aligned (the ISA's rule for
-//! `cp.async.bulk.tensor`); the swizzle pattern starts at phase 0 only when it is aligned to
-//! [`Swizzle::repeat_bytes`] (256, 512 or 1024 bytes for the 32/64/128B swizzles). A destination
-//! aligned to 128 but not to that starts mid-pattern, exactly as on the device, and a wgmma
-//! descriptor reading it must then say so in its base offset. This is the layout the H100 probe
-//! `tma_wg` confirmed for a 64 x 64 bf16 box with SWIZZLE_128B at a 1024-aligned destination.
+//! ([`Swizzle::apply`]: the chunk index within a 128-byte shared-memory line is XORed with the
+//! line index modulo 2, 4 or 8 for the 32/64/128B swizzles, the ISA's tables of the swizzling
+//! modes). The destination must be 128-byte aligned; the pattern starts at phase 0 only when it
+//! is aligned to [`Swizzle::repeat_bytes`] (256, 512 or 1024 bytes for the 32/64/128B
+//! swizzles). A destination aligned to 128 but not to that starts mid-pattern (the ISA's
+//! "swizzle base offset" `(dst / 128) % 8` for 128B), exactly as on the device. This is the
+//! layout the H100 probe `tma_wg` confirmed for a 64 x 64 bf16 box with SWIZZLE_128B at a
+//! 1024-aligned destination.
 
 use crate::error::{ErrorKind, SimError};
 use crate::tensor_map::{Swizzle, TensorMapDesc, validate};
