@@ -136,8 +136,7 @@ fn swizzled_offset(
             ErrorKind::Unsupported,
             format!(
                 "TMA: a {len}-byte box at {smem_addr:#x} under swizzle {swizzle:?} would move \
-                 bytes past its end (use a box of whole {}-byte swizzle rows)",
-                swizzle.span_bytes() * 8
+                 bytes past its end (a box of whole 128-byte shared-memory lines never does)"
             ),
         ));
     }

@@ -9,11 +9,12 @@
 //! has 8 16-bit elements per thread in four `.b32` registers (element `2r` in the low half of
 //! register `r`, `2r+1` in the high half) with the same formula over its 16 columns.
 //!
-//! Rounding model of [`mma`]: each product `a*b` of two bf16 or two f16 values is exact in f32
-//! (at most 22 significant bits, and no underflow), and the 16 products are added onto `d` in
-//! k order, `((d + p0) + p1) + ... + p15`, each add rounded to nearest even in f32. The H100's
-//! adder tree differs from this in the last bits; Lathe's tests compare against an f64 product
-//! with a tolerance, as the probes did.
+//! Rounding model of [`mma`]: each product `p_k = a_k * b_k` is computed in f32 (exact: at most
+//! 22 significant bits, and always in range for f16; for bf16, whose exponent range is f32's,
+//! exact unless it overflows or underflows f32, which takes inputs beyond about 2^+-63), and the
+//! 16 products are added onto `d` in k order, `((d + p0) + p1) + ... + p15`, each add rounded
+//! to nearest even in f32. The H100's adder tree differs from this in the last bits; Lathe's
+//! tests compare against an f64 product with a tolerance, as the probes did.
 
 use super::desc::{Major, MatrixDesc, k_part, mn_part};
 use crate::error::{ErrorKind, SimError};
@@ -307,7 +308,7 @@ fn block<const W: usize>(
     for (k, &aik) in arow.iter().enumerate() {
         let b = &bt[k * nu + c..k * nu + c + W];
         for (x, &y) in acc.iter_mut().zip(b) {
-            // The product is exact in f32, so this is one rounding per add.
+            // The product is exact in f32 (see the module docs): one rounding per add.
             *x += aik * y;
         }
     }
