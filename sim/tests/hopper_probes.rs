@@ -1,7 +1,8 @@
 //! The H100 probe kernels (`docs/probes/wgmma.ptx`, `tma.ptx`) replayed on the simulator's
 //! Hopper functions: each test does to shared memory exactly what the probe kernel does, runs
-//! its four `wgmma.mma_async m64n64k16` steps through `lathe_sim::hopper::wgmma::mma`, and
-//! checks D against an f64 product of the same random bf16 inputs. The probes that ran right on
+//! its four `wgmma.mma_async m64n64k16` steps through `lathe_sim::hopper::wgmma::mma`, stores
+//! the accumulator registers as its epilogue does, and checks the stored D against an f64
+//! product of the same random bf16 inputs. The probes that ran right on
 //! the H100 must come out right here, and `wg_core_lbo1024`, which ran WRONG there, must come
 //! out wrong here too.
 //!
@@ -14,7 +15,7 @@ use half::bf16;
 use lathe_sim::SimError;
 use lathe_sim::hopper::desc::{self, Major};
 use lathe_sim::hopper::tma::load_box;
-use lathe_sim::hopper::wgmma::{ASource, MmaDtype, MmaOp, mma};
+use lathe_sim::hopper::wgmma::{ASource, MmaDtype, MmaOp, mma, scatter_accumulators};
 use lathe_sim::tensor_map::{self, Swizzle, TensorMapDesc, TmaDtype};
 
 const N: usize = 64;
@@ -68,7 +69,7 @@ fn probe_desc(addr: u32, lbo: u64, sbo: u64, swz: u64) -> u64 {
 
 /// The probes' four wgmma steps: D = 0, then for each k16 step one m64n64k16 with scale-d = 1
 /// and both descriptors advanced by `kstep_bytes >> 4` (a raw add on the 64-bit value).
-fn run_wgmma(smem: &[u8], lbo: u64, sbo: u64, swz: u64, kstep_bytes: u64) -> Vec<f32> {
+fn wgmma_steps(smem: &[u8], lbo: u64, sbo: u64, swz: u64, kstep_bytes: u64) -> Vec<f32> {
     let mut da = probe_desc(SA, lbo, sbo, swz);
     let mut db = probe_desc(SB, lbo, sbo, swz);
     let mut d = vec![0f32; 64 * N];
@@ -95,6 +96,39 @@ fn run_wgmma(smem: &[u8], lbo: u64, sbo: u64, swz: u64, kstep_bytes: u64) -> Vec
         db += kstep_bytes >> 4;
     }
     d
+}
+
+/// The probes' epilogue: thread `tid` of the warpgroup holds the accumulators in registers
+/// (`scatter_accumulators`), and stores `{d[i], d[i+1]}` at row `16w + lane/4`, column
+/// `8(i/4) + 2(lane%4)` and `{d[i+2], d[i+3]}` 8 rows below, for i = 0, 4, .., as the probe's
+/// `st.global.v2.f32` do. Returns the 64 x 64 global D (NaN where nothing was stored).
+fn probe_store(d: &[f32]) -> Vec<f32> {
+    let nreg = N / 2;
+    let mut regs = vec![0f32; 128 * nreg];
+    scatter_accumulators(N as u32, d, &mut regs).unwrap();
+    let mut out = vec![f32::NAN; 64 * N];
+    for tid in 0..128 {
+        let (w, lane) = (tid / 32, tid % 32);
+        let (g, t) = (lane / 4, lane % 4);
+        let base = (16 * w + g) * N + 2 * t;
+        let r = &regs[tid * nreg..(tid + 1) * nreg];
+        for i in (0..nreg).step_by(4) {
+            let col8 = i / 4;
+            out[base + col8 * 8] = r[i];
+            out[base + col8 * 8 + 1] = r[i + 1];
+            out[base + 8 * N + col8 * 8] = r[i + 2];
+            out[base + 8 * N + col8 * 8 + 1] = r[i + 3];
+        }
+    }
+    out
+}
+
+/// The probe: its wgmma steps, then its stores from the accumulator registers.
+fn run_wgmma(smem: &[u8], lbo: u64, sbo: u64, swz: u64, kstep_bytes: u64) -> Vec<f32> {
+    let d = wgmma_steps(smem, lbo, sbo, swz, kstep_bytes);
+    let out = probe_store(&d);
+    assert!(out.iter().all(|v| !v.is_nan()), "the stores cover D");
+    out
 }
 
 /// Max |d - ref| and whether every element is within the f32 summation bound.
