@@ -23,6 +23,12 @@
 //!   `mn / T` at SBO, `k % 8` at 16 B, `k / 8` at LBO.
 //! - MN-major, swizzled: rows of `S` bytes along M/N; `mn` contiguous within a row, whole rows
 //!   of M/N (`S / elem_bytes` elements) at LBO, `k % 8` at `S`, `k / 8` at SBO.
+//!
+//! The K-major readings are pinned by the H100 probes; in particular the probe `wg_swz128`
+//! advances the start address by 32 B inside a 128B-swizzled row and reads right, which holds
+//! only if the swizzle acts on the absolute address (start + offset), as modelled here. The
+//! MN-major readings follow the ISA's canonical layouts and worked examples; no probe has run
+//! them on a device yet.
 
 use crate::error::{ErrorKind, SimError};
 use crate::tensor_map::Swizzle;
