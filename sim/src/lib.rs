@@ -9,6 +9,7 @@
 //! - [`tensor_map`]: Lathe's own 128-byte tensor-map encoding for TMA on the simulator.
 
 mod error;
+pub mod hopper;
 mod memory;
 pub mod tensor_map;
 
