@@ -244,83 +244,40 @@ fn entry(c: &mut Cursor, module_shared: &[SharedVar]) -> Result<Kernel, SimError
     if !c.eat('{') {
         return Err(unsupported(line, format!("entry `{name}` without a body")));
     }
-    // Body: declarations, labels, instructions.
-    let mut regs: HashMap<String, u32> = HashMap::new();
-    let mut slot_bits: Vec<u8> = Vec::new();
-    let mut shared: Vec<&SharedVar> = module_shared.iter().collect();
+    // Shared memory layout: static variables first (module scope, then the entry's, found by
+    // a scan of the body), then the dynamic (extern) window.
     let mut local_shared = Vec::new();
-    let mut labels: HashMap<String, u32> = HashMap::new();
-    let mut instrs: Vec<Instr> = Vec::new();
-    loop {
-        let Some(t) = c.peek() else {
-            return Err(parse_err(line, format!("entry `{name}` has no closing `}}`")));
+    {
+        let mut scan = Cursor {
+            toks: c.toks,
+            pos: c.pos,
+            src: c.src,
         };
-        let sl = t.line;
-        match &t.kind {
-            TokKind::Punct('}') => {
-                c.pos += 1;
-                break;
-            }
-            TokKind::Punct('{') => return Err(unsupported(sl, "nested `{ }` scopes")),
-            TokKind::Word(w) if w == ".reg" => {
-                c.pos += 1;
-                let tw = c.word()?;
-                if tw.starts_with(".v") {
-                    return Err(unsupported(sl, "vector registers"));
-                }
-                let ty = tw
-                    .strip_prefix('.')
-                    .and_then(parse_ty)
-                    .ok_or_else(|| unsupported(sl, format!("register type `{tw}`")))?;
-                let bits = match tw {
-                    ".f16x2" | ".bf16x2" => 32,
-                    _ => ty.bits() as u8,
-                };
-                loop {
-                    let rn = c.word()?.to_string();
-                    if c.eat('<') {
-                        let n = parse_int(c.word()?)
-                            .filter(|n| *n <= 1 << 16)
-                            .ok_or_else(|| parse_err(sl, "bad register count"))?;
-                        c.expect('>')?;
-                        for i in 0..n {
-                            declare(&mut regs, &mut slot_bits, format!("{rn}{i}"), bits, sl)?;
-                        }
-                    } else {
-                        declare(&mut regs, &mut slot_bits, rn, bits, sl)?;
-                    }
-                    if c.eat(';') {
+        let mut depth = 1;
+        while let Some(t) = scan.next() {
+            match &t.kind {
+                TokKind::Punct('{') => depth += 1,
+                TokKind::Punct('}') => {
+                    depth -= 1;
+                    if depth == 0 {
                         break;
                     }
-                    c.expect(',')?;
                 }
-            }
-            TokKind::Word(w) if w == ".shared" => {
-                c.pos += 1;
-                local_shared.push(shared_decl(c, false)?);
-            }
-            TokKind::Word(w) if w == ".pragma" => c.skip_statement()?,
-            TokKind::Word(w) if w.starts_with('.') => {
-                return Err(unsupported(sl, format!("`{w}` inside an entry")));
-            }
-            TokKind::Word(w)
-                if matches!(c.toks.get(c.pos + 1), Some(t) if t.kind == TokKind::Punct(':')) =>
-            {
-                if labels.insert(w.clone(), instrs.len() as u32).is_some() {
-                    return Err(parse_err(sl, format!("label `{w}` defined twice")));
+                TokKind::Word(w) if w == ".shared" => {
+                    let prev = scan.toks.get(scan.pos.wrapping_sub(2)).map(|t| &t.kind);
+                    if !matches!(prev, Some(TokKind::Word(p)) if p == ".extern") {
+                        local_shared.push(shared_decl(&mut scan, false)?);
+                    }
                 }
-                c.pos += 2;
+                _ => {}
             }
-            _ => instrs.push(instruction(c)?),
         }
     }
-    // Shared memory layout: static variables first, then the dynamic (extern) window.
-    shared.extend(local_shared.iter());
     let mut shared_syms: HashMap<String, u32> = HashMap::new();
     let mut soff = 0u32;
     let mut dyn_align = 16u32;
     let mut externs = Vec::new();
-    for v in &shared {
+    for v in module_shared.iter().chain(local_shared.iter()) {
         match v.size {
             Some(sz) => {
                 soff = soff.next_multiple_of(v.align);
@@ -339,8 +296,8 @@ fn entry(c: &mut Cursor, module_shared: &[SharedVar]) -> Result<Kernel, SimError
         shared_syms.insert(e, dyn_base);
     }
     let mut ctx = Ctx {
-        regs,
-        slot_bits,
+        regs: HashMap::new(),
+        slot_bits: Vec::new(),
         specials: Vec::new(),
         special_slots: HashMap::new(),
         shared: shared_syms,
@@ -348,16 +305,112 @@ fn entry(c: &mut Cursor, module_shared: &[SharedVar]) -> Result<Kernel, SimError
             .iter()
             .map(|p| (p.name.clone(), p.offset))
             .collect(),
-        labels,
-        ninstrs: instrs.len() as u32,
+        labels: HashMap::new(),
+        fixups: Vec::new(),
+        ninstrs: 0,
         line: 0,
     };
-    let mut insts = Vec::with_capacity(instrs.len() + 1);
-    let mut texts = Vec::with_capacity(instrs.len() + 1);
-    for ins in &instrs {
-        ctx.line = ins.line;
-        insts.push(decode_instr(&mut ctx, ins)?);
-        texts.push(ins.text.clone());
+    // Body: declarations, scopes, labels, instructions. Registers declared in a `{ }` scope
+    // shadow outer ones until the scope closes.
+    let mut scopes: Vec<Vec<(String, Option<u32>)>> = vec![Vec::new()];
+    let mut insts = Vec::new();
+    let mut texts = Vec::new();
+    loop {
+        let Some(t) = c.peek() else {
+            return Err(parse_err(line, format!("entry `{name}` has no closing `}}`")));
+        };
+        let sl = t.line;
+        match &t.kind {
+            TokKind::Punct('}') => {
+                c.pos += 1;
+                let Some(scope) = scopes.pop() else {
+                    return Err(parse_err(sl, "unbalanced `}`"));
+                };
+                for (n, old) in scope.into_iter().rev() {
+                    match old {
+                        Some(s) => ctx.regs.insert(n, s),
+                        None => ctx.regs.remove(&n),
+                    };
+                }
+                if scopes.is_empty() {
+                    break;
+                }
+            }
+            TokKind::Punct('{') => {
+                c.pos += 1;
+                scopes.push(Vec::new());
+            }
+            TokKind::Word(w) if w == ".reg" => {
+                c.pos += 1;
+                let tw = c.word()?;
+                if tw.starts_with(".v") {
+                    return Err(unsupported(sl, "vector registers"));
+                }
+                let ty = tw
+                    .strip_prefix('.')
+                    .and_then(parse_ty)
+                    .ok_or_else(|| unsupported(sl, format!("register type `{tw}`")))?;
+                let bits = match tw {
+                    ".f16x2" | ".bf16x2" => 32,
+                    _ => ty.bits() as u8,
+                };
+                let scope = scopes.last_mut().ok_or_else(|| parse_err(sl, "no scope"))?;
+                loop {
+                    let rn = c.word()?.to_string();
+                    if c.eat('<') {
+                        let n = parse_int(c.word()?)
+                            .filter(|n| *n <= 1 << 16)
+                            .ok_or_else(|| parse_err(sl, "bad register count"))?;
+                        c.expect('>')?;
+                        for i in 0..n {
+                            declare(&mut ctx, scope, format!("{rn}{i}"), bits, sl)?;
+                        }
+                    } else {
+                        declare(&mut ctx, scope, rn, bits, sl)?;
+                    }
+                    if c.eat(';') {
+                        break;
+                    }
+                    c.expect(',')?;
+                }
+            }
+            TokKind::Word(w) if w == ".shared" => {
+                c.pos += 1;
+                shared_decl(c, false)?;
+            }
+            TokKind::Word(w) if w == ".pragma" => c.skip_statement()?,
+            TokKind::Word(w) if w.starts_with('.') => {
+                return Err(unsupported(sl, format!("`{w}` inside an entry")));
+            }
+            TokKind::Word(w)
+                if matches!(c.toks.get(c.pos + 1), Some(t) if t.kind == TokKind::Punct(':')) =>
+            {
+                if ctx.labels.insert(w.clone(), insts.len() as u32).is_some() {
+                    return Err(parse_err(sl, format!("label `{w}` defined twice")));
+                }
+                c.pos += 2;
+            }
+            _ => {
+                let ins = instruction(c)?;
+                ctx.line = ins.line;
+                ctx.ninstrs = insts.len() as u32;
+                insts.push(decode_instr(&mut ctx, &ins)?);
+                texts.push(ins.text);
+            }
+        }
+    }
+    for (at, label, l) in std::mem::take(&mut ctx.fixups) {
+        let t = *ctx
+            .labels
+            .get(&label)
+            .ok_or_else(|| parse_err(l, format!("unknown label `{label}`")))?;
+        if let Some(crate::ir::Inst {
+            op: crate::ir::Op::Bra { target },
+            ..
+        }) = insts.get_mut(at as usize)
+        {
+            *target = t;
+        }
     }
     // Falling off the end of the body returns.
     insts.push(crate::ir::Inst {
@@ -385,8 +438,8 @@ fn entry(c: &mut Cursor, module_shared: &[SharedVar]) -> Result<Kernel, SimError
 }
 
 fn declare(
-    regs: &mut HashMap<String, u32>,
-    bits: &mut Vec<u8>,
+    ctx: &mut Ctx,
+    scope: &mut Vec<(String, Option<u32>)>,
     name: String,
     b: u8,
     line: u32,
@@ -394,11 +447,13 @@ fn declare(
     if !name.starts_with('%') {
         return Err(unsupported(line, format!("register name `{name}` without `%`")));
     }
-    if regs.contains_key(&name) {
+    if scope.iter().any(|(n, _)| *n == name) {
         return Err(parse_err(line, format!("register `{name}` declared twice")));
     }
-    regs.insert(name, bits.len() as u32);
-    bits.push(b);
+    let slot = ctx.slot_bits.len() as u32;
+    ctx.slot_bits.push(b);
+    let old = ctx.regs.insert(name.clone(), slot);
+    scope.push((name, old));
     Ok(())
 }
 

@@ -18,6 +18,9 @@ pub(crate) struct Ctx {
     /// Parameters: name to parameter-buffer offset.
     pub(crate) params: HashMap<String, u32>,
     pub(crate) labels: HashMap<String, u32>,
+    /// Branches to labels not seen yet: (instruction index, label, line).
+    pub(crate) fixups: Vec<(u32, String, u32)>,
+    /// Index of the instruction being decoded.
     pub(crate) ninstrs: u32,
     pub(crate) line: u32,
 }
@@ -368,10 +371,13 @@ pub(crate) fn decode_instr(ctx: &mut Ctx, ins: &Instr) -> R<Inst> {
             let Operand::Name(l) = &ins.operands[0] else {
                 return Err(ctx.perr("branch target must be a label"));
             };
-            let target = *ctx
-                .labels
-                .get(l.as_str())
-                .ok_or_else(|| ctx.perr(format!("unknown label `{l}`")))?;
+            let target = match ctx.labels.get(l.as_str()) {
+                Some(t) => *t,
+                None => {
+                    ctx.fixups.push((ctx.ninstrs, l.clone(), ctx.line));
+                    0
+                }
+            };
             Op::Bra { target }
         }
         "ret" | "exit" => {
@@ -420,9 +426,17 @@ fn arith(ctx: &mut Ctx, ins: &Instr, base: &str, mods: &[&str]) -> R<(Op, Class)
     want(ins, 3)?;
     let tyname = mods.last().copied().unwrap_or("");
     let ty = parse_ty(tyname).ok_or_else(|| ctx.err(format!("`{}`", ins.opcode)))?;
-    let rest = &mods[..mods.len().saturating_sub(1)];
+    let mut rest = &mods[..mods.len().saturating_sub(1)];
     if let Some(ft) = fty(ty) {
-        let op = match base {
+        let nan = rest.first() == Some(&"NaN");
+        if nan {
+            rest = &rest[1..];
+        }
+        let op = match (base, nan) {
+            ("min", true) => FOp::MinNan,
+            ("max", true) => FOp::MaxNan,
+            (_, true) => return Err(ctx.err(format!("`{}`", ins.opcode))),
+            _ => match base {
             "add" => FOp::Add,
             "sub" => FOp::Sub,
             "mul" => FOp::Mul,
@@ -430,6 +444,7 @@ fn arith(ctx: &mut Ctx, ins: &Instr, base: &str, mods: &[&str]) -> R<(Op, Class)
             "min" => FOp::Min,
             "max" => FOp::Max,
             _ => return Err(ctx.err(format!("`{}`", ins.opcode))),
+            },
         };
         if op == FOp::Div && ft == FTy::F32 && !rest.iter().any(|m| matches!(*m, "rn" | "approx" | "full")) {
             return Err(ctx.err("`div.f32` needs `.rn`, `.approx` or `.full`"));

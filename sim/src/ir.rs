@@ -61,6 +61,9 @@ pub(crate) enum FOp {
     Div,
     Min,
     Max,
+    /// `min.NaN` / `max.NaN`: a NaN operand gives the canonical NaN.
+    MinNan,
+    MaxNan,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -380,7 +383,6 @@ pub(crate) enum Op {
     },
     Exit,
     Trap,
-    Nop,
     /// `bar.sync` / `barrier.sync` / `bar.arrive`.
     Bar {
         id: Src,

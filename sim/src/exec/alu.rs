@@ -277,6 +277,13 @@ pub(crate) fn fbin(op: FOp, ty: FTy, ftz: bool, sat: bool, a: &Lanes, b: &Lanes)
                         let (v, _) = fminmax(p, q, p.is_nan(), q.is_nan(), p.to_bits() == 0x8000_0000, op == FOp::Max);
                         v
                     }
+                    FOp::MinNan | FOp::MaxNan => {
+                        if p.is_nan() || q.is_nan() {
+                            f32::from_bits(0x7fff_ffff)
+                        } else {
+                            fminmax(p, q, false, false, p.to_bits() == 0x8000_0000, op == FOp::MaxNan).0
+                        }
+                    }
                 };
                 if ftz {
                     r = ftz32(r);
@@ -297,6 +304,13 @@ pub(crate) fn fbin(op: FOp, ty: FTy, ftz: bool, sat: bool, a: &Lanes, b: &Lanes)
                 FOp::Div => p / q,
                 FOp::Min | FOp::Max => {
                     fminmax(p, q, p.is_nan(), q.is_nan(), p.to_bits() == 1 << 63, op == FOp::Max).0
+                }
+                FOp::MinNan | FOp::MaxNan => {
+                    if p.is_nan() || q.is_nan() {
+                        f64::from_bits(0x7fff_ffff_ffff_ffff)
+                    } else {
+                        fminmax(p, q, false, false, p.to_bits() == 1 << 63, op == FOp::MaxNan).0
+                    }
                 }
             };
             r.to_bits()

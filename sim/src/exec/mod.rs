@@ -7,6 +7,7 @@
 //! An instruction runs for all active lanes of a warp in one loop over 32 register lanes.
 
 mod alu;
+mod cvt;
 mod block;
 mod mem;
 mod smem;
