@@ -4,7 +4,7 @@
 use crate::decode_inst::{decode_instr, Ctx};
 use crate::error::{ErrorKind, SimError};
 use crate::ir::{Kernel, ParamDecl, Program, Special, Ty};
-use crate::parse::{instruction, parse_err, parse_int, tokenize, Cursor, Instr, TokKind};
+use crate::parse::{instruction, parse_err, parse_int, tokenize, Cursor, TokKind};
 use std::collections::HashMap;
 
 pub(crate) fn unsupported(line: u32, msg: impl Into<String>) -> SimError {
