@@ -139,24 +139,30 @@ impl Smem {
     /// first hazard and the byte it is at.
     #[inline]
     pub(crate) fn check(&self, cl: &Clocks, off: usize, len: usize, tid: u16, w: usize, write: bool) -> Option<(Hazard, usize)> {
+        // Consecutive bytes usually share one record: check each distinct record once.
+        let (mut last_w, mut last_r) = (u64::MAX, u64::MAX);
         for b in off..off + len {
             if self.npending > 0 && self.pending[b] > 0 {
                 return Some((Hazard::Pending, b));
             }
             let r = self.wr[b];
-            if r == 0 {
-                if !write {
-                    return Some((Hazard::Uninit, b));
-                }
-            } else {
-                let (t, e) = (r as u16, (r >> 16) as u32);
-                if !cl.ordered(t, e, tid, w) {
-                    return Some((Hazard::Race { tid: t, write: true }, b));
+            if r != last_w {
+                last_w = r;
+                if r == 0 {
+                    if !write {
+                        return Some((Hazard::Uninit, b));
+                    }
+                } else {
+                    let (t, e) = (r as u16, (r >> 16) as u32);
+                    if !cl.ordered(t, e, tid, w) {
+                        return Some((Hazard::Race { tid: t, write: true }, b));
+                    }
                 }
             }
             if write {
                 let r = self.rd[b];
-                if r != 0 {
+                if r != 0 && r != last_r {
+                    last_r = r;
                     let (t, e) = (r as u16, (r >> 16) as u32);
                     if !cl.ordered(t, e, tid, w) {
                         return Some((Hazard::Race { tid: t, write: false }, b));
@@ -206,24 +212,31 @@ pub(crate) fn bank_conflicts(exec: u32, offs: &[u64; 32], len: u32) -> u64 {
     };
     let mut extra = 0u64;
     for p in 0..(32 / per) {
-        let mut words: Vec<u64> = Vec::with_capacity(per * 4);
+        // Aligned accesses of at most 16 bytes: at most 32 words per phase.
+        let mut words = [0u64; 64];
+        let mut n = 0;
         for l in p * per..(p + 1) * per {
             if exec >> l & 1 == 0 {
                 continue;
             }
             let a = offs[l];
             for wd in (a >> 2)..=((a + len.max(1) as u64 - 1) >> 2) {
-                words.push(wd);
+                if n < words.len() {
+                    words[n] = wd;
+                    n += 1;
+                }
             }
         }
-        if words.is_empty() {
+        if n == 0 {
             continue;
         }
+        let words = &mut words[..n];
         words.sort_unstable();
-        words.dedup();
         let mut per_bank = [0u32; 32];
-        for wd in &words {
-            per_bank[(wd % 32) as usize] += 1;
+        for i in 0..n {
+            if i == 0 || words[i] != words[i - 1] {
+                per_bank[(words[i] % 32) as usize] += 1;
+            }
         }
         let wave = per_bank.iter().copied().max().unwrap_or(1) as u64;
         extra += wave.saturating_sub(1);

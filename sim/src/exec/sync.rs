@@ -3,7 +3,7 @@
 use super::block::{Block, Flow, WState};
 use crate::error::{ErrorKind, SimError};
 use crate::ir::*;
-use half::{bf16, f16};
+use half::f16;
 
 type R<T> = Result<T, SimError>;
 
@@ -194,9 +194,10 @@ impl<'a> Block<'a> {
 
     fn mma(&mut self, wi: usize, k: usize, bf: bool, d: &[Slot; 4], a: &[Slot], b: &[Slot], c: &[Src; 4]) {
         let w = &self.warps[wi];
+        // bf16 widens by a shift; f16 through half. Both are exact in f64.
         let cvt = |x: u64| -> f64 {
             if bf {
-                bf16::from_bits(x as u16).to_f64()
+                f32::from_bits((x as u32 & 0xffff) << 16) as f64
             } else {
                 f16::from_bits(x as u16).to_f64()
             }
@@ -204,6 +205,7 @@ impl<'a> Block<'a> {
         // A: 16 x k (row-major fragments), B: k x 8, C/D: 16 x 8.
         let mut am = [[0f64; 16]; 16];
         let mut bm = [[0f64; 8]; 16];
+        let mut dm = [[0f64; 8]; 16];
         for lane in 0..32 {
             let (g, t) = (lane / 4, lane % 4);
             for (r, s) in a.iter().enumerate() {
@@ -219,21 +221,29 @@ impl<'a> Block<'a> {
                 bm[kk][g] = cvt(v);
                 bm[kk + 1][g] = cvt(v >> 16);
             }
+            for (i, s) in c.iter().enumerate() {
+                let v = match s {
+                    Src::Reg(r) => w.lanes(*r)[lane],
+                    Src::Imm(x) => *x,
+                };
+                dm[g + 8 * (i / 2)][2 * t + (i % 2)] = f32::from_bits(v as u32) as f64;
+            }
         }
-        let cv: Vec<[u64; 32]> = c.iter().map(|s| w.get(*s)).collect();
+        // Products of f16/bf16 values are exact in f64 and the k-term sum rounds far below
+        // f32 precision; one final rounding to f32.
+        for (row, arow) in dm.iter_mut().zip(am.iter()) {
+            for (kk, brow) in bm.iter().enumerate().take(k) {
+                let x = arow[kk];
+                for j in 0..8 {
+                    row[j] += x * brow[j];
+                }
+            }
+        }
         let mut out = [[0u64; 32]; 4];
         for lane in 0..32 {
             let (g, t) = (lane / 4, lane % 4);
             for (i, o) in out.iter_mut().enumerate() {
-                let row = g + 8 * (i / 2);
-                let col = 2 * t + (i % 2);
-                // Products of f16/bf16 values are exact in f64 and the k-term sum rounds far
-                // below f32 precision; one final rounding to f32.
-                let mut s = f32::from_bits(cv[i][lane] as u32) as f64;
-                for kk in 0..k {
-                    s += am[row][kk] * bm[kk][col];
-                }
-                o[lane] = (s as f32).to_bits() as u64;
+                o[lane] = (dm[g + 8 * (i / 2)][2 * t + (i % 2)] as f32).to_bits() as u64;
             }
         }
         let w = &mut self.warps[wi];
