@@ -1,10 +1,10 @@
 //! Statements to the decoded program: module directives, entries, parameters, register and
 //! shared-memory declarations, labels. Instructions are decoded in [`crate::decode_inst`].
 
-use crate::decode_inst::{decode_instr, Ctx};
+use crate::decode_inst::{Ctx, decode_instr};
 use crate::error::{ErrorKind, SimError};
 use crate::ir::{Kernel, ParamDecl, Program, Special, Ty};
-use crate::parse::{instruction, parse_err, parse_int, tokenize, Cursor, TokKind};
+use crate::parse::{Cursor, TokKind, instruction, parse_err, parse_int, tokenize};
 use std::collections::HashMap;
 
 pub(crate) fn unsupported(line: u32, msg: impl Into<String>) -> SimError {
@@ -301,10 +301,7 @@ fn entry(c: &mut Cursor, module_shared: &[SharedVar]) -> Result<Kernel, SimError
         specials: Vec::new(),
         special_slots: HashMap::new(),
         shared: shared_syms,
-        params: params
-            .iter()
-            .map(|p| (p.name.clone(), p.offset))
-            .collect(),
+        params: params.iter().map(|p| (p.name.clone(), p.offset)).collect(),
         labels: HashMap::new(),
         fixups: Vec::new(),
         ninstrs: 0,
@@ -317,7 +314,10 @@ fn entry(c: &mut Cursor, module_shared: &[SharedVar]) -> Result<Kernel, SimError
     let mut texts = Vec::new();
     loop {
         let Some(t) = c.peek() else {
-            return Err(parse_err(line, format!("entry `{name}` has no closing `}}`")));
+            return Err(parse_err(
+                line,
+                format!("entry `{name}` has no closing `}}`"),
+            ));
         };
         let sl = t.line;
         match &t.kind {
@@ -382,8 +382,7 @@ fn entry(c: &mut Cursor, module_shared: &[SharedVar]) -> Result<Kernel, SimError
             TokKind::Word(w) if w.starts_with('.') => {
                 return Err(unsupported(sl, format!("`{w}` inside an entry")));
             }
-            TokKind::Word(w)
-                if matches!(c.toks.get(c.pos + 1), Some(t) if t.kind == TokKind::Punct(':')) =>
+            TokKind::Word(w) if matches!(c.toks.get(c.pos + 1), Some(t) if t.kind == TokKind::Punct(':')) =>
             {
                 if ctx.labels.insert(w.clone(), insts.len() as u32).is_some() {
                     return Err(parse_err(sl, format!("label `{w}` defined twice")));
@@ -445,7 +444,10 @@ fn declare(
     line: u32,
 ) -> Result<(), SimError> {
     if !name.starts_with('%') {
-        return Err(unsupported(line, format!("register name `{name}` without `%`")));
+        return Err(unsupported(
+            line,
+            format!("register name `{name}` without `%`"),
+        ));
     }
     if scope.iter().any(|(n, _)| *n == name) {
         return Err(parse_err(line, format!("register `{name}` declared twice")));

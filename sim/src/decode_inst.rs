@@ -4,7 +4,7 @@
 use crate::decode::{parse_ty, special, unsupported};
 use crate::error::SimError;
 use crate::ir::*;
-use crate::parse::{parse_err, parse_float, parse_int, Instr, Operand};
+use crate::parse::{Instr, Operand, parse_err, parse_float, parse_int};
 use std::collections::HashMap;
 
 /// Per-entry symbol tables used while decoding its instructions.
@@ -110,11 +110,7 @@ impl Ctx {
                     parse_int(w).ok_or_else(bad)?
                 };
                 let b = t.bits();
-                if b < 64 {
-                    v & ((1u64 << b) - 1)
-                } else {
-                    v
-                }
+                if b < 64 { v & ((1u64 << b) - 1) } else { v }
             }
         })
     }
@@ -230,7 +226,7 @@ fn fmods(ctx: &Ctx, mods: &[&str], allow_approx: bool) -> R<FMods> {
             "sat" => f.sat = true,
             "approx" | "full" if allow_approx => {}
             "rz" | "rm" | "rp" => {
-                return Err(ctx.err(format!("float arithmetic rounding `.{m}` (only `.rn`)")))
+                return Err(ctx.err(format!("float arithmetic rounding `.{m}` (only `.rn`)")));
             }
             _ => return Err(ctx.err(format!("modifier `.{m}`"))),
         }
@@ -242,9 +238,7 @@ fn class_of(base: &str) -> Class {
     match base {
         "bra" | "ret" | "exit" | "trap" => Class::Control,
         "cvt" | "cvta" => Class::Convert,
-        "bar" | "barrier" | "shfl" | "mbarrier" | "fence" | "membar" | "setmaxnreg" => {
-            Class::Sync
-        }
+        "bar" | "barrier" | "shfl" | "mbarrier" | "fence" | "membar" | "setmaxnreg" => Class::Sync,
         "mma" | "ldmatrix" | "wgmma" => Class::Tensor,
         "cp" => Class::AsyncCopy,
         _ => Class::Int,
@@ -297,7 +291,7 @@ pub(crate) fn decode_instr(ctx: &mut Ctx, ins: &Instr) -> R<Inst> {
                 _ => FUnOp::Tanh,
             };
             let needs_approx = !matches!(op, FUnOp::Rcp | FUnOp::Sqrt);
-            if f.sat || (needs_approx && !approx) || (!needs_approx && !approx && !mods.contains(&"rn")) {
+            if f.sat || (!approx && (needs_approx || !mods.contains(&"rn"))) {
                 return Err(ctx.err(format!("`{}`", ins.opcode)));
             }
             class = if approx { Class::Sfu } else { Class::Fp };
@@ -437,16 +431,19 @@ fn arith(ctx: &mut Ctx, ins: &Instr, base: &str, mods: &[&str]) -> R<(Op, Class)
             ("max", true) => FOp::MaxNan,
             (_, true) => return Err(ctx.err(format!("`{}`", ins.opcode))),
             _ => match base {
-            "add" => FOp::Add,
-            "sub" => FOp::Sub,
-            "mul" => FOp::Mul,
-            "div" => FOp::Div,
-            "min" => FOp::Min,
-            "max" => FOp::Max,
-            _ => return Err(ctx.err(format!("`{}`", ins.opcode))),
+                "add" => FOp::Add,
+                "sub" => FOp::Sub,
+                "mul" => FOp::Mul,
+                "div" => FOp::Div,
+                "min" => FOp::Min,
+                "max" => FOp::Max,
+                _ => return Err(ctx.err(format!("`{}`", ins.opcode))),
             },
         };
-        if op == FOp::Div && ft == FTy::F32 && !rest.iter().any(|m| matches!(*m, "rn" | "approx" | "full")) {
+        if op == FOp::Div
+            && ft == FTy::F32
+            && !rest.iter().any(|m| matches!(*m, "rn" | "approx" | "full"))
+        {
             return Err(ctx.err("`div.f32` needs `.rn`, `.approx` or `.full`"));
         }
         let f = fmods(ctx, rest, op == FOp::Div)?;
@@ -525,7 +522,12 @@ fn arith(ctx: &mut Ctx, ins: &Instr, base: &str, mods: &[&str]) -> R<(Op, Class)
         ("shr", []) => IntOp::Shr,
         _ => return Err(ctx.err(format!("`{}`", ins.opcode))),
     };
-    if is_bit && !matches!(op, IntOp::And | IntOp::Or | IntOp::Xor | IntOp::Shl | IntOp::Shr) {
+    if is_bit
+        && !matches!(
+            op,
+            IntOp::And | IntOp::Or | IntOp::Xor | IntOp::Shl | IntOp::Shr
+        )
+    {
         return Err(ctx.err(format!("`{}` on a bit type", ins.opcode)));
     }
     if bits == 8 {
@@ -802,4 +804,3 @@ fn mov(ctx: &mut Ctx, ins: &Instr, mods: &[&str]) -> R<Op> {
         }),
     }
 }
-

@@ -4,7 +4,7 @@ use crate::decode::parse_ty;
 use crate::decode_inst::Ctx;
 use crate::error::SimError;
 use crate::ir::*;
-use crate::parse::{parse_err, Instr, Operand};
+use crate::parse::{Instr, Operand, parse_err};
 
 type R<T> = Result<T, SimError>;
 
@@ -39,8 +39,12 @@ pub(crate) fn cvt(ctx: &mut Ctx, ins: &Instr, mods: &[&str]) -> R<Op> {
     if ins.operands.len() != 2 {
         return Err(parse_err(ins.line, "`cvt` takes 2 operands"));
     }
-    let dty = parse_ty(dname).filter(|t| *t != Ty::Pred).ok_or_else(|| bad(ctx, ins))?;
-    let sty = parse_ty(sname).filter(|t| *t != Ty::Pred).ok_or_else(|| bad(ctx, ins))?;
+    let dty = parse_ty(dname)
+        .filter(|t| *t != Ty::Pred)
+        .ok_or_else(|| bad(ctx, ins))?;
+    let sty = parse_ty(sname)
+        .filter(|t| *t != Ty::Pred)
+        .ok_or_else(|| bad(ctx, ins))?;
     let mut rnd = None;
     let mut int_rnd = false;
     let mut sat = false;
@@ -71,10 +75,16 @@ pub(crate) fn cvt(ctx: &mut Ctx, ins: &Instr, mods: &[&str]) -> R<Op> {
     let needs_frnd = (df && !sf) || narrowing_float;
     let needs_irnd = !df && sf;
     if needs_frnd && (rnd.is_none() || int_rnd) {
-        return Err(parse_err(ins.line, format!("`{}` needs a rounding mode", ins.opcode)));
+        return Err(parse_err(
+            ins.line,
+            format!("`{}` needs a rounding mode", ins.opcode),
+        ));
     }
     if needs_irnd && !int_rnd {
-        return Err(parse_err(ins.line, format!("`{}` needs `.rni/.rzi/.rmi/.rpi`", ins.opcode)));
+        return Err(parse_err(
+            ins.line,
+            format!("`{}` needs `.rni/.rzi/.rmi/.rpi`", ins.opcode),
+        ));
     }
     if df && sf && dty.bits() == sty.bits() && dty != sty {
         return Err(bad(ctx, ins));
@@ -165,7 +175,10 @@ pub(crate) fn ld_st(ctx: &mut Ctx, ins: &Instr, base: &str, mods: &[&str]) -> R<
         return Err(bad(ctx, ins));
     }
     if ins.operands.len() != 2 {
-        return Err(parse_err(ins.line, format!("`{}` takes 2 operands", ins.opcode)));
+        return Err(parse_err(
+            ins.line,
+            format!("`{}` takes 2 operands", ins.opcode),
+        ));
     }
     let class = match space {
         Space::Global | Space::Generic => Class::GlobalMem,
@@ -207,8 +220,7 @@ pub(crate) fn ld_st(ctx: &mut Ctx, ins: &Instr, base: &str, mods: &[&str]) -> R<
                 .collect::<R<Vec<_>>>()?,
             o => vec![ctx_src(ctx, o, ty)?],
         };
-        if vals.len() != vec as usize || (vec > 1) != matches!(ins.operands[1], Operand::Vec(_))
-        {
+        if vals.len() != vec as usize || (vec > 1) != matches!(ins.operands[1], Operand::Vec(_)) {
             return Err(parse_err(ins.line, "vector width and register list differ"));
         }
         Ok((

@@ -4,7 +4,7 @@ use crate::decode::unsupported;
 use crate::decode_inst::Ctx;
 use crate::error::SimError;
 use crate::ir::*;
-use crate::parse::{parse_err, parse_int, Instr, Operand};
+use crate::parse::{Instr, Operand, parse_err, parse_int};
 
 type R<T> = Result<T, SimError>;
 
@@ -18,7 +18,11 @@ fn nops(ins: &Instr, n: usize) -> R<()> {
     } else {
         Err(parse_err(
             ins.line,
-            format!("`{}` takes {n} operands, found {}", ins.opcode, ins.operands.len()),
+            format!(
+                "`{}` takes {n} operands, found {}",
+                ins.opcode,
+                ins.operands.len()
+            ),
         ))
     }
 }
@@ -26,7 +30,10 @@ fn nops(ins: &Instr, n: usize) -> R<()> {
 fn regs(ctx: &mut Ctx, o: &Operand, n: usize, ins: &Instr) -> R<Vec<Slot>> {
     let v = ctx.dst_list(o)?;
     if v.len() != n || v.iter().any(|x| x.is_none()) {
-        return Err(parse_err(ins.line, format!("expected {n} registers in `{{..}}`")));
+        return Err(parse_err(
+            ins.line,
+            format!("expected {n} registers in `{{..}}`"),
+        ));
     }
     Ok(v.into_iter().flatten().collect())
 }
@@ -60,8 +67,14 @@ pub(crate) fn decode_sync(ctx: &mut Ctx, ins: &Instr, base: &str, mods: &[&str])
             if !aligned {
                 return Err(unsupported(ins.line, "non-aligned `barrier.sync`"));
             }
-            if ins.operands.is_empty() || ins.operands.len() > 2 || (arrive && ins.operands.len() != 2) {
-                return Err(parse_err(ins.line, format!("`{}`: wrong operand count", ins.opcode)));
+            if ins.operands.is_empty()
+                || ins.operands.len() > 2
+                || (arrive && ins.operands.len() != 2)
+            {
+                return Err(parse_err(
+                    ins.line,
+                    format!("`{}`: wrong operand count", ins.opcode),
+                ));
             }
             let id = ctx.src(&ins.operands[0], u32t)?;
             let count = match ins.operands.get(1) {
@@ -197,7 +210,10 @@ pub(crate) fn decode_sync(ctx: &mut Ctx, ins: &Instr, base: &str, mods: &[&str])
             .ok_or_else(|| parse_err(ins.line, "setmaxnreg takes a multiple of 8 in 24..=256"))?;
             Ok((Op::Setmaxnreg { inc, n }, true))
         }
-        _ => Err(unsupported(ins.line, format!("instruction `{}`", ins.opcode))),
+        _ => Err(unsupported(
+            ins.line,
+            format!("instruction `{}`", ins.opcode),
+        )),
     }
 }
 
@@ -229,7 +245,10 @@ fn cp(ctx: &mut Ctx, ins: &Instr, mods: &[&str]) -> R<(Op, bool)> {
             if rest.iter().any(|m| !m.starts_with("L2::")) || rest.len() > 1 {
                 return Err(bad(ins));
             }
-            if rest.first().is_some_and(|m| !matches!(*m, "L2::64B" | "L2::128B" | "L2::256B")) {
+            if rest
+                .first()
+                .is_some_and(|m| !matches!(*m, "L2::64B" | "L2::128B" | "L2::256B"))
+            {
                 return Err(bad(ins));
             }
             if ins.operands.len() < 3 || ins.operands.len() > 4 {
@@ -324,7 +343,10 @@ fn mbarrier(ctx: &mut Ctx, ins: &Instr, mods: &[&str]) -> R<Op> {
         }
         MbarOp::Arrive | MbarOp::ArriveExpectTx => {
             if o.len() < 2 || o.len() > 3 || (op == MbarOp::ArriveExpectTx && o.len() != 3) {
-                return Err(parse_err(ins.line, format!("`{}`: wrong operand count", ins.opcode)));
+                return Err(parse_err(
+                    ins.line,
+                    format!("`{}`: wrong operand count", ins.opcode),
+                ));
             }
             Op::Mbar {
                 op,

@@ -12,7 +12,7 @@
 
 use crate::error::{ErrorKind, SimError};
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU32, AtomicU8, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU8, AtomicU32, Ordering::Relaxed};
 use std::sync::{Arc, RwLock};
 
 /// The first device address handed out (non-zero, so a null pointer is never valid).
@@ -46,8 +46,8 @@ impl Allocation {
         if n >= 4 {
             let k = (n / 4) as usize;
             let mut ok = true;
-            for i in 0..k {
-                out[i] = self.words[w + i].load(Relaxed);
+            for (i, o) in out.iter_mut().enumerate().take(k) {
+                *o = self.words[w + i].load(Relaxed);
                 ok &= self.shadow[w + i].load(Relaxed) == 0xf;
             }
             ok
@@ -168,9 +168,7 @@ impl Memory {
             return Err(bad(ErrorKind::BadAddress, "allocation of 0 bytes".into()));
         }
         let mut s = self.write_state();
-        let rounded = bytes
-            .checked_next_multiple_of(ALIGN)
-            .unwrap_or(u64::MAX);
+        let rounded = bytes.checked_next_multiple_of(ALIGN).unwrap_or(u64::MAX);
         if s.used.saturating_add(rounded) > self.total {
             return Err(bad(
                 ErrorKind::OutOfMemory,

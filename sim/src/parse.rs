@@ -104,7 +104,10 @@ pub(crate) fn tokenize(src: &str) -> Result<Vec<Tok>, SimError> {
         } else {
             return Err(parse_err(
                 line,
-                format!("unexpected character `{}`", src[i..].chars().next().unwrap_or('?')),
+                format!(
+                    "unexpected character `{}`",
+                    src[i..].chars().next().unwrap_or('?')
+                ),
             ));
         }
     }
@@ -253,9 +256,7 @@ fn operand(c: &mut Cursor) -> Result<Operand, SimError> {
         let mut coords = Vec::new();
         let mut first = true;
         loop {
-            let neg = if first {
-                c.eat('-')
-            } else if c.eat('+') {
+            let neg = if first || c.eat('+') {
                 c.eat('-')
             } else if c.eat('-') {
                 true
@@ -270,7 +271,10 @@ fn operand(c: &mut Cursor) -> Result<Operand, SimError> {
             } else if base.is_none() && !neg {
                 base = Some(w.to_string());
             } else {
-                return Err(parse_err(line, "an address has at most one register or symbol"));
+                return Err(parse_err(
+                    line,
+                    "an address has at most one register or symbol",
+                ));
             }
             first = false;
         }

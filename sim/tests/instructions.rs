@@ -1,6 +1,15 @@
 //! Instruction families on one warp against Rust-computed expectations. Inputs are random
 //! (never zero unless a lane is chosen to test a special case); outputs start as NaN bits.
 
+// Lane-indexed loops and the comparison table mirror the ISA's wording (lane l, `!(a >= b)`
+// for the unordered forms), which reads better here than iterator chains.
+#![allow(
+    clippy::type_complexity,
+    clippy::neg_cmp_op_on_partial_ord,
+    clippy::needless_range_loop,
+    clippy::nonminimal_bool
+)]
+
 mod common;
 use common::*;
 use half::{bf16, f16};
@@ -36,7 +45,9 @@ ret;
 "
     );
     let sim = sim();
-    let m = sim.load_module(&ptx).unwrap_or_else(|e| panic!("{e}\n{body}"));
+    let m = sim
+        .load_module(&ptx)
+        .unwrap_or_else(|e| panic!("{e}\n{body}"));
     let mut words = vec![0u32; 96];
     for (l, i) in inputs.iter().enumerate() {
         words[l] = i[0];
@@ -57,7 +68,9 @@ ret;
     )
     .unwrap_or_else(|e| panic!("{e}\n{body}"));
     let w = download_u32(&sim, pb, 64);
-    (0..32).map(|l| w[2 * l] as u64 | (w[2 * l + 1] as u64) << 32).collect()
+    (0..32)
+        .map(|l| w[2 * l] as u64 | (w[2 * l + 1] as u64) << 32)
+        .collect()
 }
 
 fn ints(seed: u64) -> [[u32; 3]; 32] {
@@ -80,7 +93,11 @@ fn ints(seed: u64) -> [[u32; 3]; 32] {
 fn check(body: &str, inputs: &[[u32; 3]; 32], f: impl Fn(u32, u32, u32) -> u64) {
     let got = run(body, inputs);
     for (l, i) in inputs.iter().enumerate() {
-        assert_eq!(got[l], f(i[0], i[1], i[2]), "lane {l} inputs {i:x?}\n{body}");
+        assert_eq!(
+            got[l],
+            f(i[0], i[1], i[2]),
+            "lane {l} inputs {i:x?}\n{body}"
+        );
     }
 }
 
@@ -92,38 +109,103 @@ fn u(v: u32) -> u64 {
 fn integer_arithmetic_32() {
     let x = ints(1);
     let cases: Vec<(&str, Box<dyn Fn(u32, u32, u32) -> u64>)> = vec![
-        ("add.u32 %r10, %r2, %r3;", Box::new(|a, b, _| u(a.wrapping_add(b)))),
-        ("sub.s32 %r10, %r2, %r3;", Box::new(|a, b, _| u(a.wrapping_sub(b)))),
-        ("add.sat.s32 %r10, %r2, %r3;", Box::new(|a, b, _| u((a as i32).saturating_add(b as i32) as u32))),
-        ("sub.sat.s32 %r10, %r2, %r3;", Box::new(|a, b, _| u((a as i32).saturating_sub(b as i32) as u32))),
-        ("mul.lo.u32 %r10, %r2, %r3;", Box::new(|a, b, _| u(a.wrapping_mul(b)))),
-        ("mul.hi.u32 %r10, %r2, %r3;", Box::new(|a, b, _| (a as u64 * b as u64) >> 32)),
-        ("mul.hi.s32 %r10, %r2, %r3;", Box::new(|a, b, _| u(((a as i32 as i64 * b as i32 as i64) >> 32) as u32))),
-        ("mad.lo.u32 %r10, %r2, %r3, %r4;", Box::new(|a, b, c| u(a.wrapping_mul(b).wrapping_add(c)))),
-        ("mad.hi.s32 %r10, %r2, %r3, %r4;", Box::new(|a, b, c| u((((a as i32 as i64 * b as i32 as i64) >> 32) as u32).wrapping_add(c)))),
+        (
+            "add.u32 %r10, %r2, %r3;",
+            Box::new(|a, b, _| u(a.wrapping_add(b))),
+        ),
+        (
+            "sub.s32 %r10, %r2, %r3;",
+            Box::new(|a, b, _| u(a.wrapping_sub(b))),
+        ),
+        (
+            "add.sat.s32 %r10, %r2, %r3;",
+            Box::new(|a, b, _| u((a as i32).saturating_add(b as i32) as u32)),
+        ),
+        (
+            "sub.sat.s32 %r10, %r2, %r3;",
+            Box::new(|a, b, _| u((a as i32).saturating_sub(b as i32) as u32)),
+        ),
+        (
+            "mul.lo.u32 %r10, %r2, %r3;",
+            Box::new(|a, b, _| u(a.wrapping_mul(b))),
+        ),
+        (
+            "mul.hi.u32 %r10, %r2, %r3;",
+            Box::new(|a, b, _| (a as u64 * b as u64) >> 32),
+        ),
+        (
+            "mul.hi.s32 %r10, %r2, %r3;",
+            Box::new(|a, b, _| u(((a as i32 as i64 * b as i32 as i64) >> 32) as u32)),
+        ),
+        (
+            "mad.lo.u32 %r10, %r2, %r3, %r4;",
+            Box::new(|a, b, c| u(a.wrapping_mul(b).wrapping_add(c))),
+        ),
+        (
+            "mad.hi.s32 %r10, %r2, %r3, %r4;",
+            Box::new(|a, b, c| {
+                u((((a as i32 as i64 * b as i32 as i64) >> 32) as u32).wrapping_add(c))
+            }),
+        ),
         ("div.u32 %r10, %r2, %r3;", Box::new(|a, b, _| u(a / b))),
         ("rem.u32 %r10, %r2, %r3;", Box::new(|a, b, _| u(a % b))),
-        ("div.s32 %r10, %r2, %r3;", Box::new(|a, b, _| u((a as i32).wrapping_div(b as i32) as u32))),
-        ("rem.s32 %r10, %r2, %r3;", Box::new(|a, b, _| u((a as i32).wrapping_rem(b as i32) as u32))),
-        ("min.s32 %r10, %r2, %r3;", Box::new(|a, b, _| u((a as i32).min(b as i32) as u32))),
-        ("max.s32 %r10, %r2, %r3;", Box::new(|a, b, _| u((a as i32).max(b as i32) as u32))),
+        (
+            "div.s32 %r10, %r2, %r3;",
+            Box::new(|a, b, _| u((a as i32).wrapping_div(b as i32) as u32)),
+        ),
+        (
+            "rem.s32 %r10, %r2, %r3;",
+            Box::new(|a, b, _| u((a as i32).wrapping_rem(b as i32) as u32)),
+        ),
+        (
+            "min.s32 %r10, %r2, %r3;",
+            Box::new(|a, b, _| u((a as i32).min(b as i32) as u32)),
+        ),
+        (
+            "max.s32 %r10, %r2, %r3;",
+            Box::new(|a, b, _| u((a as i32).max(b as i32) as u32)),
+        ),
         ("min.u32 %r10, %r2, %r3;", Box::new(|a, b, _| u(a.min(b)))),
         ("max.u32 %r10, %r2, %r3;", Box::new(|a, b, _| u(a.max(b)))),
         ("and.b32 %r10, %r2, %r3;", Box::new(|a, b, _| u(a & b))),
         ("or.b32 %r10, %r2, %r3;", Box::new(|a, b, _| u(a | b))),
         ("xor.b32 %r10, %r2, %r3;", Box::new(|a, b, _| u(a ^ b))),
         ("not.b32 %r10, %r2;", Box::new(|a, _, _| u(!a))),
-        ("neg.s32 %r10, %r2;", Box::new(|a, _, _| u(a.wrapping_neg()))),
-        ("abs.s32 %r10, %r2;", Box::new(|a, _, _| u((a as i32).wrapping_abs() as u32))),
+        (
+            "neg.s32 %r10, %r2;",
+            Box::new(|a, _, _| u(a.wrapping_neg())),
+        ),
+        (
+            "abs.s32 %r10, %r2;",
+            Box::new(|a, _, _| u((a as i32).wrapping_abs() as u32)),
+        ),
         ("popc.b32 %r10, %r2;", Box::new(|a, _, _| u(a.count_ones()))),
-        ("clz.b32 %r10, %r2;", Box::new(|a, _, _| u(a.leading_zeros()))),
-        ("brev.b32 %r10, %r2;", Box::new(|a, _, _| u(a.reverse_bits()))),
+        (
+            "clz.b32 %r10, %r2;",
+            Box::new(|a, _, _| u(a.leading_zeros())),
+        ),
+        (
+            "brev.b32 %r10, %r2;",
+            Box::new(|a, _, _| u(a.reverse_bits())),
+        ),
         // Shift amounts past the width clamp.
-        ("shl.b32 %r10, %r2, %r3;", Box::new(|a, b, _| u(if b >= 32 { 0 } else { a << b }))),
-        ("shr.u32 %r10, %r2, %r3;", Box::new(|a, b, _| u(if b >= 32 { 0 } else { a >> b }))),
-        ("shr.s32 %r10, %r2, %r3;", Box::new(|a, b, _| u(((a as i32) >> b.min(31)) as u32))),
+        (
+            "shl.b32 %r10, %r2, %r3;",
+            Box::new(|a, b, _| u(if b >= 32 { 0 } else { a << b })),
+        ),
+        (
+            "shr.u32 %r10, %r2, %r3;",
+            Box::new(|a, b, _| u(if b >= 32 { 0 } else { a >> b })),
+        ),
+        (
+            "shr.s32 %r10, %r2, %r3;",
+            Box::new(|a, b, _| u(((a as i32) >> b.min(31)) as u32)),
+        ),
         ("shl.b32 %r10, %r2, 3;", Box::new(|a, _, _| u(a << 3))),
-        ("add.u32 %r10, %r2, -1;", Box::new(|a, _, _| u(a.wrapping_sub(1)))),
+        (
+            "add.u32 %r10, %r2, -1;",
+            Box::new(|a, _, _| u(a.wrapping_sub(1))),
+        ),
     ];
     for (body, f) in cases {
         let body = format!("{body}\ncvt.u64.u32 %rd10, %r10;");
@@ -137,22 +219,54 @@ fn division_by_zero_is_defined() {
     for v in x.iter_mut() {
         v[1] = 0;
     }
-    check("div.u32 %r10, %r2, %r3;\ncvt.u64.u32 %rd10, %r10;", &x, |_, _, _| 0xffff_ffff);
-    check("rem.u32 %r10, %r2, %r3;\ncvt.u64.u32 %rd10, %r10;", &x, |a, _, _| u(a));
+    check(
+        "div.u32 %r10, %r2, %r3;\ncvt.u64.u32 %rd10, %r10;",
+        &x,
+        |_, _, _| 0xffff_ffff,
+    );
+    check(
+        "rem.u32 %r10, %r2, %r3;\ncvt.u64.u32 %rd10, %r10;",
+        &x,
+        |a, _, _| u(a),
+    );
 }
 
 #[test]
 fn wide_and_64_bit_integers() {
     let x = ints(3);
-    check("mul.wide.u32 %rd10, %r2, %r3;", &x, |a, b, _| a as u64 * b as u64);
-    check("mul.wide.s32 %rd10, %r2, %r3;", &x, |a, b, _| (a as i32 as i64 * b as i32 as i64) as u64);
-    check("mad.wide.u32 %rd10, %r2, %r3, %rd3;", &x, |a, b, c| (a as u64 * b as u64).wrapping_add(c as u64 | (a as u64) << 32));
-    check("add.u64 %rd10, %rd2, %rd3;", &x, |a, b, c| (a as u64 | (b as u64) << 32).wrapping_add(c as u64 | (a as u64) << 32));
-    check("mul.lo.s64 %rd10, %rd2, %rd3;", &x, |a, b, c| (a as u64 | (b as u64) << 32).wrapping_mul(c as u64 | (a as u64) << 32));
-    check("shr.s64 %rd10, %rd2, %r3;", &x, |a, b, _| ((a as u64 | (b as u64) << 32) as i64 >> b.min(63)) as u64);
-    check("shl.b64 %rd10, %rd2, %r3;", &x, |a, b, _| if b >= 64 { 0 } else { (a as u64 | (b as u64) << 32) << b });
-    check("xor.b64 %rd10, %rd2, %rd3;", &x, |a, b, c| (a as u64 | (b as u64) << 32) ^ (c as u64 | (a as u64) << 32));
-    check("mov.b64 {%r10, %r11}, %rd2; mov.b64 %rd10, {%r11, %r10};", &x, |a, b, _| b as u64 | (a as u64) << 32);
+    check("mul.wide.u32 %rd10, %r2, %r3;", &x, |a, b, _| {
+        a as u64 * b as u64
+    });
+    check("mul.wide.s32 %rd10, %r2, %r3;", &x, |a, b, _| {
+        (a as i32 as i64 * b as i32 as i64) as u64
+    });
+    check("mad.wide.u32 %rd10, %r2, %r3, %rd3;", &x, |a, b, c| {
+        (a as u64 * b as u64).wrapping_add(c as u64 | (a as u64) << 32)
+    });
+    check("add.u64 %rd10, %rd2, %rd3;", &x, |a, b, c| {
+        (a as u64 | (b as u64) << 32).wrapping_add(c as u64 | (a as u64) << 32)
+    });
+    check("mul.lo.s64 %rd10, %rd2, %rd3;", &x, |a, b, c| {
+        (a as u64 | (b as u64) << 32).wrapping_mul(c as u64 | (a as u64) << 32)
+    });
+    check("shr.s64 %rd10, %rd2, %r3;", &x, |a, b, _| {
+        ((a as u64 | (b as u64) << 32) as i64 >> b.min(63)) as u64
+    });
+    check("shl.b64 %rd10, %rd2, %r3;", &x, |a, b, _| {
+        if b >= 64 {
+            0
+        } else {
+            (a as u64 | (b as u64) << 32) << b
+        }
+    });
+    check("xor.b64 %rd10, %rd2, %rd3;", &x, |a, b, c| {
+        (a as u64 | (b as u64) << 32) ^ (c as u64 | (a as u64) << 32)
+    });
+    check(
+        "mov.b64 {%r10, %r11}, %rd2; mov.b64 %rd10, {%r11, %r10};",
+        &x,
+        |a, b, _| b as u64 | (a as u64) << 32,
+    );
 }
 
 fn floats(seed: u64) -> [[u32; 3]; 32] {
@@ -194,7 +308,10 @@ fn ftz(x: f32) -> f32 {
 
 /// Compares floats bitwise except that any NaN equals any NaN.
 fn check_f(body: &str, inputs: &[[u32; 3]; 32], g: impl Fn(f32, f32, f32) -> f32) {
-    let got = run(&format!("{body}\nmov.b32 %r10, %f10;\ncvt.u64.u32 %rd10, %r10;"), inputs);
+    let got = run(
+        &format!("{body}\nmov.b32 %r10, %f10;\ncvt.u64.u32 %rd10, %r10;"),
+        inputs,
+    );
     for (l, i) in inputs.iter().enumerate() {
         let want = g(f(i[0]), f(i[1]), f(i[2]));
         let got = f32::from_bits(got[l] as u32);
@@ -212,26 +329,62 @@ fn float_arithmetic() {
     check_f("add.f32 %f10, %f2, %f3;", &x, |a, b, _| a + b);
     check_f("sub.rn.f32 %f10, %f2, %f3;", &x, |a, b, _| a - b);
     check_f("mul.rn.f32 %f10, %f2, %f3;", &x, |a, b, _| a * b);
-    check_f("fma.rn.f32 %f10, %f2, %f3, %f4;", &x, |a, b, c| a.mul_add(b, c));
+    check_f("fma.rn.f32 %f10, %f2, %f3, %f4;", &x, |a, b, c| {
+        a.mul_add(b, c)
+    });
     check_f("div.rn.f32 %f10, %f2, %f3;", &x, |a, b, _| a / b);
-    check_f("add.ftz.f32 %f10, %f2, %f3;", &x, |a, b, _| ftz(ftz(a) + ftz(b)));
+    check_f("add.ftz.f32 %f10, %f2, %f3;", &x, |a, b, _| {
+        ftz(ftz(a) + ftz(b))
+    });
     check_f("mul.rn.sat.f32 %f10, %f2, %f3;", &x, |a, b, _| {
         let p = a * b;
         if p.is_nan() { 0.0 } else { p.clamp(0.0, 1.0) }
     });
-    check_f("min.f32 %f10, %f2, %f3;", &x, |a, b, _| if a.is_nan() { b } else if b.is_nan() { a } else { a.min(b) });
-    check_f("max.f32 %f10, %f2, %f3;", &x, |a, b, _| if a.is_nan() { b } else if b.is_nan() { a } else { a.max(b) });
-    check_f("max.NaN.f32 %f10, %f2, %f3;", &x, |a, b, _| if a.is_nan() || b.is_nan() { f32::NAN } else { a.max(b) });
+    check_f("min.f32 %f10, %f2, %f3;", &x, |a, b, _| {
+        if a.is_nan() {
+            b
+        } else if b.is_nan() {
+            a
+        } else {
+            a.min(b)
+        }
+    });
+    check_f("max.f32 %f10, %f2, %f3;", &x, |a, b, _| {
+        if a.is_nan() {
+            b
+        } else if b.is_nan() {
+            a
+        } else {
+            a.max(b)
+        }
+    });
+    check_f("max.NaN.f32 %f10, %f2, %f3;", &x, |a, b, _| {
+        if a.is_nan() || b.is_nan() {
+            f32::NAN
+        } else {
+            a.max(b)
+        }
+    });
     check_f("abs.f32 %f10, %f2;", &x, |a, _, _| a.abs());
     check_f("neg.f32 %f10, %f2;", &x, |a, _, _| -a);
     check_f("sqrt.rn.f32 %f10, %f2;", &x, |a, _, _| a.sqrt());
     check_f("rcp.rn.f32 %f10, %f2;", &x, |a, _, _| 1.0 / a);
     check_f("mov.f32 %f10, 0f3FC00000;", &x, |_, _, _| 1.5);
     // .approx functions: exact f64 results rounded once.
-    check_f("ex2.approx.ftz.f32 %f10, %f2;", &x, |a, _, _| ftz((ftz(a) as f64).exp2() as f32));
-    check_f("lg2.approx.f32 %f10, %f2;", &x, |a, _, _| (a as f64).log2() as f32);
-    check_f("rcp.approx.ftz.f32 %f10, %f2;", &x, |a, _, _| ftz(1.0 / ftz(a)));
-    check_f("cvt.f64.f32 %fd0, %f2; cvt.f64.f32 %fd1, %f3; mul.rn.f64 %fd2, %fd0, %fd1; div.rn.f64 %fd2, %fd2, %fd1; add.rn.f64 %fd2, %fd2, %fd0; cvt.rn.f32.f64 %f10, %fd2;", &x, |a, b, _| (((a as f64 * b as f64) / b as f64) + a as f64) as f32);
+    check_f("ex2.approx.ftz.f32 %f10, %f2;", &x, |a, _, _| {
+        ftz((ftz(a) as f64).exp2() as f32)
+    });
+    check_f("lg2.approx.f32 %f10, %f2;", &x, |a, _, _| {
+        (a as f64).log2() as f32
+    });
+    check_f("rcp.approx.ftz.f32 %f10, %f2;", &x, |a, _, _| {
+        ftz(1.0 / ftz(a))
+    });
+    check_f(
+        "cvt.f64.f32 %fd0, %f2; cvt.f64.f32 %fd1, %f3; mul.rn.f64 %fd2, %fd0, %fd1; div.rn.f64 %fd2, %fd2, %fd1; add.rn.f64 %fd2, %fd2, %fd0; cvt.rn.f32.f64 %f10, %fd2;",
+        &x,
+        |a, b, _| (((a as f64 * b as f64) / b as f64) + a as f64) as f32,
+    );
 }
 
 #[test]
@@ -256,9 +409,21 @@ fn comparisons_and_selects() {
         check(&body, &x, |a, b, _| if g(f(a), f(b)) { 7 } else { 9 });
     }
     let i = ints(6);
-    check("setp.lt.s32 %p1, %r2, %r3;\nselp.u64 %rd10, 1, 0, %p1;", &i, |a, b, _| ((a as i32) < (b as i32)) as u64);
-    check("setp.lo.u32 %p1, %r2, %r3;\nselp.u64 %rd10, 1, 0, %p1;", &i, |a, b, _| (a < b) as u64);
-    check("setp.hs.u32 %p1, %r2, %r3;\nselp.u64 %rd10, 1, 0, %p1;", &i, |a, b, _| (a >= b) as u64);
+    check(
+        "setp.lt.s32 %p1, %r2, %r3;\nselp.u64 %rd10, 1, 0, %p1;",
+        &i,
+        |a, b, _| ((a as i32) < (b as i32)) as u64,
+    );
+    check(
+        "setp.lo.u32 %p1, %r2, %r3;\nselp.u64 %rd10, 1, 0, %p1;",
+        &i,
+        |a, b, _| (a < b) as u64,
+    );
+    check(
+        "setp.hs.u32 %p1, %r2, %r3;\nselp.u64 %rd10, 1, 0, %p1;",
+        &i,
+        |a, b, _| (a >= b) as u64,
+    );
     // Combining forms and the second (negated) destination.
     check(
         "setp.gt.u32 %p2, %r4, %r2;\nsetp.lt.and.u32 %p1|%p3, %r2, %r3, !%p2;\nselp.u64 %rd10, 1, 0, %p1; selp.u64 %rd11, 2, 0, %p3; or.b64 %rd10, %rd10, %rd11;",
@@ -270,53 +435,135 @@ fn comparisons_and_selects() {
             p1 as u64 | (2 * p3 as u64)
         },
     );
-    check("setp.ne.u32 %p1, %r2, %r3;\nnot.pred %p1, %p1;\nselp.b32 %r10, %r2, %r3, %p1;\ncvt.u64.u32 %rd10, %r10;", &i, |a, b, _| u(if a == b { a } else { b }));
+    check(
+        "setp.ne.u32 %p1, %r2, %r3;\nnot.pred %p1, %p1;\nselp.b32 %r10, %r2, %r3, %p1;\ncvt.u64.u32 %rd10, %r10;",
+        &i,
+        |a, b, _| u(if a == b { a } else { b }),
+    );
     let t = floats(7);
-    check("testp.finite.f32 %p1, %f2;\nselp.u64 %rd10, 1, 0, %p1;", &t, |a, _, _| f(a).is_finite() as u64);
-    check("testp.notanumber.f32 %p1, %f2;\nselp.u64 %rd10, 1, 0, %p1;", &t, |a, _, _| f(a).is_nan() as u64);
-    check("testp.subnormal.f32 %p1, %f2;\nselp.u64 %rd10, 1, 0, %p1;", &t, |a, _, _| f(a).is_subnormal() as u64);
+    check(
+        "testp.finite.f32 %p1, %f2;\nselp.u64 %rd10, 1, 0, %p1;",
+        &t,
+        |a, _, _| f(a).is_finite() as u64,
+    );
+    check(
+        "testp.notanumber.f32 %p1, %f2;\nselp.u64 %rd10, 1, 0, %p1;",
+        &t,
+        |a, _, _| f(a).is_nan() as u64,
+    );
+    check(
+        "testp.subnormal.f32 %p1, %f2;\nselp.u64 %rd10, 1, 0, %p1;",
+        &t,
+        |a, _, _| f(a).is_subnormal() as u64,
+    );
 }
 
 #[test]
 fn conversions() {
     let x = floats(8);
     let bits16 = |v: u16| v as u64;
-    check("cvt.rn.bf16.f32 %h0, %f2;\ncvt.u64.u16 %rd10, %h0;", &x, |a, _, _| bits16(bf16::from_f32(f(a)).to_bits()));
-    check("cvt.rn.f16.f32 %h0, %f2;\ncvt.u64.u16 %rd10, %h0;", &x, |a, _, _| bits16(f16::from_f32(f(a)).to_bits()));
+    check(
+        "cvt.rn.bf16.f32 %h0, %f2;\ncvt.u64.u16 %rd10, %h0;",
+        &x,
+        |a, _, _| bits16(bf16::from_f32(f(a)).to_bits()),
+    );
+    check(
+        "cvt.rn.f16.f32 %h0, %f2;\ncvt.u64.u16 %rd10, %h0;",
+        &x,
+        |a, _, _| bits16(f16::from_f32(f(a)).to_bits()),
+    );
     // Packing order: the first source goes to the upper half.
-    check("cvt.rn.bf16x2.f32 %r10, %f2, %f3;\ncvt.u64.u32 %rd10, %r10;", &x, |a, b, _| {
-        (bf16::from_f32(f(a)).to_bits() as u64) << 16 | bf16::from_f32(f(b)).to_bits() as u64
-    });
-    check("cvt.rn.f16.f32 %h0, %f2; cvt.f32.f16 %f10, %h0; mov.b32 %r10, %f10;\ncvt.u64.u32 %rd10, %r10;", &x, |a, _, _| {
-        let h = f16::from_f32(f(a)).to_f32();
-        if h.is_nan() { f32::NAN.to_bits() as u64 } else { fb(h) }
-    });
+    check(
+        "cvt.rn.bf16x2.f32 %r10, %f2, %f3;\ncvt.u64.u32 %rd10, %r10;",
+        &x,
+        |a, b, _| {
+            (bf16::from_f32(f(a)).to_bits() as u64) << 16 | bf16::from_f32(f(b)).to_bits() as u64
+        },
+    );
+    check(
+        "cvt.rn.f16.f32 %h0, %f2; cvt.f32.f16 %f10, %h0; mov.b32 %r10, %f10;\ncvt.u64.u32 %rd10, %r10;",
+        &x,
+        |a, _, _| {
+            let h = f16::from_f32(f(a)).to_f32();
+            if h.is_nan() {
+                f32::NAN.to_bits() as u64
+            } else {
+                fb(h)
+            }
+        },
+    );
     let ints_of = |m: &str, r: fn(f32) -> f32| {
-        check(&format!("cvt.{m}.s32.f32 %r10, %f2;\ncvt.u64.u32 %rd10, %r10;"), &x, move |a, _, _| {
-            let v = r(f(a));
-            u(if v.is_nan() { 0 } else { v as i32 } as u32)
-        });
+        check(
+            &format!("cvt.{m}.s32.f32 %r10, %f2;\ncvt.u64.u32 %rd10, %r10;"),
+            &x,
+            move |a, _, _| {
+                let v = r(f(a));
+                u(if v.is_nan() { 0 } else { v as i32 } as u32)
+            },
+        );
     };
     ints_of("rni", |v| v.round_ties_even());
     ints_of("rzi", |v| v.trunc());
     ints_of("rmi", |v| v.floor());
     ints_of("rpi", |v| v.ceil());
-    check("cvt.rzi.sat.u8.f32 %r10, %f2;\ncvt.u64.u32 %rd10, %r10;", &x, |a, _, _| {
-        let v = f(a);
-        if v.is_nan() { 0 } else { v.trunc().clamp(0.0, 255.0) as u64 }
-    });
+    check(
+        "cvt.rzi.sat.u8.f32 %r10, %f2;\ncvt.u64.u32 %rd10, %r10;",
+        &x,
+        |a, _, _| {
+            let v = f(a);
+            if v.is_nan() {
+                0
+            } else {
+                v.trunc().clamp(0.0, 255.0) as u64
+            }
+        },
+    );
     let i = ints(9);
-    check("cvt.rn.f32.u32 %f10, %r2; mov.b32 %r10, %f10;\ncvt.u64.u32 %rd10, %r10;", &i, |a, _, _| fb(a as f32));
-    check("cvt.rz.f32.u32 %f10, %r2; mov.b32 %r10, %f10;\ncvt.u64.u32 %rd10, %r10;", &i, |a, _, _| {
-        let n = a as f32;
-        fb(if n as f64 > a as f64 { f32::from_bits(n.to_bits() - 1) } else { n })
+    check(
+        "cvt.rn.f32.u32 %f10, %r2; mov.b32 %r10, %f10;\ncvt.u64.u32 %rd10, %r10;",
+        &i,
+        |a, _, _| fb(a as f32),
+    );
+    check(
+        "cvt.rz.f32.u32 %f10, %r2; mov.b32 %r10, %f10;\ncvt.u64.u32 %rd10, %r10;",
+        &i,
+        |a, _, _| {
+            let n = a as f32;
+            fb(if n as f64 > a as f64 {
+                f32::from_bits(n.to_bits() - 1)
+            } else {
+                n
+            })
+        },
+    );
+    check(
+        "cvt.rn.f32.s32 %f10, %r2; mov.b32 %r10, %f10;\ncvt.u64.u32 %rd10, %r10;",
+        &i,
+        |a, _, _| fb(a as i32 as f32),
+    );
+    check(
+        "cvt.u16.u32 %h0, %r2;\ncvt.u32.u16 %r10, %h0;\ncvt.u64.u32 %rd10, %r10;",
+        &i,
+        |a, _, _| u(a & 0xffff),
+    );
+    check("cvt.s64.s32 %rd10, %r2;", &i, |a, _, _| {
+        a as i32 as i64 as u64
     });
-    check("cvt.rn.f32.s32 %f10, %r2; mov.b32 %r10, %f10;\ncvt.u64.u32 %rd10, %r10;", &i, |a, _, _| fb(a as i32 as f32));
-    check("cvt.u16.u32 %h0, %r2;\ncvt.u32.u16 %r10, %h0;\ncvt.u64.u32 %rd10, %r10;", &i, |a, _, _| u(a & 0xffff));
-    check("cvt.s64.s32 %rd10, %r2;", &i, |a, _, _| a as i32 as i64 as u64);
-    check("cvt.u32.u64 %r10, %rd2;\ncvt.u64.u32 %rd10, %r10;", &i, |a, _, _| u(a));
-    check("cvt.sat.s16.s32 %r10, %r2;\ncvt.u64.u32 %rd10, %r10;", &i, |a, _, _| u((a as i32).clamp(-32768, 32767) as u32));
-    check("cvt.s32.s16 %r10, %r2;\ncvt.u64.u32 %rd10, %r10;", &i, |a, _, _| u(a as u16 as i16 as i32 as u32));
+    check(
+        "cvt.u32.u64 %r10, %rd2;\ncvt.u64.u32 %rd10, %r10;",
+        &i,
+        |a, _, _| u(a),
+    );
+    check(
+        "cvt.sat.s16.s32 %r10, %r2;\ncvt.u64.u32 %rd10, %r10;",
+        &i,
+        |a, _, _| u((a as i32).clamp(-32768, 32767) as u32),
+    );
+    check(
+        "cvt.s32.s16 %r10, %r2;\ncvt.u64.u32 %rd10, %r10;",
+        &i,
+        |a, _, _| u(a as u16 as i16 as i32 as u32),
+    );
 }
 
 #[test]
@@ -324,19 +571,44 @@ fn shuffles() {
     let x = ints(10);
     let v = |l: usize| x[l][0] as u64;
     let go = |body: &str, src: &dyn Fn(usize) -> (usize, bool)| {
-        let got = run(&format!("{body}\ncvt.u64.u32 %rd10, %r10; selp.u64 %rd11, 1, 0, %p1; shl.b64 %rd11, %rd11, 32; or.b64 %rd10, %rd10, %rd11;"), &x);
+        let got = run(
+            &format!(
+                "{body}\ncvt.u64.u32 %rd10, %r10; selp.u64 %rd11, 1, 0, %p1; shl.b64 %rd11, %rd11, 32; or.b64 %rd10, %rd10, %rd11;"
+            ),
+            &x,
+        );
         for l in 0..32 {
             let (j, ok) = src(l);
             assert_eq!(got[l], v(j) | (ok as u64) << 32, "lane {l}: {body}");
         }
     };
-    go("shfl.sync.bfly.b32 %r10|%p1, %r2, 5, 31, -1;", &|l| (l ^ 5, true));
-    go("shfl.sync.up.b32 %r10|%p1, %r2, 3, 0, -1;", &|l| if l >= 3 { (l - 3, true) } else { (l, false) });
-    go("shfl.sync.down.b32 %r10|%p1, %r2, 2, 31, -1;", &|l| if l + 2 <= 31 { (l + 2, true) } else { (l, false) });
-    go("shfl.sync.idx.b32 %r10|%p1, %r2, 7, 31, -1;", &|_| (7, true));
+    go("shfl.sync.bfly.b32 %r10|%p1, %r2, 5, 31, -1;", &|l| {
+        (l ^ 5, true)
+    });
+    go("shfl.sync.up.b32 %r10|%p1, %r2, 3, 0, -1;", &|l| {
+        if l >= 3 { (l - 3, true) } else { (l, false) }
+    });
+    go("shfl.sync.down.b32 %r10|%p1, %r2, 2, 31, -1;", &|l| {
+        if l + 2 <= 31 {
+            (l + 2, true)
+        } else {
+            (l, false)
+        }
+    });
+    go("shfl.sync.idx.b32 %r10|%p1, %r2, 7, 31, -1;", &|_| {
+        (7, true)
+    });
     // Segments of 8 lanes (c = 0x1807: segmask 0x18, clamp 7).
-    go("shfl.sync.idx.b32 %r10|%p1, %r2, 2, 0x1807, -1;", &|l| ((l & !7) | 2, true));
-    go("shfl.sync.down.b32 %r10|%p1, %r2, 1, 0x1807, -1;", &|l| if (l & 7) < 7 { (l + 1, true) } else { (l, false) });
+    go("shfl.sync.idx.b32 %r10|%p1, %r2, 2, 0x1807, -1;", &|l| {
+        ((l & !7) | 2, true)
+    });
+    go("shfl.sync.down.b32 %r10|%p1, %r2, 1, 0x1807, -1;", &|l| {
+        if (l & 7) < 7 {
+            (l + 1, true)
+        } else {
+            (l, false)
+        }
+    });
 }
 
 /// Each lane stores (a, b, c, lane) as 16 bytes at `sm + 16 * lane`, then a barrier.

@@ -10,7 +10,9 @@ use lathe_sim::{Launch, Param};
 #[test]
 fn mma_probe_matches_f64_product() {
     let sim = sim();
-    let m = sim.load_module(include_str!("probes/mma.ptx")).expect("load");
+    let m = sim
+        .load_module(include_str!("probes/mma.ptx"))
+        .expect("load");
     let mut rng = Rng::new(7);
     let a: Vec<bf16> = (0..256).map(|_| bf16::from_f32(rng.f32())).collect();
     let b: Vec<bf16> = (0..128).map(|_| bf16::from_f32(rng.f32())).collect();

@@ -27,7 +27,15 @@ ld.param.u64 %rd0, [pa]; ld.param.u64 %rd1, [pb]; ld.param.u32 %r0, [n]; mov.u32
 
 const BODY_LINE: u32 = 12;
 
-fn run(sim: &Sim, body: &str, threads: u32, pa: u64, pb: u64, n: u32, regions: Vec<Region>) -> Result<lathe_sim::Counters, SimError> {
+fn run(
+    sim: &Sim,
+    body: &str,
+    threads: u32,
+    pa: u64,
+    pb: u64,
+    n: u32,
+    regions: Vec<Region>,
+) -> Result<lathe_sim::Counters, SimError> {
     let m = sim.load_module(&module(body)).expect("load");
     sim.launch(
         &m,
@@ -79,8 +87,16 @@ fn regions_bound_accesses_and_stores() {
     let sim = sim();
     let a = upload_f32(&sim, &[2.0; 64]);
     let b = poisoned(&sim, 64);
-    let ra = Region { addr: a, bytes: 32 * 4, writable: false };
-    let rb = Region { addr: b, bytes: 32 * 4, writable: true };
+    let ra = Region {
+        addr: a,
+        bytes: 32 * 4,
+        writable: false,
+    };
+    let rb = Region {
+        addr: b,
+        bytes: 32 * 4,
+        writable: true,
+    };
     // 33 threads: thread 32 reads inside the allocation but outside the region.
     let e = run(&sim, COPY, 33, a, b, 64, vec![ra, rb]).unwrap_err();
     assert_eq!(e.kind, ErrorKind::OutOfBounds, "{e}");
@@ -110,7 +126,7 @@ fn uninitialized_global_read() {
     let a = sim.alloc(128).unwrap();
     let b = poisoned(&sim, 32);
     // Thread 7's element is the only one never written.
-    let mut init = vec![0u8; 128];
+    let mut init = [0u8; 128];
     init[..28].fill(1);
     sim.write(a, &init[..28]).unwrap();
     sim.write(a + 32, &init[32..]).unwrap();
@@ -238,7 +254,16 @@ fn endless_loop_and_trap_are_trap_errors() {
     let e = run(&sim, "L:\nbra L;", 32, b, b, 0, vec![]).unwrap_err();
     assert_eq!(e.kind, ErrorKind::Trap, "{e}");
     assert_eq!(site(&e).0, BODY_LINE + 1);
-    let e = run(&sim, "setp.eq.u32 %p0, %r1, 5;\n@%p0 trap;\nret;", 32, b, b, 0, vec![]).unwrap_err();
+    let e = run(
+        &sim,
+        "setp.eq.u32 %p0, %r1, 5;\n@%p0 trap;\nret;",
+        32,
+        b,
+        b,
+        0,
+        vec![],
+    )
+    .unwrap_err();
     assert_eq!(e.kind, ErrorKind::Trap, "{e}");
     assert_eq!(site(&e), (BODY_LINE + 1, (5, 0, 0), None));
     run(&sim, "ret;", 32, b, b, 0, vec![]).expect("a kernel that returns");
@@ -272,19 +297,30 @@ ret;"
 #[test]
 fn malformed_ptx_and_unknown_instructions_name_the_line() {
     let sim = sim();
-    let e = sim.load_module(&module("add.u32 %r2, %r1;\nret;")).unwrap_err();
+    let e = sim
+        .load_module(&module("add.u32 %r2, %r1;\nret;"))
+        .unwrap_err();
     assert_eq!(e.kind, ErrorKind::Parse, "{e}");
     assert!(e.message.contains(&format!("line {BODY_LINE}")), "{e}");
-    let e = sim.load_module(&module("ret;\nfrobnicate.u32 %r2, %r1;")).unwrap_err();
+    let e = sim
+        .load_module(&module("ret;\nfrobnicate.u32 %r2, %r1;"))
+        .unwrap_err();
     assert_eq!(e.kind, ErrorKind::Unsupported, "{e}");
-    assert!(e.message.contains(&format!("line {}", BODY_LINE + 1)), "{e}");
-    let e = sim.load_module(&module("add.rz.f32 %f0, %f1, %f2;")).unwrap_err();
+    assert!(
+        e.message.contains(&format!("line {}", BODY_LINE + 1)),
+        "{e}"
+    );
+    let e = sim
+        .load_module(&module("add.rz.f32 %f0, %f1, %f2;"))
+        .unwrap_err();
     assert_eq!(e.kind, ErrorKind::Unsupported, "{e}");
     let e = sim.load_module(&module("mov.u32 %r2, %nope;")).unwrap_err();
     assert_eq!(e.kind, ErrorKind::Parse, "{e}");
     let e = sim.load_module(&module("bra NOWHERE;")).unwrap_err();
     assert_eq!(e.kind, ErrorKind::Parse, "{e}");
-    let e = sim.load_module(".version 8.0\n.entry k(\n{\nret;\n}").unwrap_err();
+    let e = sim
+        .load_module(".version 8.0\n.entry k(\n{\nret;\n}")
+        .unwrap_err();
     assert_eq!(e.kind, ErrorKind::Parse, "{e}");
 }
 
@@ -299,8 +335,23 @@ fn bad_launches() {
         ..Launch::default()
     };
     let p = vec![Param::U64(0), Param::U64(0), Param::U32(0)];
-    assert_eq!(sim.launch(&m, "k", &l((2048, 1, 1), p.clone())).unwrap_err().kind, ErrorKind::BadLaunch);
-    assert_eq!(sim.launch(&m, "k", &l((32, 1, 1), vec![])).unwrap_err().kind, ErrorKind::BadLaunch);
-    assert_eq!(sim.launch(&m, "nope", &l((32, 1, 1), p.clone())).unwrap_err().kind, ErrorKind::BadLaunch);
+    assert_eq!(
+        sim.launch(&m, "k", &l((2048, 1, 1), p.clone()))
+            .unwrap_err()
+            .kind,
+        ErrorKind::BadLaunch
+    );
+    assert_eq!(
+        sim.launch(&m, "k", &l((32, 1, 1), vec![]))
+            .unwrap_err()
+            .kind,
+        ErrorKind::BadLaunch
+    );
+    assert_eq!(
+        sim.launch(&m, "nope", &l((32, 1, 1), p.clone()))
+            .unwrap_err()
+            .kind,
+        ErrorKind::BadLaunch
+    );
     sim.launch(&m, "k", &l((32, 1, 1), p)).expect("good launch");
 }

@@ -86,11 +86,7 @@ pub(crate) fn int_op(op: IntOp, bits: u8, signed: bool, a: &Lanes, b: &Lanes) ->
             } else {
                 map2(a, b, |x, y| {
                     let (p, q) = (x & m, y & m);
-                    if (p > q) == max {
-                        p
-                    } else {
-                        q
-                    }
+                    if (p > q) == max { p } else { q }
                 })
             }
         }
@@ -136,11 +132,7 @@ pub(crate) fn int_op(op: IntOp, bits: u8, signed: bool, a: &Lanes, b: &Lanes) ->
         // Shift amounts are unsigned and clamp at the operand width.
         IntOp::Shl => map2(a, b, |x, y| {
             let s = y & 0xffff_ffff;
-            if s >= w as u64 {
-                0
-            } else {
-                (x << s) & m
-            }
+            if s >= w as u64 { 0 } else { (x << s) & m }
         }),
         IntOp::Shr => {
             if signed {
@@ -151,11 +143,7 @@ pub(crate) fn int_op(op: IntOp, bits: u8, signed: bool, a: &Lanes, b: &Lanes) ->
             } else {
                 map2(a, b, |x, y| {
                     let s = y & 0xffff_ffff;
-                    if s >= w as u64 {
-                        0
-                    } else {
-                        (x & m) >> s
-                    }
+                    if s >= w as u64 { 0 } else { (x & m) >> s }
                 })
             }
         }
@@ -234,16 +222,19 @@ pub(crate) fn ftz32(x: f32) -> f32 {
 /// Saturates to [0, 1] (NaN to 0).
 #[inline(always)]
 fn sat32(x: f32) -> f32 {
-    if x.is_nan() {
-        0.0
-    } else {
-        x.clamp(0.0, 1.0)
-    }
+    if x.is_nan() { 0.0 } else { x.clamp(0.0, 1.0) }
 }
 
 /// PTX `min`/`max`: NaN operands are ignored (both NaN gives NaN); -0 < +0.
 #[inline(always)]
-fn fminmax<T: Copy + PartialOrd>(x: T, y: T, xn: bool, yn: bool, xneg0: bool, max: bool) -> (T, bool) {
+fn fminmax<T: Copy + PartialOrd>(
+    x: T,
+    y: T,
+    xn: bool,
+    yn: bool,
+    xneg0: bool,
+    max: bool,
+) -> (T, bool) {
     if xn {
         return (y, false);
     }
@@ -274,14 +265,29 @@ pub(crate) fn fbin(op: FOp, ty: FTy, ftz: bool, sat: bool, a: &Lanes, b: &Lanes)
                     FOp::Mul => p * q,
                     FOp::Div => p / q,
                     FOp::Min | FOp::Max => {
-                        let (v, _) = fminmax(p, q, p.is_nan(), q.is_nan(), p.to_bits() == 0x8000_0000, op == FOp::Max);
+                        let (v, _) = fminmax(
+                            p,
+                            q,
+                            p.is_nan(),
+                            q.is_nan(),
+                            p.to_bits() == 0x8000_0000,
+                            op == FOp::Max,
+                        );
                         v
                     }
                     FOp::MinNan | FOp::MaxNan => {
                         if p.is_nan() || q.is_nan() {
                             f32::from_bits(0x7fff_ffff)
                         } else {
-                            fminmax(p, q, false, false, p.to_bits() == 0x8000_0000, op == FOp::MaxNan).0
+                            fminmax(
+                                p,
+                                q,
+                                false,
+                                false,
+                                p.to_bits() == 0x8000_0000,
+                                op == FOp::MaxNan,
+                            )
+                            .0
                         }
                     }
                 };
@@ -303,13 +309,29 @@ pub(crate) fn fbin(op: FOp, ty: FTy, ftz: bool, sat: bool, a: &Lanes, b: &Lanes)
                 FOp::Mul => p * q,
                 FOp::Div => p / q,
                 FOp::Min | FOp::Max => {
-                    fminmax(p, q, p.is_nan(), q.is_nan(), p.to_bits() == 1 << 63, op == FOp::Max).0
+                    fminmax(
+                        p,
+                        q,
+                        p.is_nan(),
+                        q.is_nan(),
+                        p.to_bits() == 1 << 63,
+                        op == FOp::Max,
+                    )
+                    .0
                 }
                 FOp::MinNan | FOp::MaxNan => {
                     if p.is_nan() || q.is_nan() {
                         f64::from_bits(0x7fff_ffff_ffff_ffff)
                     } else {
-                        fminmax(p, q, false, false, p.to_bits() == 1 << 63, op == FOp::MaxNan).0
+                        fminmax(
+                            p,
+                            q,
+                            false,
+                            false,
+                            p.to_bits() == 1 << 63,
+                            op == FOp::MaxNan,
+                        )
+                        .0
                     }
                 }
             };

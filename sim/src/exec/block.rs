@@ -55,7 +55,7 @@ fn pack_params(k: &Kernel, params: &[Param]) -> Result<Vec<u8>, SimError> {
                     d.ty,
                     if d.array { " array" } else { "" },
                     k.name
-                )))
+                )));
             }
         };
         let o = d.offset as usize;
@@ -77,17 +77,24 @@ pub(crate) fn run_launch(
     }
     let nthreads = b.0 as u64 * b.1 as u64 * b.2 as u64;
     if b.0 == 0 || b.1 == 0 || b.2 == 0 || b.0 > 1024 || b.1 > 1024 || b.2 > 64 || nthreads > 1024 {
-        return Err(bad_launch(format!("block {b:?} out of range (at most 1024 threads)")));
+        return Err(bad_launch(format!(
+            "block {b:?} out of range (at most 1024 threads)"
+        )));
     }
-    if let Some(r) = k.reqntid {
-        if r != b {
-            return Err(bad_launch(format!("`{}` requires block {r:?}, got {b:?}", k.name)));
-        }
+    if let Some(r) = k.reqntid.filter(|r| *r != b) {
+        return Err(bad_launch(format!(
+            "`{}` requires block {r:?}, got {b:?}",
+            k.name
+        )));
     }
-    if let Some(m) = k.maxntid {
-        if nthreads > m.0 as u64 * m.1 as u64 * m.2 as u64 {
-            return Err(bad_launch(format!("`{}` allows at most {m:?} threads, got {b:?}", k.name)));
-        }
+    if let Some(m) = k
+        .maxntid
+        .filter(|m| nthreads > m.0 as u64 * m.1 as u64 * m.2 as u64)
+    {
+        return Err(bad_launch(format!(
+            "`{}` allows at most {m:?} threads, got {b:?}",
+            k.name
+        )));
     }
     let shared_size = k.dyn_shared_base as u64 + launch.shared_bytes as u64;
     if shared_size > config.max_shared_per_block_optin as u64 {
@@ -355,7 +362,11 @@ impl<'a> Block<'a> {
             for &(s, sp) in &k.specials {
                 for lane in 0..32u32 {
                     let t = w as u32 * 32 + lane;
-                    let tid = [t % l.block.0, (t / l.block.0) % l.block.1, t / (l.block.0 * l.block.1)];
+                    let tid = [
+                        t % l.block.0,
+                        (t / l.block.0) % l.block.1,
+                        t / (l.block.0 * l.block.1),
+                    ];
                     let dims = |v: (u32, u32, u32), d: u8| [v.0, v.1, v.2][d as usize];
                     let v: u64 = match sp {
                         Special::Tid(d) => tid[d as usize] as u64,
@@ -405,11 +416,26 @@ impl<'a> Block<'a> {
     }
 
     /// The site of the current instruction for warp `w`, lane `lane`.
-    pub(crate) fn fault(&self, w: usize, lane: u32, kind: ErrorKind, msg: String, addr: Option<u64>) -> SimError {
+    pub(crate) fn fault(
+        &self,
+        w: usize,
+        lane: u32,
+        kind: ErrorKind,
+        msg: String,
+        addr: Option<u64>,
+    ) -> SimError {
         self.fault_at(self.cur_pc, w, lane, kind, msg, addr)
     }
 
-    fn fault_at(&self, pc: u32, w: usize, lane: u32, kind: ErrorKind, msg: String, addr: Option<u64>) -> SimError {
+    fn fault_at(
+        &self,
+        pc: u32,
+        w: usize,
+        lane: u32,
+        kind: ErrorKind,
+        msg: String,
+        addr: Option<u64>,
+    ) -> SimError {
         let k = self.l.k;
         let t = w as u32 * 32 + lane;
         let b = self.l.block;
@@ -456,7 +482,13 @@ impl<'a> Block<'a> {
             let (pc, g) = w.group();
             let Some(inst) = k.insts.get(pc as usize) else {
                 self.cur_pc = k.insts.len() as u32 - 1;
-                return Err(self.fault(wi, g.trailing_zeros(), ErrorKind::Trap, "ran past the end of the kernel".into(), None));
+                return Err(self.fault(
+                    wi,
+                    g.trailing_zeros(),
+                    ErrorKind::Trap,
+                    "ran past the end of the kernel".into(),
+                    None,
+                ));
             };
             self.cur_pc = pc;
             let exec = match inst.guard {
@@ -540,7 +572,14 @@ impl<'a> Block<'a> {
     fn exec(&mut self, wi: usize, op: &Op, exec: u32) -> Result<Flow, SimError> {
         let w = &mut self.warps[wi];
         match op {
-            Op::Int { op, bits, signed, d, a, b } => {
+            Op::Int {
+                op,
+                bits,
+                signed,
+                d,
+                a,
+                b,
+            } => {
                 let r = alu::int_op(*op, *bits, *signed, &w.get(*a), &w.get(*b));
                 w.put(*d, &r, exec);
             }
@@ -548,12 +587,35 @@ impl<'a> Block<'a> {
                 let r = alu::int_un(*op, *bits, &w.get(*a));
                 w.put(*d, &r, exec);
             }
-            Op::MulWide { signed, bits, d, a, b } => {
+            Op::MulWide {
+                signed,
+                bits,
+                d,
+                a,
+                b,
+            } => {
                 let r = alu::mul_wide(*signed, *bits, &w.get(*a), &w.get(*b));
                 w.put(*d, &r, exec);
             }
-            Op::Mad { hi, wide, signed, bits, d, a, b, c } => {
-                let r = alu::mad(*hi, *wide, *signed, *bits, &w.get(*a), &w.get(*b), &w.get(*c));
+            Op::Mad {
+                hi,
+                wide,
+                signed,
+                bits,
+                d,
+                a,
+                b,
+                c,
+            } => {
+                let r = alu::mad(
+                    *hi,
+                    *wide,
+                    *signed,
+                    *bits,
+                    &w.get(*a),
+                    &w.get(*b),
+                    &w.get(*c),
+                );
                 w.put(*d, &r, exec);
             }
             Op::PredBin { op, d, a, b } => {
@@ -565,11 +627,27 @@ impl<'a> Block<'a> {
                 };
                 w.put(*d, &r, exec);
             }
-            Op::F { op, ty, ftz, sat, d, a, b } => {
+            Op::F {
+                op,
+                ty,
+                ftz,
+                sat,
+                d,
+                a,
+                b,
+            } => {
                 let r = alu::fbin(*op, *ty, *ftz, *sat, &w.get(*a), &w.get(*b));
                 w.put(*d, &r, exec);
             }
-            Op::Fma { ty, ftz, sat, d, a, b, c } => {
+            Op::Fma {
+                ty,
+                ftz,
+                sat,
+                d,
+                a,
+                b,
+                c,
+            } => {
                 let r = alu::fma(*ty, *ftz, *sat, &w.get(*a), &w.get(*b), &w.get(*c));
                 w.put(*d, &r, exec);
             }
@@ -577,7 +655,16 @@ impl<'a> Block<'a> {
                 let r = alu::fun(*op, *ty, *ftz, &w.get(*a));
                 w.put(*d, &r, exec);
             }
-            Op::Setp { cmp, ty, ftz, d, d2, a, b, comb } => {
+            Op::Setp {
+                cmp,
+                ty,
+                ftz,
+                d,
+                d2,
+                a,
+                b,
+                comb,
+            } => {
                 let r = alu::setp(*cmp, *ty, *ftz, &w.get(*a), &w.get(*b));
                 let (r, r2) = match comb {
                     None => (r, alu::map1(&r, |x| x ^ 1)),
@@ -605,7 +692,9 @@ impl<'a> Block<'a> {
                 }
             }
             Op::Selp { d, a, b, c } => {
-                let r = alu::map3(&w.get(*a), &w.get(*b), &w.get(Src::Reg(*c)), |x, y, p| if p & 1 != 0 { x } else { y });
+                let r = alu::map3(&w.get(*a), &w.get(*b), &w.get(Src::Reg(*c)), |x, y, p| {
+                    if p & 1 != 0 { x } else { y }
+                });
                 w.put(*d, &r, exec);
             }
             Op::Testp { p, ty, d, a } => {
@@ -638,7 +727,16 @@ impl<'a> Block<'a> {
                     }
                 }
             }
-            Op::Cvt { dty, sty, rnd, int_rnd, sat, ftz, d, a } => {
+            Op::Cvt {
+                dty,
+                sty,
+                rnd,
+                int_rnd,
+                sat,
+                ftz,
+                d,
+                a,
+            } => {
                 let r = cvt::cvt(*dty, *sty, *rnd, *int_rnd, *sat, *ftz, &w.get(*a));
                 // Signed results sign-extend into a wider register.
                 let db = self.l.k.slot_bits[*d as usize] as u32;
@@ -650,11 +748,22 @@ impl<'a> Block<'a> {
                 };
                 w.put(*d, &r, exec);
             }
-            Op::CvtPack { bf16, relu, d, a, b } => {
+            Op::CvtPack {
+                bf16,
+                relu,
+                d,
+                a,
+                b,
+            } => {
                 let r = cvt::cvt_pack(*bf16, *relu, &w.get(*a), &w.get(*b));
                 w.put(*d, &r, exec);
             }
-            Op::Cvta { to_generic, space, d, a } => {
+            Op::Cvta {
+                to_generic,
+                space,
+                d,
+                a,
+            } => {
                 let base = match space {
                     Space::Shared => super::SHARED_WINDOW,
                     Space::Param => super::PARAM_WINDOW,
@@ -671,13 +780,20 @@ impl<'a> Block<'a> {
             Op::Bra { target } => return Ok(Flow::Jump(exec, *target)),
             Op::Exit => return Ok(Flow::Exit(exec)),
             Op::Trap => {
-                return Err(self.fault(wi, exec.trailing_zeros(), ErrorKind::Trap, "`trap` executed".into(), None))
+                return Err(self.fault(
+                    wi,
+                    exec.trailing_zeros(),
+                    ErrorKind::Trap,
+                    "`trap` executed".into(),
+                    None,
+                ));
             }
             Op::Fence => {}
             Op::Ld { .. } | Op::St { .. } => return self.ld_st(wi, op, exec),
-            Op::CpAsync { .. } | Op::CpAsyncCommit | Op::CpAsyncWait { .. } | Op::Ldmatrix { .. } => {
-                return self.async_or_matrix(wi, op, exec)
-            }
+            Op::CpAsync { .. }
+            | Op::CpAsyncCommit
+            | Op::CpAsyncWait { .. }
+            | Op::Ldmatrix { .. } => return self.async_or_matrix(wi, op, exec),
             Op::Bar { .. }
             | Op::WarpSync { .. }
             | Op::Shfl { .. }
@@ -713,8 +829,12 @@ impl<'a> Block<'a> {
             match w.state {
                 WState::Bar(id) => {
                     let b = &self.bars[id as usize];
-                    waits.push(format!("warp {i} at barrier {id} ({} of {} threads arrived)", b.arrived, b.expected));
-                    if self.exited_threads > 0 && b.expected > self.l.nthreads - self.exited_threads {
+                    waits.push(format!(
+                        "warp {i} at barrier {id} ({} of {} threads arrived)",
+                        b.arrived, b.expected
+                    ));
+                    if self.exited_threads > 0 && b.expected > self.l.nthreads - self.exited_threads
+                    {
                         kind = ErrorKind::Barrier;
                     }
                     first.get_or_insert(i);
@@ -734,7 +854,10 @@ impl<'a> Block<'a> {
         }
         let wi = first.unwrap_or(0);
         let msg = if kind == ErrorKind::Barrier {
-            format!("a barrier waits for threads that exited: {}", waits.join("; "))
+            format!(
+                "a barrier waits for threads that exited: {}",
+                waits.join("; ")
+            )
         } else {
             format!("no warp can make progress: {}", waits.join("; "))
         };
@@ -743,6 +866,13 @@ impl<'a> Block<'a> {
             WState::Bar(_) => pc.saturating_sub(1),
             _ => pc,
         };
-        self.fault_at(pc, wi, self.warps[wi].live.trailing_zeros().min(31), kind, msg, None)
+        self.fault_at(
+            pc,
+            wi,
+            self.warps[wi].live.trailing_zeros().min(31),
+            kind,
+            msg,
+            None,
+        )
     }
 }

@@ -1,6 +1,6 @@
 //! `cvt`: conversions between integer and float types with every rounding mode decoded.
 
-use super::alu::{f32_of, ftz32, map1, map2, mask_of, sx, Lanes};
+use super::alu::{Lanes, f32_of, ftz32, map1, map2, mask_of, sx};
 use crate::ir::{Rnd, Ty};
 use half::{bf16, f16};
 
@@ -11,16 +11,18 @@ fn f64_to_f32(x: f64, r: Rnd) -> f32 {
         return n;
     }
     let up = |v: f32| if v == f32::INFINITY { v } else { next_up(v) };
-    let down = |v: f32| if v == f32::NEG_INFINITY { v } else { next_down(v) };
+    let down = |v: f32| {
+        if v == f32::NEG_INFINITY {
+            v
+        } else {
+            next_down(v)
+        }
+    };
     let nf = n as f64;
     match r {
         Rnd::Rz => {
             if nf.abs() > x.abs() {
-                if n > 0.0 {
-                    down(n)
-                } else {
-                    up(n)
-                }
+                if n > 0.0 { down(n) } else { up(n) }
             } else {
                 n
             }
@@ -90,7 +92,15 @@ fn range(t: Ty) -> (i128, i128) {
 }
 
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn cvt(dty: Ty, sty: Ty, rnd: Rnd, int_rnd: bool, sat: bool, ftz: bool, a: &Lanes) -> Lanes {
+pub(crate) fn cvt(
+    dty: Ty,
+    sty: Ty,
+    rnd: Rnd,
+    int_rnd: bool,
+    sat: bool,
+    ftz: bool,
+    a: &Lanes,
+) -> Lanes {
     let (df, sf) = (dty.is_float(), sty.is_float());
     let dm = mask_of(dty.bits());
     match (df, sf) {
@@ -125,7 +135,7 @@ pub(crate) fn cvt(dty: Ty, sty: Ty, rnd: Rnd, int_rnd: bool, sat: bool, ftz: boo
         (true, false) => map1(a, |x| {
             let signed = matches!(sty, Ty::S(_));
             let w = sty.bits();
-            let r = match dty {
+            match dty {
                 Ty::F64 => {
                     if signed {
                         (sx(x, w) as f64).to_bits()
@@ -136,11 +146,7 @@ pub(crate) fn cvt(dty: Ty, sty: Ty, rnd: Rnd, int_rnd: bool, sat: bool, ftz: boo
                 Ty::F32 => {
                     let v = if w == 64 {
                         // Round-to-nearest only (decode rejects directed modes here).
-                        if signed {
-                            x as i64 as f32
-                        } else {
-                            x as f32
-                        }
+                        if signed { x as i64 as f32 } else { x as f32 }
                     } else if signed {
                         f64_to_f32(sx(x, w) as f64, rnd)
                     } else {
@@ -150,15 +156,22 @@ pub(crate) fn cvt(dty: Ty, sty: Ty, rnd: Rnd, int_rnd: bool, sat: bool, ftz: boo
                     v.to_bits() as u64
                 }
                 Ty::F16 => {
-                    let v = if signed { sx(x, w) as f64 } else { (x & mask_of(w)) as f64 };
+                    let v = if signed {
+                        sx(x, w) as f64
+                    } else {
+                        (x & mask_of(w)) as f64
+                    };
                     f16::from_f64(v).to_bits() as u64
                 }
                 _ => {
-                    let v = if signed { sx(x, w) as f64 } else { (x & mask_of(w)) as f64 };
+                    let v = if signed {
+                        sx(x, w) as f64
+                    } else {
+                        (x & mask_of(w)) as f64
+                    };
                     bf16::from_f64(v).to_bits() as u64
                 }
-            };
-            r
+            }
         }),
         (true, true) => map1(a, |x| {
             let v = as_f64(x, sty, ftz);
@@ -206,19 +219,11 @@ fn from_wide(v: f64, sty: Ty, bf: bool) -> u16 {
 }
 
 fn sat01(v: f32) -> f32 {
-    if v.is_nan() {
-        0.0
-    } else {
-        v.clamp(0.0, 1.0)
-    }
+    if v.is_nan() { 0.0 } else { v.clamp(0.0, 1.0) }
 }
 
 fn sat64(v: f64) -> f64 {
-    if v.is_nan() {
-        0.0
-    } else {
-        v.clamp(0.0, 1.0)
-    }
+    if v.is_nan() { 0.0 } else { v.clamp(0.0, 1.0) }
 }
 
 fn sat16(r: u16, bf: bool) -> u16 {

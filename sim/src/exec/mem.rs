@@ -2,7 +2,7 @@
 //! `ldmatrix`, with the sanitizer's checks and the memory counters.
 
 use super::block::{Block, Flow, PendingCopy};
-use super::smem::{bank_conflicts, Hazard, ASYNC_TID};
+use super::smem::{ASYNC_TID, Hazard, bank_conflicts};
 use super::{PARAM_WINDOW, SHARED_WINDOW, WINDOW_BYTES};
 use crate::error::{ErrorKind, SimError};
 use crate::ir::*;
@@ -43,7 +43,15 @@ impl<'a> Block<'a> {
     }
 
     /// Checks and performs a global access of `len` bytes per lane; loads fill `data`.
-    pub(crate) fn global(&mut self, wi: usize, exec: u32, addrs: &[u64; 32], len: u32, write: bool, data: &mut Bytes) -> R<()> {
+    pub(crate) fn global(
+        &mut self,
+        wi: usize,
+        exec: u32,
+        addrs: &[u64; 32],
+        len: u32,
+        write: bool,
+        data: &mut Bytes,
+    ) -> R<()> {
         let mem = &self.l.mem;
         let mut cache: Option<&std::sync::Arc<crate::memory::Allocation>> = None;
         let mut sectors = [0u64; 32];
@@ -51,15 +59,27 @@ impl<'a> Block<'a> {
         let what = if write { "store" } else { "load" };
         for l in lanes(exec) {
             let a = addrs[l as usize];
-            if a % len as u64 != 0 {
-                return Err(self.fault(wi, l, ErrorKind::Misaligned, format!("global {what} of {len} bytes at {a:#x} is not {len}-byte aligned"), Some(a)));
+            if !a.is_multiple_of(len as u64) {
+                return Err(self.fault(
+                    wi,
+                    l,
+                    ErrorKind::Misaligned,
+                    format!("global {what} of {len} bytes at {a:#x} is not {len}-byte aligned"),
+                    Some(a),
+                ));
             }
             let hit = cache.filter(|c| a >= c.base && a - c.base < c.len);
             let al = match hit.or_else(|| mem.find(a)) {
                 Some(x) => x,
-                None => {
-                    return Err(self.fault(wi, l, ErrorKind::OutOfBounds, format!("global {what} of {len} bytes at {a:#x} is outside every live allocation"), Some(a)))
-                }
+                None => return Err(self.fault(
+                    wi,
+                    l,
+                    ErrorKind::OutOfBounds,
+                    format!(
+                        "global {what} of {len} bytes at {a:#x} is outside every live allocation"
+                    ),
+                    Some(a),
+                )),
             };
             cache = Some(al);
             let off = a - al.base;
@@ -73,7 +93,11 @@ impl<'a> Block<'a> {
                 ));
             }
             if !self.l.regions.is_empty() {
-                let r = self.l.regions.iter().find(|r| a >= r.addr && a + len as u64 <= r.addr + r.bytes);
+                let r = self
+                    .l
+                    .regions
+                    .iter()
+                    .find(|r| a >= r.addr && a + len as u64 <= r.addr + r.bytes);
                 match r {
                     None => {
                         return Err(self.fault(wi, l, ErrorKind::OutOfBounds, format!("global {what} of {len} bytes at {a:#x} is outside every region of the launch"), Some(a)))
@@ -97,7 +121,13 @@ impl<'a> Block<'a> {
             } else {
                 let mut v = [0u32; 4];
                 if !al.load(off, len, &mut v) {
-                    return Err(self.fault(wi, l, ErrorKind::Uninitialized, format!("global load of {len} bytes at {a:#x} reads memory never written"), Some(a)));
+                    return Err(self.fault(
+                        wi,
+                        l,
+                        ErrorKind::Uninitialized,
+                        format!("global load of {len} bytes at {a:#x} reads memory never written"),
+                        Some(a),
+                    ));
                 }
                 for (i, w) in v.iter().enumerate() {
                     d[4 * i..4 * i + 4].copy_from_slice(&w.to_le_bytes());
@@ -129,7 +159,15 @@ impl<'a> Block<'a> {
 
     /// Checks a shared access of `len` bytes per lane at shared offsets `offs` (bounds,
     /// alignment, uninitialised reads, races, pending `cp.async`) and records it.
-    pub(crate) fn shared_check(&mut self, wi: usize, exec: u32, offs: &[u64; 32], len: u32, align: u32, write: bool) -> R<()> {
+    pub(crate) fn shared_check(
+        &mut self,
+        wi: usize,
+        exec: u32,
+        offs: &[u64; 32],
+        len: u32,
+        align: u32,
+        write: bool,
+    ) -> R<()> {
         let size = self.smem.len() as u64;
         let what = if write { "store" } else { "load" };
         for l in lanes(exec) {
@@ -143,20 +181,39 @@ impl<'a> Block<'a> {
                     Some(a),
                 ));
             }
-            if a % align as u64 != 0 {
-                return Err(self.fault(wi, l, ErrorKind::Misaligned, format!("shared {what} of {len} bytes at offset {a:#x} is not {align}-byte aligned"), Some(a)));
+            if !a.is_multiple_of(align as u64) {
+                return Err(self.fault(
+                    wi,
+                    l,
+                    ErrorKind::Misaligned,
+                    format!(
+                        "shared {what} of {len} bytes at offset {a:#x} is not {align}-byte aligned"
+                    ),
+                    Some(a),
+                ));
             }
             let tid = (wi * 32 + l as usize) as u16;
-            if let Some((h, b)) = self.smem.check(&self.clocks, a as usize, len as usize, tid, wi, write) {
+            if let Some((h, b)) =
+                self.smem
+                    .check(&self.clocks, a as usize, len as usize, tid, wi, write)
+            {
                 let (kind, msg) = match h {
-                    Hazard::Uninit => (ErrorKind::Uninitialized, format!("shared load reads byte {b:#x}, which no thread wrote")),
+                    Hazard::Uninit => (
+                        ErrorKind::Uninitialized,
+                        format!("shared load reads byte {b:#x}, which no thread wrote"),
+                    ),
                     Hazard::Pending => (
                         ErrorKind::SharedRace,
-                        format!("shared {what} touches byte {b:#x} while a cp.async into it is outstanding (no cp.async.wait before it)"),
+                        format!(
+                            "shared {what} touches byte {b:#x} while a cp.async into it is outstanding (no cp.async.wait before it)"
+                        ),
                     ),
                     Hazard::Race { tid: t, write: ww } if t == ASYNC_TID => (
                         ErrorKind::AsyncProxy,
-                        format!("shared {what} of byte {b:#x}, written by an async (TMA) copy, before waiting on its mbarrier ({})", if ww { "write" } else { "read" }),
+                        format!(
+                            "shared {what} of byte {b:#x}, written by an async (TMA) copy, before waiting on its mbarrier ({})",
+                            if ww { "write" } else { "read" }
+                        ),
                     ),
                     Hazard::Race { tid: t, write: ww } => (
                         ErrorKind::SharedRace,
@@ -173,7 +230,8 @@ impl<'a> Block<'a> {
         let epoch = self.clocks.own(wi);
         for l in lanes(exec) {
             let tid = (wi * 32 + l as usize) as u16;
-            self.smem.record(offs[l as usize] as usize, len as usize, tid, epoch, write);
+            self.smem
+                .record(offs[l as usize] as usize, len as usize, tid, epoch, write);
         }
         if write {
             self.c.shared_store_requests += 1;
@@ -199,8 +257,19 @@ impl<'a> Block<'a> {
 
     pub(crate) fn ld_st(&mut self, wi: usize, op: &Op, exec: u32) -> R<Flow> {
         let (space, size, addr, n) = match op {
-            Op::Ld { space, size, ds, addr, .. } => (*space, *size as u32, addr, ds.len() as u32),
-            Op::St { space, size, vals, addr } => (*space, *size as u32, addr, vals.len() as u32),
+            Op::Ld {
+                space,
+                size,
+                ds,
+                addr,
+                ..
+            } => (*space, *size as u32, addr, ds.len() as u32),
+            Op::St {
+                space,
+                size,
+                vals,
+                addr,
+            } => (*space, *size as u32, addr, vals.len() as u32),
             _ => return Ok(Flow::Next),
         };
         let len = size * n;
@@ -256,7 +325,13 @@ impl<'a> Block<'a> {
         }
         if p != 0 {
             if write {
-                return Err(self.fault(wi, p.trailing_zeros(), ErrorKind::ReadOnly, "store to kernel parameter memory".into(), Some(addrs[p.trailing_zeros() as usize])));
+                return Err(self.fault(
+                    wi,
+                    p.trailing_zeros(),
+                    ErrorKind::ReadOnly,
+                    "store to kernel parameter memory".into(),
+                    Some(addrs[p.trailing_zeros() as usize]),
+                ));
             }
             self.param(wi, p, &addrs, len, &mut data)?;
         }
@@ -287,7 +362,12 @@ impl<'a> Block<'a> {
 
     pub(crate) fn async_or_matrix(&mut self, wi: usize, op: &Op, exec: u32) -> R<Flow> {
         match op {
-            Op::CpAsync { dst, src, size, src_size } => {
+            Op::CpAsync {
+                dst,
+                src,
+                size,
+                src_size,
+            } => {
                 let size = *size as u32;
                 let da = self.addrs(wi, dst);
                 let sa = self.addrs(wi, src);
@@ -299,7 +379,13 @@ impl<'a> Block<'a> {
                 for l in lanes(exec) {
                     let n = ss.map_or(size as u64, |v| v[l as usize] & 0xffff_ffff);
                     if n > size as u64 {
-                        return Err(self.fault(wi, l, ErrorKind::BadLaunch, format!("cp.async source size {n} exceeds the copy size {size}"), None));
+                        return Err(self.fault(
+                            wi,
+                            l,
+                            ErrorKind::BadLaunch,
+                            format!("cp.async source size {n} exceeds the copy size {size}"),
+                            None,
+                        ));
                     }
                     if n == size as u64 {
                         rmask |= 1 << l;
@@ -329,7 +415,7 @@ impl<'a> Block<'a> {
                     if a.checked_add(size as u64).is_none_or(|e| e > size_u) {
                         return Err(self.fault(wi, l, ErrorKind::OutOfBounds, format!("cp.async destination at shared offset {a:#x} is outside the block's {size_u} bytes"), Some(a)));
                     }
-                    if a % size as u64 != 0 {
+                    if !a.is_multiple_of(size as u64) {
                         return Err(self.fault(wi, l, ErrorKind::Misaligned, format!("cp.async destination at shared offset {a:#x} is not {size}-byte aligned"), Some(a)));
                     }
                 }
@@ -342,7 +428,8 @@ impl<'a> Block<'a> {
                         len: size as u8,
                         data: data[l as usize],
                     });
-                    self.smem.set_pending(da[l as usize] as usize, size as usize, true);
+                    self.smem
+                        .set_pending(da[l as usize] as usize, size as usize, true);
                 }
                 self.c.cp_async_bytes += (exec.count_ones() * size) as u64;
             }
@@ -374,12 +461,22 @@ impl<'a> Block<'a> {
                     self.shared_check(wi, 1 << c.lane, &offs, c.len as u32, c.len as u32, true)?;
                     self.c.shared_store_requests -= 1;
                     let d = c.dst as usize;
-                    self.smem.data[d..d + c.len as usize].copy_from_slice(&c.data[..c.len as usize]);
+                    self.smem.data[d..d + c.len as usize]
+                        .copy_from_slice(&c.data[..c.len as usize]);
                 }
             }
-            Op::Ldmatrix { num, trans, ds, addr } => {
+            Op::Ldmatrix {
+                num,
+                trans,
+                ds,
+                addr,
+            } => {
                 let rows = 8 * *num as u32;
-                let rmask = if rows == 32 { u32::MAX } else { (1u32 << rows) - 1 };
+                let rmask = if rows == 32 {
+                    u32::MAX
+                } else {
+                    (1u32 << rows) - 1
+                };
                 let offs = self.addrs(wi, addr);
                 self.shared_check(wi, rmask, &offs, 16, 16, false)?;
                 let sm = &self.smem.data;

@@ -7,8 +7,8 @@
 //! An instruction runs for all active lanes of a warp in one loop over 32 register lanes.
 
 mod alu;
-mod cvt;
 mod block;
+mod cvt;
 mod mem;
 mod smem;
 mod sync;

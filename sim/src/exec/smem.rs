@@ -107,7 +107,10 @@ impl Clocks {
 pub(crate) enum Hazard {
     Uninit,
     /// Unordered with an access of thread `tid` (`write`: that access was a write).
-    Race { tid: u16, write: bool },
+    Race {
+        tid: u16,
+        write: bool,
+    },
     /// A `cp.async` into these bytes has not been waited for.
     Pending,
 }
@@ -138,7 +141,15 @@ impl Smem {
     /// Checks a read or write of `[off, off + len)` by thread `tid` of warp `w`; returns the
     /// first hazard and the byte it is at.
     #[inline]
-    pub(crate) fn check(&self, cl: &Clocks, off: usize, len: usize, tid: u16, w: usize, write: bool) -> Option<(Hazard, usize)> {
+    pub(crate) fn check(
+        &self,
+        cl: &Clocks,
+        off: usize,
+        len: usize,
+        tid: u16,
+        w: usize,
+        write: bool,
+    ) -> Option<(Hazard, usize)> {
         // Consecutive bytes usually share one record: check each distinct record once.
         let (mut last_w, mut last_r) = (u64::MAX, u64::MAX);
         for b in off..off + len {
@@ -155,7 +166,13 @@ impl Smem {
                 } else {
                     let (t, e) = (r as u16, (r >> 16) as u32);
                     if !cl.ordered(t, e, tid, w) {
-                        return Some((Hazard::Race { tid: t, write: true }, b));
+                        return Some((
+                            Hazard::Race {
+                                tid: t,
+                                write: true,
+                            },
+                            b,
+                        ));
                     }
                 }
             }
@@ -165,7 +182,13 @@ impl Smem {
                     last_r = r;
                     let (t, e) = (r as u16, (r >> 16) as u32);
                     if !cl.ordered(t, e, tid, w) {
-                        return Some((Hazard::Race { tid: t, write: false }, b));
+                        return Some((
+                            Hazard::Race {
+                                tid: t,
+                                write: false,
+                            },
+                            b,
+                        ));
                     }
                 }
             }
@@ -215,11 +238,10 @@ pub(crate) fn bank_conflicts(exec: u32, offs: &[u64; 32], len: u32) -> u64 {
         // Aligned accesses of at most 16 bytes: at most 32 words per phase.
         let mut words = [0u64; 64];
         let mut n = 0;
-        for l in p * per..(p + 1) * per {
+        for (l, &a) in offs.iter().enumerate().take((p + 1) * per).skip(p * per) {
             if exec >> l & 1 == 0 {
                 continue;
             }
-            let a = offs[l];
             for wd in (a >> 2)..=((a + len.max(1) as u64 - 1) >> 2) {
                 if n < words.len() {
                     words[n] = wd;

@@ -37,9 +37,15 @@ impl<'a> Block<'a> {
     fn uniform(&self, wi: usize, s: Src, exec: u32, what: &str) -> R<u64> {
         let v = self.warps[wi].get(s);
         let x = v[first(exec) as usize];
-        for l in 0..32 {
-            if exec >> l & 1 != 0 && v[l] != x {
-                return Err(self.fault(wi, l as u32, ErrorKind::Barrier, format!("{what} differs across the warp ({} vs {x})", v[l]), None));
+        for (l, &vl) in v.iter().enumerate() {
+            if exec >> l & 1 != 0 && vl != x {
+                return Err(self.fault(
+                    wi,
+                    l as u32,
+                    ErrorKind::Barrier,
+                    format!("{what} differs across the warp ({} vs {x})", v[l]),
+                    None,
+                ));
             }
         }
         Ok(x)
@@ -62,7 +68,15 @@ impl<'a> Block<'a> {
                 self.clocks.barrier(&[wi]);
                 Ok(Flow::Next)
             }
-            Op::Shfl { mode, d, p, a, b, c, mask } => {
+            Op::Shfl {
+                mode,
+                d,
+                p,
+                a,
+                b,
+                c,
+                mask,
+            } => {
                 let w = &self.warps[wi];
                 let mv = w.get(*mask);
                 let m = mv[first(exec) as usize] as u32;
@@ -100,7 +114,13 @@ impl<'a> Block<'a> {
                     };
                     let j = if ok { j } else { lane };
                     if exec >> j & 1 == 0 {
-                        return Err(self.fault(wi, l, ErrorKind::Barrier, format!("shfl.sync reads lane {j}, which does not take part"), None));
+                        return Err(self.fault(
+                            wi,
+                            l,
+                            ErrorKind::Barrier,
+                            format!("shfl.sync reads lane {j}, which does not take part"),
+                            None,
+                        ));
                     }
                     out[l as usize] = av[j as usize] & 0xffff_ffff;
                     pout[l as usize] = u64::from(ok);
@@ -112,7 +132,14 @@ impl<'a> Block<'a> {
                 }
                 Ok(Flow::Next)
             }
-            Op::Mma { k, bf16, d, a, b, c } => {
+            Op::Mma {
+                k,
+                bf16,
+                d,
+                a,
+                b,
+                c,
+            } => {
                 self.mma(wi, *k as usize, *bf16, d, a, b, c);
                 Ok(Flow::Next)
             }
@@ -125,13 +152,20 @@ impl<'a> Block<'a> {
                         wi,
                         0,
                         ErrorKind::RegisterBudget,
-                        format!("setmaxnreg.{} to {n} from a budget of {cur}", if *inc { "inc" } else { "dec" }),
+                        format!(
+                            "setmaxnreg.{} to {n} from a budget of {cur}",
+                            if *inc { "inc" } else { "dec" }
+                        ),
                         None,
                     ));
                 }
                 w.maxnreg = Some(*n);
                 // The register file of an SM is 64K registers; a block's warps must fit.
-                let total: u64 = self.warps.iter().map(|w| w.maxnreg.unwrap_or(0) as u64 * 32).sum();
+                let total: u64 = self
+                    .warps
+                    .iter()
+                    .map(|w| w.maxnreg.unwrap_or(0) as u64 * 32)
+                    .sum();
                 if total > 65536 {
                     return Err(self.fault(wi, 0, ErrorKind::RegisterBudget, format!("setmaxnreg budgets of the block's warps total {total} registers, over the 65536 of an SM"), None));
                 }
@@ -144,7 +178,13 @@ impl<'a> Block<'a> {
     fn bar(&mut self, wi: usize, id: Src, count: Option<Src>, arrive: bool, exec: u32) -> R<Flow> {
         let id = self.uniform(wi, id, exec, "barrier id")?;
         if id >= 16 {
-            return Err(self.fault(wi, first(exec), ErrorKind::Barrier, format!("barrier id {id} (0..15)"), None));
+            return Err(self.fault(
+                wi,
+                first(exec),
+                ErrorKind::Barrier,
+                format!("barrier id {id} (0..15)"),
+                None,
+            ));
         }
         let nthreads = self.l.nthreads;
         let expected = match count {
@@ -169,7 +209,13 @@ impl<'a> Block<'a> {
         let b = &mut self.bars[id as usize];
         if b.arrived > 0 && b.expected != expected {
             let e = b.expected;
-            return Err(self.fault(wi, first(exec), ErrorKind::Barrier, format!("barrier {id} used with {expected} threads while {e} are expected"), None));
+            return Err(self.fault(
+                wi,
+                first(exec),
+                ErrorKind::Barrier,
+                format!("barrier {id} used with {expected} threads while {e} are expected"),
+                None,
+            ));
         }
         b.expected = expected;
         b.arrived += self.warps[wi].exists.count_ones();
@@ -192,7 +238,17 @@ impl<'a> Block<'a> {
         Ok(Flow::NextWait)
     }
 
-    fn mma(&mut self, wi: usize, k: usize, bf: bool, d: &[Slot; 4], a: &[Slot], b: &[Slot], c: &[Src; 4]) {
+    #[allow(clippy::too_many_arguments)]
+    fn mma(
+        &mut self,
+        wi: usize,
+        k: usize,
+        bf: bool,
+        d: &[Slot; 4],
+        a: &[Slot],
+        b: &[Slot],
+        c: &[Src; 4],
+    ) {
         let w = &self.warps[wi];
         // bf16 widens by a shift; f16 through half. Both are exact in f64.
         let cvt = |x: u64| -> f64 {
@@ -254,23 +310,35 @@ impl<'a> Block<'a> {
     }
 
     fn mbar_addr(&self, wi: usize, l: u32, a: u64) -> R<u32> {
-        let a = if a.wrapping_sub(super::SHARED_WINDOW) < super::WINDOW_BYTES { a - super::SHARED_WINDOW } else { a };
+        let a = if a.wrapping_sub(super::SHARED_WINDOW) < super::WINDOW_BYTES {
+            a - super::SHARED_WINDOW
+        } else {
+            a
+        };
         if a % 8 != 0 || a + 8 > self.smem.len() as u64 {
-            return Err(self.fault(wi, l, ErrorKind::OutOfBounds, format!("mbarrier at shared offset {a:#x} is misaligned or outside shared memory"), Some(a)));
+            return Err(self.fault(
+                wi,
+                l,
+                ErrorKind::OutOfBounds,
+                format!("mbarrier at shared offset {a:#x} is misaligned or outside shared memory"),
+                Some(a),
+            ));
         }
         Ok(a as u32)
     }
 
     fn complete_phase(&mut self, a: u32) {
-        if let Some(m) = self.mbars.get_mut(&a) {
-            if m.pending == 0 && m.tx == 0 {
-                m.phase += 1;
-                m.pending = m.expected;
-                m.done_view = std::mem::take(&mut m.view);
-                for w in &mut self.warps {
-                    if matches!(w.state, WState::Mbar(x, _) if x == a) {
-                        w.state = WState::Ready;
-                    }
+        if let Some(m) = self
+            .mbars
+            .get_mut(&a)
+            .filter(|m| m.pending == 0 && m.tx == 0)
+        {
+            m.phase += 1;
+            m.pending = m.expected;
+            m.done_view = std::mem::take(&mut m.view);
+            for w in &mut self.warps {
+                if matches!(w.state, WState::Mbar(x, _) if x == a) {
+                    w.state = WState::Ready;
                 }
             }
         }
@@ -287,7 +355,15 @@ impl<'a> Block<'a> {
         self.complete_phase(a);
     }
 
-    fn mbar(&mut self, wi: usize, op: MbarOp, d: Option<Slot>, addr: &Addr, arg: Option<Src>, exec: u32) -> R<Flow> {
+    fn mbar(
+        &mut self,
+        wi: usize,
+        op: MbarOp,
+        d: Option<Slot>,
+        addr: &Addr,
+        arg: Option<Src>,
+        exec: u32,
+    ) -> R<Flow> {
         let addrs = self.addrs(wi, addr);
         let argv = arg.map(|s| self.warps[wi].get(s));
         let mut result = [0u64; 32];
@@ -299,15 +375,37 @@ impl<'a> Block<'a> {
             let a = self.mbar_addr(wi, l, addrs[l as usize])?;
             let v = argv.map_or(1, |x| x[l as usize] & 0xffff_ffff);
             if op != MbarOp::Init && !self.mbars.contains_key(&a) {
-                return Err(self.fault(wi, l, ErrorKind::Barrier, format!("mbarrier at shared offset {a:#x} used before mbarrier.init"), Some(a as u64)));
+                return Err(self.fault(
+                    wi,
+                    l,
+                    ErrorKind::Barrier,
+                    format!("mbarrier at shared offset {a:#x} used before mbarrier.init"),
+                    Some(a as u64),
+                ));
             }
             match op {
                 MbarOp::Init => {
                     if v == 0 || v >= 1 << 20 {
-                        return Err(self.fault(wi, l, ErrorKind::Barrier, format!("mbarrier.init count {v}"), Some(a as u64)));
+                        return Err(self.fault(
+                            wi,
+                            l,
+                            ErrorKind::Barrier,
+                            format!("mbarrier.init count {v}"),
+                            Some(a as u64),
+                        ));
                     }
                     let n = self.clocks.width();
-                    self.mbars.insert(a, Mbar { expected: v as u32, pending: v as u32, tx: 0, phase: 0, view: vec![0; n], done_view: vec![0; n] });
+                    self.mbars.insert(
+                        a,
+                        Mbar {
+                            expected: v as u32,
+                            pending: v as u32,
+                            tx: 0,
+                            phase: 0,
+                            view: vec![0; n],
+                            done_view: vec![0; n],
+                        },
+                    );
                 }
                 MbarOp::Inval => {
                     self.mbars.remove(&a);
@@ -319,8 +417,14 @@ impl<'a> Block<'a> {
                 }
                 MbarOp::Arrive | MbarOp::ArriveExpectTx => {
                     let view = self.clocks.release(wi);
-                    let (cnt, tx) = if op == MbarOp::ArriveExpectTx { (1, v as i64) } else { (v as u32, 0) };
-                    let Some(m) = self.mbars.get_mut(&a) else { continue };
+                    let (cnt, tx) = if op == MbarOp::ArriveExpectTx {
+                        (1, v as i64)
+                    } else {
+                        (v as u32, 0)
+                    };
+                    let Some(m) = self.mbars.get_mut(&a) else {
+                        continue;
+                    };
                     if cnt > m.pending {
                         let p = m.pending;
                         return Err(self.fault(wi, l, ErrorKind::Barrier, format!("mbarrier arrive of {cnt} with only {p} arrivals pending in the phase"), Some(a as u64)));
@@ -332,7 +436,9 @@ impl<'a> Block<'a> {
                     self.complete_phase(a);
                 }
                 MbarOp::TryWaitParity | MbarOp::TestWaitParity => {
-                    let Some(m) = self.mbars.get(&a) else { continue };
+                    let Some(m) = self.mbars.get(&a) else {
+                        continue;
+                    };
                     let ok = (m.phase & 1) as u64 != (v & 1);
                     if ok {
                         let view = m.done_view.clone();

@@ -79,5 +79,7 @@ pub fn download_f32(sim: &Sim, a: u64, n: usize) -> Vec<f32> {
 pub fn download_u16(sim: &Sim, a: u64, n: usize) -> Vec<u16> {
     let mut b = vec![0u8; n * 2];
     sim.read(a, &mut b).expect("read");
-    b.chunks(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect()
+    b.chunks(2)
+        .map(|c| u16::from_le_bytes([c[0], c[1]]))
+        .collect()
 }
