@@ -12,6 +12,43 @@ type R<T> = Result<T, SimError>;
 /// Per-lane bytes moved by one access (up to 16).
 pub(crate) type Bytes = [[u8; 16]; 32];
 
+/// Element `size` bytes (1, 2, 4 or 8) at byte `o` of a lane's data, little-endian.
+#[inline(always)]
+fn get_elem(d: &[u8; 16], o: usize, size: u32) -> u64 {
+    let mut b = [0u8; 8];
+    match size {
+        1 => b[0] = d[o],
+        2 => b[..2].copy_from_slice(&d[o..o + 2]),
+        4 => b[..4].copy_from_slice(&d[o..o + 4]),
+        _ => b.copy_from_slice(&d[o..o + 8]),
+    }
+    u64::from_le_bytes(b)
+}
+
+#[inline(always)]
+fn put_elem(d: &mut [u8; 16], o: usize, size: u32, v: u64) {
+    let b = v.to_le_bytes();
+    match size {
+        1 => d[o] = b[0],
+        2 => d[o..o + 2].copy_from_slice(&b[..2]),
+        4 => d[o..o + 4].copy_from_slice(&b[..4]),
+        _ => d[o..o + 8].copy_from_slice(&b),
+    }
+}
+
+/// Copies `len` (1, 2, 4, 8 or 16) bytes with fixed-size moves.
+#[inline(always)]
+fn copy_n(dst: &mut [u8], src: &[u8], len: usize) {
+    match len {
+        1 => dst[0] = src[0],
+        2 => dst[..2].copy_from_slice(&src[..2]),
+        4 => dst[..4].copy_from_slice(&src[..4]),
+        8 => dst[..8].copy_from_slice(&src[..8]),
+        16 => dst[..16].copy_from_slice(&src[..16]),
+        n => dst[..n].copy_from_slice(&src[..n]),
+    }
+}
+
 fn lanes(m: u32) -> impl Iterator<Item = u32> {
     let mut m = m;
     std::iter::from_fn(move || {
@@ -113,9 +150,6 @@ impl<'a> Block<'a> {
                 let mut v = [0u32; 4];
                 for (i, w) in v.iter_mut().enumerate() {
                     *w = u32::from_le_bytes([d[4 * i], d[4 * i + 1], d[4 * i + 2], d[4 * i + 3]]);
-                }
-                if len < 4 {
-                    v[0] = u16::from_le_bytes([d[0], d[1]]) as u32;
                 }
                 al.store(off, len, &v);
             } else {
@@ -250,7 +284,7 @@ impl<'a> Block<'a> {
                 return Err(self.fault(wi, l, ErrorKind::OutOfBounds, format!("param load of {len} bytes at offset {a:#x} is outside the {} parameter bytes", p.len()), Some(a)));
             }
             let a = a as usize;
-            data[l as usize][..len as usize].copy_from_slice(&p[a..a + len as usize]);
+            copy_n(&mut data[l as usize], &p[a..], len as usize);
         }
         Ok(())
     }
@@ -279,9 +313,12 @@ impl<'a> Block<'a> {
             for (i, v) in vals.iter().enumerate() {
                 let v = self.warps[wi].get(*v);
                 for l in lanes(exec) {
-                    let b = v[l as usize].to_le_bytes();
-                    let o = i * size as usize;
-                    data[l as usize][o..o + size as usize].copy_from_slice(&b[..size as usize]);
+                    put_elem(
+                        &mut data[l as usize],
+                        i * size as usize,
+                        size,
+                        v[l as usize],
+                    );
                 }
             }
         }
@@ -315,11 +352,10 @@ impl<'a> Block<'a> {
             let sm = &mut self.smem.data;
             for l in lanes(s) {
                 let a = addrs[l as usize] as usize;
-                let d = &mut data[l as usize][..len as usize];
                 if write {
-                    sm[a..a + len as usize].copy_from_slice(d);
+                    copy_n(&mut sm[a..], &data[l as usize], len as usize);
                 } else {
-                    d.copy_from_slice(&sm[a..a + len as usize]);
+                    copy_n(&mut data[l as usize], &sm[a..], len as usize);
                 }
             }
         }
@@ -343,15 +379,14 @@ impl<'a> Block<'a> {
                 let db = k.slot_bits[*d as usize] as u32;
                 let eb = size * 8;
                 let mut r = [0u64; 32];
+                let dm = super::alu::mask_of(db);
+                let sext = *signed && db > eb;
                 for l in lanes(exec) {
-                    let mut b = [0u8; 8];
-                    let o = i * size as usize;
-                    b[..size as usize].copy_from_slice(&data[l as usize][o..o + size as usize]);
-                    let v = u64::from_le_bytes(b);
-                    r[l as usize] = if *signed && db > eb {
-                        (super::alu::sx(v, eb) as u64) & super::alu::mask_of(db)
+                    let v = get_elem(&data[l as usize], i * size as usize, size);
+                    r[l as usize] = if sext {
+                        (super::alu::sx(v, eb) as u64) & dm
                     } else {
-                        v & super::alu::mask_of(db)
+                        v & dm
                     };
                 }
                 w.put(*d, &r, exec);
