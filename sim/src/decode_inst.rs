@@ -240,6 +240,7 @@ fn class_of(base: &str) -> Class {
         "cvt" | "cvta" => Class::Convert,
         "bar" | "barrier" | "shfl" | "mbarrier" | "fence" | "membar" | "setmaxnreg" => Class::Sync,
         "mma" | "ldmatrix" | "wgmma" => Class::Tensor,
+        "atom" | "red" => Class::GlobalMem,
         "cp" => Class::AsyncCopy,
         _ => Class::Int,
     }

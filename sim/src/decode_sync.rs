@@ -188,6 +188,7 @@ pub(crate) fn decode_sync(ctx: &mut Ctx, ins: &Instr, base: &str, mods: &[&str])
             ))
         }
         "mbarrier" => mbarrier(ctx, ins, mods).map(|o| (o, false)),
+        "atom" | "red" => atom(ctx, ins, base == "atom", mods).map(|o| (o, false)),
         "fence" | "membar" => {
             if mods.is_empty() {
                 return Err(bad(ins));
@@ -367,5 +368,62 @@ fn mbarrier(ctx: &mut Ctx, ins: &Instr, mods: &[&str]) -> R<Op> {
                 arg: Some(ctx.src(&o[2], u32t)?),
             }
         }
+    })
+}
+
+fn atom(ctx: &mut Ctx, ins: &Instr, has_d: bool, mods: &[&str]) -> R<Op> {
+    let mut op = None;
+    let mut ty = None;
+    for (i, m) in mods.iter().enumerate() {
+        match *m {
+            "global" | "relaxed" | "gpu" | "cta" | "sys" => {}
+            "add" => op = Some(AtomOp::Add),
+            "min" => op = Some(AtomOp::Min),
+            "max" => op = Some(AtomOp::Max),
+            "and" => op = Some(AtomOp::And),
+            "or" => op = Some(AtomOp::Or),
+            "xor" => op = Some(AtomOp::Xor),
+            "exch" if has_d => op = Some(AtomOp::Exch),
+            "cas" if has_d => op = Some(AtomOp::Cas),
+            "inc" => op = Some(AtomOp::Inc),
+            "dec" => op = Some(AtomOp::Dec),
+            t if i == mods.len() - 1 => ty = crate::decode::parse_ty(t),
+            _ => return Err(bad(ins)),
+        }
+    }
+    if !mods.contains(&"global") {
+        return Err(unsupported(
+            ins.line,
+            format!("`{}`: only global atomics", ins.opcode),
+        ));
+    }
+    let (Some(op), Some(ty)) = (op, ty) else {
+        return Err(bad(ins));
+    };
+    let ok = match op {
+        AtomOp::Add => matches!(ty, Ty::U(32) | Ty::S(32) | Ty::U(64) | Ty::F32 | Ty::F64),
+        AtomOp::Min | AtomOp::Max => matches!(ty, Ty::U(32) | Ty::S(32) | Ty::U(64) | Ty::S(64)),
+        AtomOp::And | AtomOp::Or | AtomOp::Xor | AtomOp::Exch | AtomOp::Cas => {
+            matches!(ty, Ty::B(32) | Ty::B(64))
+        }
+        AtomOp::Inc | AtomOp::Dec => ty == Ty::U(32),
+    };
+    if !ok {
+        return Err(bad(ins));
+    }
+    let o = &ins.operands;
+    let n = usize::from(has_d) + 2 + usize::from(op == AtomOp::Cas);
+    nops(ins, n)?;
+    let k = usize::from(has_d);
+    Ok(Op::Atom {
+        op,
+        ty,
+        d: if has_d { Some(ctx.dst(&o[0])?) } else { None },
+        addr: ctx.addr(&o[k])?,
+        b: ctx.src(&o[k + 1], ty)?,
+        c: match o.get(k + 2) {
+            Some(x) => Some(ctx.src(x, ty)?),
+            None => None,
+        },
     })
 }

@@ -216,6 +216,21 @@ pub(crate) enum MbarOp {
     Inval,
 }
 
+/// Read-modify-write operations of `atom` / `red`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum AtomOp {
+    Add,
+    Min,
+    Max,
+    And,
+    Or,
+    Xor,
+    Exch,
+    Cas,
+    Inc,
+    Dec,
+}
+
 /// The instruction class for counters.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Class {
@@ -427,6 +442,15 @@ pub(crate) enum Op {
         a: Vec<Slot>,
         b: Vec<Slot>,
         c: [Src; 4],
+    },
+    /// `atom` (with `d`) / `red` (without) on global memory, relaxed.
+    Atom {
+        op: AtomOp,
+        ty: Ty,
+        d: Option<Slot>,
+        addr: Addr,
+        b: Src,
+        c: Option<Src>,
     },
     Mbar {
         op: MbarOp,

@@ -13,7 +13,7 @@
 use crate::error::{ErrorKind, SimError};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU8, AtomicU32, Ordering::Relaxed};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 /// The first device address handed out (non-zero, so a null pointer is never valid).
 pub const BASE: u64 = 0x7f00_0000_0000;
@@ -25,6 +25,7 @@ pub(crate) struct Allocation {
     pub(crate) len: u64,
     words: Box<[AtomicU32]>,
     shadow: Box<[AtomicU8]>,
+    wide_lock: Mutex<()>,
 }
 
 impl Allocation {
@@ -35,6 +36,7 @@ impl Allocation {
             len,
             words: (0..n).map(|_| AtomicU32::new(0)).collect(),
             shadow: (0..n).map(|_| AtomicU8::new(0)).collect(),
+            wide_lock: Mutex::new(()),
         })
     }
 
@@ -76,6 +78,35 @@ impl Allocation {
             // A sub-word store merges into its word atomically.
             let _ = self.words[w].fetch_update(Relaxed, Relaxed, |old| Some((old & !mask) | v));
             mark(&self.shadow[w], (if n == 1 { 1u8 } else { 3 }) << (off & 3));
+        }
+    }
+
+    /// Atomically replaces the `n`-byte (4 or 8) value at `off` (aligned, in bounds) with
+    /// `f(old)`; returns the old value and whether all its bytes had been written. 8-byte
+    /// operations serialise on the allocation's lock (the words are 4-byte atomics).
+    pub(crate) fn rmw(&self, off: u64, n: u32, f: impl Fn(u64) -> u64) -> (u64, bool) {
+        let w = (off >> 2) as usize;
+        if n == 4 {
+            let mut old = 0;
+            let _ = self.words[w].fetch_update(Relaxed, Relaxed, |o| {
+                old = o as u64;
+                Some(f(o as u64) as u32)
+            });
+            let init = self.shadow[w].load(Relaxed) == 0xf;
+            mark(&self.shadow[w], 0xf);
+            (old, init)
+        } else {
+            let _g = self.wide_lock.lock().unwrap_or_else(|e| e.into_inner());
+            let old =
+                self.words[w].load(Relaxed) as u64 | (self.words[w + 1].load(Relaxed) as u64) << 32;
+            let new = f(old);
+            self.words[w].store(new as u32, Relaxed);
+            self.words[w + 1].store((new >> 32) as u32, Relaxed);
+            let init =
+                self.shadow[w].load(Relaxed) == 0xf && self.shadow[w + 1].load(Relaxed) == 0xf;
+            mark(&self.shadow[w], 0xf);
+            mark(&self.shadow[w + 1], 0xf);
+            (old, init)
         }
     }
 

@@ -800,6 +800,7 @@ impl<'a> Block<'a> {
             | Op::Mma { .. }
             | Op::Mbar { .. }
             | Op::Setmaxnreg { .. } => return self.sync_op(wi, op, exec),
+            Op::Atom { .. } => return self.atomic(wi, op, exec),
         }
         Ok(Flow::Next)
     }

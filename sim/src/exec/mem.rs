@@ -79,6 +79,80 @@ impl<'a> Block<'a> {
         }
     }
 
+    /// Checks one lane's global access of `len` bytes at `a` (alignment, allocation bounds,
+    /// regions, writability) and returns its allocation and offset.
+    pub(crate) fn locate(
+        &self,
+        wi: usize,
+        l: u32,
+        a: u64,
+        len: u32,
+        write: bool,
+    ) -> R<(&'a crate::memory::Allocation, u64)> {
+        let mem: &'a crate::memory::Snapshot = &self.l.mem;
+        let what = if write { "store" } else { "load" };
+        if !a.is_multiple_of(len as u64) {
+            return Err(self.fault(
+                wi,
+                l,
+                ErrorKind::Misaligned,
+                format!("global {what} of {len} bytes at {a:#x} is not {len}-byte aligned"),
+                Some(a),
+            ));
+        }
+        let Some(al) = mem.find(a) else {
+            return Err(self.fault(
+                wi,
+                l,
+                ErrorKind::OutOfBounds,
+                format!("global {what} of {len} bytes at {a:#x} is outside every live allocation"),
+                Some(a),
+            ));
+        };
+        let off = a - al.base;
+        if off + len as u64 > al.len {
+            return Err(self.fault(
+                wi,
+                l,
+                ErrorKind::OutOfBounds,
+                format!(
+                    "global {what} of {len} bytes at {a:#x} runs past the end of the {}-byte allocation at {:#x}",
+                    al.len, al.base
+                ),
+                Some(a),
+            ));
+        }
+        if !self.l.regions.is_empty() {
+            let r = self
+                .l
+                .regions
+                .iter()
+                .find(|r| a >= r.addr && a + len as u64 <= r.addr + r.bytes);
+            match r {
+                None => {
+                    return Err(self.fault(
+                        wi,
+                        l,
+                        ErrorKind::OutOfBounds,
+                        format!("global {what} of {len} bytes at {a:#x} is outside every region of the launch"),
+                        Some(a),
+                    ))
+                }
+                Some(r) if write && !r.writable => {
+                    return Err(self.fault(
+                        wi,
+                        l,
+                        ErrorKind::ReadOnly,
+                        format!("global store at {a:#x} into the read-only region at {:#x}", r.addr),
+                        Some(a),
+                    ))
+                }
+                _ => {}
+            }
+        }
+        Ok((al, off))
+    }
+
     /// Checks and performs a global access of `len` bytes per lane; loads fill `data`.
     pub(crate) fn global(
         &mut self,
@@ -89,62 +163,11 @@ impl<'a> Block<'a> {
         write: bool,
         data: &mut Bytes,
     ) -> R<()> {
-        let mem = &self.l.mem;
-        let mut cache: Option<&std::sync::Arc<crate::memory::Allocation>> = None;
         let mut sectors = [0u64; 32];
         let mut ns = 0;
-        let what = if write { "store" } else { "load" };
         for l in lanes(exec) {
             let a = addrs[l as usize];
-            if !a.is_multiple_of(len as u64) {
-                return Err(self.fault(
-                    wi,
-                    l,
-                    ErrorKind::Misaligned,
-                    format!("global {what} of {len} bytes at {a:#x} is not {len}-byte aligned"),
-                    Some(a),
-                ));
-            }
-            let hit = cache.filter(|c| a >= c.base && a - c.base < c.len);
-            let al = match hit.or_else(|| mem.find(a)) {
-                Some(x) => x,
-                None => return Err(self.fault(
-                    wi,
-                    l,
-                    ErrorKind::OutOfBounds,
-                    format!(
-                        "global {what} of {len} bytes at {a:#x} is outside every live allocation"
-                    ),
-                    Some(a),
-                )),
-            };
-            cache = Some(al);
-            let off = a - al.base;
-            if off + len as u64 > al.len {
-                return Err(self.fault(
-                    wi,
-                    l,
-                    ErrorKind::OutOfBounds,
-                    format!("global {what} of {len} bytes at {a:#x} runs past the end of the {}-byte allocation at {:#x}", al.len, al.base),
-                    Some(a),
-                ));
-            }
-            if !self.l.regions.is_empty() {
-                let r = self
-                    .l
-                    .regions
-                    .iter()
-                    .find(|r| a >= r.addr && a + len as u64 <= r.addr + r.bytes);
-                match r {
-                    None => {
-                        return Err(self.fault(wi, l, ErrorKind::OutOfBounds, format!("global {what} of {len} bytes at {a:#x} is outside every region of the launch"), Some(a)))
-                    }
-                    Some(r) if write && !r.writable => {
-                        return Err(self.fault(wi, l, ErrorKind::ReadOnly, format!("global store at {a:#x} into the read-only region at {:#x}", r.addr), Some(a)))
-                    }
-                    _ => {}
-                }
-            }
+            let (al, off) = self.locate(wi, l, a, len, write)?;
             let d = &mut data[l as usize];
             if write {
                 let mut v = [0u32; 4];

@@ -7,6 +7,7 @@
 //! An instruction runs for all active lanes of a warp in one loop over 32 register lanes.
 
 mod alu;
+mod atomic;
 mod block;
 mod cvt;
 mod mem;
