@@ -148,3 +148,40 @@ fn self_measure_speed_elementwise() {
         c.lane_instructions as f64 / secs / 1e6
     );
 }
+
+/// `lathe_sum_f32` / `lathe_max_abs_f32`: pass 1 writes per-block partials, pass 2 folds them
+/// in one block (warp shuffles, a shared array of warp results, a barrier).
+#[test]
+fn reductions_two_passes() {
+    let sim = sim();
+    let m = sim.load_module(include_str!("data/reduce.ptx")).expect("load");
+    let n = 5000usize;
+    let mut rng = Rng::new(21);
+    let x: Vec<f32> = (0..n).map(|_| rng.f32()).collect();
+    let px = upload_f32(&sim, &x);
+    let blocks = n.div_ceil(1024) as u32;
+    let partial = poisoned(&sim, blocks as usize);
+    let out = poisoned(&sim, 1);
+    let launch = |entry: &str, x: u64, n: u64, out: u64, grid: u32| {
+        sim.launch(
+            &m,
+            entry,
+            &Launch {
+                grid: (grid, 1, 1),
+                block: (256, 1, 1),
+                params: vec![Param::U64(x), Param::U64(n), Param::U64(out)],
+                ..Launch::default()
+            },
+        )
+        .expect(entry)
+    };
+    launch("lathe_sum_f32", px, n as u64, partial, blocks);
+    launch("lathe_sum_f32", partial, blocks as u64, out, 1);
+    let want: f64 = x.iter().map(|v| *v as f64).sum();
+    let got = download_f32(&sim, out, 1)[0] as f64;
+    assert!((got - want).abs() <= 1e-5 * x.iter().map(|v| v.abs() as f64).sum::<f64>());
+    launch("lathe_max_abs_f32", px, n as u64, partial, blocks);
+    launch("lathe_max_abs_f32", partial, blocks as u64, out, 1);
+    let want = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+    assert_eq!(download_f32(&sim, out, 1)[0], want);
+}
