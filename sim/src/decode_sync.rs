@@ -196,6 +196,7 @@ pub(crate) fn decode_sync(ctx: &mut Ctx, ins: &Instr, base: &str, mods: &[&str])
             nops(ins, 0)?;
             Ok((Op::Fence, false))
         }
+        "wgmma" => crate::decode_hopper::wgmma(ctx, ins, mods),
         "setmaxnreg" => {
             let inc = match mods {
                 ["inc", "sync", "aligned", "u32"] => true,
@@ -237,6 +238,7 @@ fn cp(ctx: &mut Ctx, ins: &Instr, mods: &[&str]) -> R<(Op, bool)> {
             .ok_or_else(|| parse_err(ins.line, "`cp.async.wait_group` takes an integer"))?;
             Ok((Op::CpAsyncWait { n, all: false }, false))
         }
+        ["async", "bulk", "tensor", ..] => crate::decode_hopper::tma(ctx, ins, mods),
         ["async", cache, dsts, "global", rest @ ..] if is_shared(dsts) => {
             let cg = match *cache {
                 "ca" => false,

@@ -462,6 +462,33 @@ pub(crate) enum Op {
     },
     /// Fences that have no effect in the simulator's memory model.
     Fence,
+    WgmmaFence,
+    WgmmaCommit,
+    WgmmaWait {
+        n: u32,
+    },
+    /// `wgmma.mma_async.sync.aligned.m64nNk16.f32.{bf16,f16}.{..}`: D (N/2 f32 registers per
+    /// thread), A from a shared descriptor or four registers, B from a descriptor.
+    Wgmma {
+        n: u32,
+        bf16: bool,
+        d: Vec<Slot>,
+        a_desc: Option<Src>,
+        a_regs: Option<[Slot; 4]>,
+        b_desc: Src,
+        scale_d: Src,
+        scale_a: i32,
+        scale_b: i32,
+        trans_a: u32,
+        trans_b: u32,
+    },
+    /// `cp.async.bulk.tensor.Nd.shared::cluster.global.tile.mbarrier::complete_tx::bytes`.
+    TmaLoad {
+        dst: Addr,
+        map: Addr,
+        coords: Vec<Src>,
+        mbar: Addr,
+    },
     Setmaxnreg {
         inc: bool,
         n: u32,
@@ -516,4 +543,159 @@ pub(crate) struct Kernel {
 #[derive(Debug)]
 pub(crate) struct Program {
     pub(crate) kernels: Vec<Kernel>,
+}
+
+fn src_slot(s: &Src, out: &mut Vec<Slot>) {
+    if let Src::Reg(r) = s {
+        out.push(*r);
+    }
+}
+
+fn addr_slot(a: &Addr, out: &mut Vec<Slot>) {
+    if let Some(b) = a.base {
+        out.push(b);
+    }
+}
+
+impl Op {
+    /// Every register slot the operation reads or writes (for the wgmma register hazard check).
+    pub(crate) fn slots(&self, out: &mut Vec<Slot>) {
+        let s = src_slot;
+        match self {
+            Op::Int { d, a, b, .. }
+            | Op::MulWide { d, a, b, .. }
+            | Op::PredBin { d, a, b, .. }
+            | Op::F { d, a, b, .. }
+            | Op::CvtPack { d, a, b, .. } => {
+                out.push(*d);
+                s(a, out);
+                s(b, out);
+            }
+            Op::Mad { d, a, b, c, .. } | Op::Fma { d, a, b, c, .. } => {
+                out.push(*d);
+                s(a, out);
+                s(b, out);
+                s(c, out);
+            }
+            Op::IntUn { d, a, .. }
+            | Op::FUn { d, a, .. }
+            | Op::Testp { d, a, .. }
+            | Op::Mov { d, a }
+            | Op::Cvt { d, a, .. }
+            | Op::Cvta { d, a, .. } => {
+                out.push(*d);
+                s(a, out);
+            }
+            Op::Setp {
+                d, d2, a, b, comb, ..
+            } => {
+                out.extend(d.iter().chain(d2.iter()));
+                s(a, out);
+                s(b, out);
+                if let Some((_, c, _)) = comb {
+                    s(c, out);
+                }
+            }
+            Op::Selp { d, a, b, c } => {
+                out.extend([*d, *c]);
+                s(a, out);
+                s(b, out);
+            }
+            Op::Pack { d, parts, .. } => {
+                out.push(*d);
+                parts.iter().for_each(|p| s(p, out));
+            }
+            Op::Unpack { ds, a, .. } => {
+                out.extend(ds.iter().flatten());
+                s(a, out);
+            }
+            Op::Ld { ds, addr, .. } => {
+                out.extend(ds.iter().flatten());
+                addr_slot(addr, out);
+            }
+            Op::St { vals, addr, .. } => {
+                vals.iter().for_each(|v| s(v, out));
+                addr_slot(addr, out);
+            }
+            Op::Bar { id, count, .. } => {
+                s(id, out);
+                count.iter().for_each(|c| s(c, out));
+            }
+            Op::WarpSync { mask } => s(mask, out),
+            Op::Shfl {
+                d,
+                p,
+                a,
+                b,
+                c,
+                mask,
+                ..
+            } => {
+                out.push(*d);
+                out.extend(p.iter());
+                [a, b, c, mask].into_iter().for_each(|x| s(x, out));
+            }
+            Op::CpAsync {
+                dst, src, src_size, ..
+            } => {
+                addr_slot(dst, out);
+                addr_slot(src, out);
+                src_size.iter().for_each(|x| s(x, out));
+            }
+            Op::Ldmatrix { ds, addr, .. } => {
+                out.extend(ds.iter());
+                addr_slot(addr, out);
+            }
+            Op::Mma { d, a, b, c, .. } => {
+                out.extend(d.iter().chain(a.iter()).chain(b.iter()));
+                c.iter().for_each(|x| s(x, out));
+            }
+            Op::Atom { d, addr, b, c, .. } => {
+                out.extend(d.iter());
+                addr_slot(addr, out);
+                s(b, out);
+                c.iter().for_each(|x| s(x, out));
+            }
+            Op::Mbar { d, addr, arg, .. } => {
+                out.extend(d.iter());
+                addr_slot(addr, out);
+                arg.iter().for_each(|x| s(x, out));
+            }
+            Op::TmaLoad {
+                dst,
+                map,
+                coords,
+                mbar,
+            } => {
+                addr_slot(dst, out);
+                addr_slot(map, out);
+                addr_slot(mbar, out);
+                coords.iter().for_each(|x| s(x, out));
+            }
+            Op::Wgmma {
+                d,
+                a_desc,
+                a_regs,
+                b_desc,
+                scale_d,
+                ..
+            } => {
+                out.extend(d.iter());
+                a_desc.iter().for_each(|x| s(x, out));
+                out.extend(a_regs.iter().flatten());
+                s(b_desc, out);
+                s(scale_d, out);
+            }
+            Op::Bra { .. }
+            | Op::Exit
+            | Op::Trap
+            | Op::CpAsyncCommit
+            | Op::CpAsyncWait { .. }
+            | Op::Fence
+            | Op::WgmmaFence
+            | Op::WgmmaCommit
+            | Op::WgmmaWait { .. }
+            | Op::Setmaxnreg { .. } => {}
+        }
+    }
 }

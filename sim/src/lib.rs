@@ -9,6 +9,7 @@
 //! - [`tensor_map`]: Lathe's own 128-byte tensor-map encoding for TMA on the simulator.
 
 mod decode;
+mod decode_hopper;
 mod decode_inst;
 mod decode_mem;
 mod decode_sync;

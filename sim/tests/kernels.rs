@@ -154,7 +154,9 @@ fn self_measure_speed_elementwise() {
 #[test]
 fn reductions_two_passes() {
     let sim = sim();
-    let m = sim.load_module(include_str!("data/reduce.ptx")).expect("load");
+    let m = sim
+        .load_module(include_str!("data/reduce.ptx"))
+        .expect("load");
     let n = 5000usize;
     let mut rng = Rng::new(21);
     let x: Vec<f32> = (0..n).map(|_| rng.f32()).collect();

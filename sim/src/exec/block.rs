@@ -185,6 +185,8 @@ pub(crate) enum WState {
     Bar(u32),
     /// Parked on an mbarrier phase (shared offset, parity).
     Mbar(u32, u32),
+    /// Waiting for the other warps of warpgroup `g` at a `wgmma.mma_async`.
+    Wg(u32),
     Done,
 }
 
@@ -208,6 +210,11 @@ pub(crate) struct Warp {
     pub(crate) cp: Vec<PendingCopy>,
     pub(crate) cp_committed: [u32; 32],
     pub(crate) maxnreg: Option<u32>,
+    /// Accumulator slots of wgmma ops not yet committed, and of committed groups not yet
+    /// retired by `wgmma.wait_group`.
+    pub(crate) wg_open: Vec<Slot>,
+    pub(crate) wg_groups: std::collections::VecDeque<Vec<Slot>>,
+    pub(crate) wg_busy: bool,
 }
 
 impl Warp {
@@ -338,6 +345,8 @@ pub(crate) struct Block<'a> {
     pub(crate) clocks: Clocks,
     pub(crate) bars: Vec<BarState>,
     pub(crate) mbars: HashMap<u32, Mbar>,
+    /// Warps (and the PC) that reached a `wgmma.mma_async`, per warpgroup.
+    pub(crate) wg_arrived: Vec<Vec<(usize, u32)>>,
     pub(crate) c: Counters,
     pub(crate) cur_pc: u32,
     pub(crate) exited_threads: u32,
@@ -398,6 +407,9 @@ impl<'a> Block<'a> {
                 cp: Vec::new(),
                 cp_committed: [0; 32],
                 maxnreg: None,
+                wg_open: Vec::new(),
+                wg_groups: std::collections::VecDeque::new(),
+                wg_busy: false,
             });
         }
         Block {
@@ -407,6 +419,7 @@ impl<'a> Block<'a> {
             clocks: Clocks::new(nwarps),
             bars: (0..16).map(|_| BarState::default()).collect(),
             mbars: HashMap::new(),
+            wg_arrived: vec![Vec::new(); nwarps.div_ceil(4)],
             warps,
             c: Counters::default(),
             cur_pc: 0,
@@ -519,6 +532,15 @@ impl<'a> Block<'a> {
                     format!("`.aligned` instruction reached by lanes {exec:#010x} of the warp; lane {missing} is missing (divergent, predicated off or exited)"),
                     None,
                 ));
+            }
+            if self.warps[wi].wg_busy
+                && exec != 0
+                && !matches!(
+                    inst.op,
+                    Op::Wgmma { .. } | Op::WgmmaCommit | Op::WgmmaWait { .. } | Op::WgmmaFence
+                )
+            {
+                self.wgmma_hazard(wi, &inst.op, exec.trailing_zeros())?;
             }
             let flow = if exec == 0 && !matches!(inst.op, Op::Exit) {
                 Flow::Next
@@ -801,6 +823,11 @@ impl<'a> Block<'a> {
             | Op::Mbar { .. }
             | Op::Setmaxnreg { .. } => return self.sync_op(wi, op, exec),
             Op::Atom { .. } => return self.atomic(wi, op, exec),
+            Op::WgmmaFence
+            | Op::WgmmaCommit
+            | Op::WgmmaWait { .. }
+            | Op::Wgmma { .. }
+            | Op::TmaLoad { .. } => return self.hopper_op(wi, op, exec),
         }
         Ok(Flow::Next)
     }
@@ -846,6 +873,12 @@ impl<'a> Block<'a> {
                     let tx = self.mbars.get(&a).map_or(0, |m| m.tx);
                     waits.push(format!(
                         "warp {i} waits for parity {p} of the mbarrier at shared {a:#x} (completed phases {phase}, {pend} arrivals and {tx} tx bytes pending)"
+                    ));
+                    first.get_or_insert(i);
+                }
+                WState::Wg(g) => {
+                    waits.push(format!(
+                        "warp {i} waits for the other warps of warpgroup {g} at a wgmma.mma_async"
                     ));
                     first.get_or_insert(i);
                 }

@@ -10,6 +10,8 @@ mod alu;
 mod atomic;
 mod block;
 mod cvt;
+mod hopper;
+mod hopper_hooks;
 mod mem;
 mod smem;
 mod sync;

@@ -345,7 +345,6 @@ impl<'a> Block<'a> {
     }
 
     /// Adds `bytes` completed by the async proxy to the mbarrier at `a` (TMA `complete_tx`).
-    #[allow(dead_code)]
     pub(crate) fn mbar_complete_tx(&mut self, a: u32, bytes: i64) {
         let view = self.clocks.release_async();
         if let Some(m) = self.mbars.get_mut(&a) {
