@@ -10,13 +10,15 @@ mod alu;
 mod atomic;
 mod block;
 mod cvt;
+mod dispatch;
 mod hopper;
 mod hopper_hooks;
+mod launch;
 mod mem;
 mod smem;
 mod sync;
 
-pub(crate) use block::run_launch;
+pub(crate) use launch::run_launch;
 
 /// Generic-address window of shared memory (`cvta.shared`); the shared state space itself
 /// starts at 0 as on the GPU.
