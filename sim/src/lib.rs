@@ -8,9 +8,17 @@
 //!   tensor-core FLOPs). There is no timing model.
 //! - [`tensor_map`]: Lathe's own 128-byte tensor-map encoding for TMA on the simulator.
 
+mod decode;
+mod decode_hopper;
+mod decode_inst;
+mod decode_mem;
+mod decode_sync;
 mod error;
+mod exec;
 pub mod hopper;
+mod ir;
 mod memory;
+mod parse;
 pub mod tensor_map;
 
 pub use error::{ErrorKind, SimError, Site};
@@ -33,6 +41,9 @@ pub struct SimConfig {
     pub max_shared_per_block_optin: u32,
     /// Run independent blocks of a launch on several host threads.
     pub parallel_blocks: bool,
+    /// Warp instructions one block may execute before the launch fails with
+    /// [`ErrorKind::Trap`] (so an endless loop is an error, not a hang).
+    pub instruction_budget: u64,
 }
 
 impl Default for SimConfig {
@@ -44,6 +55,7 @@ impl Default for SimConfig {
             compute_capability: (9, 0),
             max_shared_per_block_optin: 227 * 1024,
             parallel_blocks: true,
+            instruction_budget: 1 << 28,
         }
     }
 }
@@ -154,9 +166,7 @@ impl InstClasses {
 /// A parsed PTX module, ready to launch. Cheap to clone.
 #[derive(Clone)]
 pub struct Module {
-    // Filled in by the interpreter: the decoded program.
-    #[allow(dead_code)]
-    inner: Arc<()>,
+    inner: Arc<ir::Program>,
     entries: Arc<Vec<String>>,
 }
 
@@ -243,20 +253,12 @@ impl Sim {
     /// Parses a PTX module. Malformed text or an instruction form the simulator does not
     /// implement is an error naming the PTX line.
     pub fn load_module(&self, ptx: &str) -> Result<Module, SimError> {
-        let entries: Vec<String> = ptx
-            .lines()
-            .filter_map(|l| {
-                let l = l.trim();
-                let rest = l
-                    .strip_prefix(".visible .entry ")
-                    .or(l.strip_prefix(".entry "))?;
-                Some(rest.split('(').next()?.trim().to_string())
-            })
-            .collect();
-        Err(SimError::new(
-            ErrorKind::Unsupported,
-            format!("the PTX interpreter is not built yet (module with entries {entries:?})"),
-        ))
+        let program = decode::decode_module(ptx)?;
+        let entries = program.kernels.iter().map(|k| k.name.clone()).collect();
+        Ok(Module {
+            inner: Arc::new(program),
+            entries: Arc::new(entries),
+        })
     }
 
     /// Runs `entry` of `module` to completion. Sanitizer findings, faults and bad launch
@@ -267,10 +269,17 @@ impl Sim {
         entry: &str,
         launch: &Launch,
     ) -> Result<Counters, SimError> {
-        let _ = (module, launch);
-        Err(SimError::new(
-            ErrorKind::Unsupported,
-            format!("cannot launch `{entry}`: the PTX interpreter is not built yet"),
-        ))
+        let k = module
+            .inner
+            .kernels
+            .iter()
+            .find(|k| k.name == entry)
+            .ok_or_else(|| {
+                SimError::new(
+                    ErrorKind::BadLaunch,
+                    format!("no entry `{entry}` in {module:?}"),
+                )
+            })?;
+        exec::run_launch(k, launch, self.inner.memory.snapshot(), &self.inner.config)
     }
 }

@@ -1,0 +1,252 @@
+//! The per-instruction dispatch: register-to-register operations inline, the rest handed to
+//! the memory, synchronisation, atomic and Hopper modules.
+
+use super::alu;
+use super::block::{Block, Flow};
+use super::cvt;
+use crate::error::{ErrorKind, SimError};
+use crate::ir::*;
+
+impl<'a> Block<'a> {
+    /// Executes one instruction for the lanes in `exec`.
+    pub(crate) fn exec(&mut self, wi: usize, op: &Op, exec: u32) -> Result<Flow, SimError> {
+        let w = &mut self.warps[wi];
+        match op {
+            Op::Int {
+                op,
+                bits,
+                signed,
+                d,
+                a,
+                b,
+            } => {
+                let r = alu::int_op(*op, *bits, *signed, &w.get(*a), &w.get(*b));
+                w.put(*d, &r, exec);
+            }
+            Op::IntUn { op, bits, d, a } => {
+                let r = alu::int_un(*op, *bits, &w.get(*a));
+                w.put(*d, &r, exec);
+            }
+            Op::MulWide {
+                signed,
+                bits,
+                d,
+                a,
+                b,
+            } => {
+                let r = alu::mul_wide(*signed, *bits, &w.get(*a), &w.get(*b));
+                w.put(*d, &r, exec);
+            }
+            Op::Mad {
+                hi,
+                wide,
+                signed,
+                bits,
+                d,
+                a,
+                b,
+                c,
+            } => {
+                let r = alu::mad(
+                    *hi,
+                    *wide,
+                    *signed,
+                    *bits,
+                    &w.get(*a),
+                    &w.get(*b),
+                    &w.get(*c),
+                );
+                w.put(*d, &r, exec);
+            }
+            Op::PredBin { op, d, a, b } => {
+                let (x, y) = (w.get(*a), w.get(*b));
+                let r = match op {
+                    BoolOp::And => alu::map2(&x, &y, |p, q| p & q & 1),
+                    BoolOp::Or => alu::map2(&x, &y, |p, q| (p | q) & 1),
+                    BoolOp::Xor => alu::map2(&x, &y, |p, q| (p ^ q) & 1),
+                };
+                w.put(*d, &r, exec);
+            }
+            Op::F {
+                op,
+                ty,
+                ftz,
+                sat,
+                d,
+                a,
+                b,
+            } => {
+                let r = alu::fbin(*op, *ty, *ftz, *sat, &w.get(*a), &w.get(*b));
+                w.put(*d, &r, exec);
+            }
+            Op::Fma {
+                ty,
+                ftz,
+                sat,
+                d,
+                a,
+                b,
+                c,
+            } => {
+                let r = alu::fma(*ty, *ftz, *sat, &w.get(*a), &w.get(*b), &w.get(*c));
+                w.put(*d, &r, exec);
+            }
+            Op::FUn { op, ty, ftz, d, a } => {
+                let r = alu::fun(*op, *ty, *ftz, &w.get(*a));
+                w.put(*d, &r, exec);
+            }
+            Op::Setp {
+                cmp,
+                ty,
+                ftz,
+                d,
+                d2,
+                a,
+                b,
+                comb,
+            } => {
+                let r = alu::setp(*cmp, *ty, *ftz, &w.get(*a), &w.get(*b));
+                let (r, r2) = match comb {
+                    None => (r, alu::map1(&r, |x| x ^ 1)),
+                    Some((op, c, neg)) => {
+                        let cv = w.get(*c);
+                        let n = u64::from(*neg);
+                        let f = |x: u64, y: u64| -> u64 {
+                            let y = (y & 1) ^ n;
+                            match op {
+                                BoolOp::And => x & y,
+                                BoolOp::Or => x | y,
+                                BoolOp::Xor => x ^ y,
+                            }
+                        };
+                        let r1 = alu::map2(&r, &cv, f);
+                        let r2 = alu::map2(&alu::map1(&r, |x| x ^ 1), &cv, f);
+                        (r1, r2)
+                    }
+                };
+                if let Some(d) = d {
+                    w.put(*d, &r, exec);
+                }
+                if let Some(d2) = d2 {
+                    w.put(*d2, &r2, exec);
+                }
+            }
+            Op::Selp { d, a, b, c } => {
+                let r = alu::map3(&w.get(*a), &w.get(*b), &w.get(Src::Reg(*c)), |x, y, p| {
+                    if p & 1 != 0 { x } else { y }
+                });
+                w.put(*d, &r, exec);
+            }
+            Op::Testp { p, ty, d, a } => {
+                let r = alu::testp(*p, *ty, &w.get(*a));
+                w.put(*d, &r, exec);
+            }
+            Op::Mov { d, a } => {
+                let m = alu::mask_of(self.l.k.slot_bits[*d as usize] as u32);
+                let r = alu::map1(&w.get(*a), |x| x & m);
+                w.put(*d, &r, exec);
+            }
+            Op::Pack { d, parts, part } => {
+                let pm = alu::mask_of(*part as u32);
+                let mut r = [0u64; 32];
+                for (i, p) in parts.iter().enumerate() {
+                    let v = w.get(*p);
+                    let sh = i as u32 * *part as u32;
+                    r = alu::map2(&r, &v, |acc, x| acc | ((x & pm) << sh));
+                }
+                w.put(*d, &r, exec);
+            }
+            Op::Unpack { ds, a, part } => {
+                let pm = alu::mask_of(*part as u32);
+                let v = w.get(*a);
+                for (i, d) in ds.iter().enumerate() {
+                    if let Some(d) = d {
+                        let sh = i as u32 * *part as u32;
+                        let r = alu::map1(&v, |x| (x >> sh) & pm);
+                        w.put(*d, &r, exec);
+                    }
+                }
+            }
+            Op::Cvt {
+                dty,
+                sty,
+                rnd,
+                int_rnd,
+                sat,
+                ftz,
+                d,
+                a,
+            } => {
+                let r = cvt::cvt(*dty, *sty, *rnd, *int_rnd, *sat, *ftz, &w.get(*a));
+                // Signed results sign-extend into a wider register.
+                let db = self.l.k.slot_bits[*d as usize] as u32;
+                let r = if matches!(dty, Ty::S(_)) && db > dty.bits() {
+                    let b = dty.bits();
+                    alu::map1(&r, |x| (alu::sx(x, b) as u64) & alu::mask_of(db))
+                } else {
+                    r
+                };
+                w.put(*d, &r, exec);
+            }
+            Op::CvtPack {
+                bf16,
+                relu,
+                d,
+                a,
+                b,
+            } => {
+                let r = cvt::cvt_pack(*bf16, *relu, &w.get(*a), &w.get(*b));
+                w.put(*d, &r, exec);
+            }
+            Op::Cvta {
+                to_generic,
+                space,
+                d,
+                a,
+            } => {
+                let base = match space {
+                    Space::Shared => super::SHARED_WINDOW,
+                    Space::Param => super::PARAM_WINDOW,
+                    _ => 0,
+                };
+                let v = w.get(*a);
+                let r = if *to_generic {
+                    alu::map1(&v, |x| x.wrapping_add(base))
+                } else {
+                    alu::map1(&v, |x| x.wrapping_sub(base))
+                };
+                w.put(*d, &r, exec);
+            }
+            Op::Bra { target } => return Ok(Flow::Jump(exec, *target)),
+            Op::Exit => return Ok(Flow::Exit(exec)),
+            Op::Trap => {
+                return Err(self.fault(
+                    wi,
+                    exec.trailing_zeros(),
+                    ErrorKind::Trap,
+                    "`trap` executed".into(),
+                    None,
+                ));
+            }
+            Op::Fence => {}
+            Op::Ld { .. } | Op::St { .. } => return self.ld_st(wi, op, exec),
+            Op::CpAsync { .. }
+            | Op::CpAsyncCommit
+            | Op::CpAsyncWait { .. }
+            | Op::Ldmatrix { .. } => return self.async_or_matrix(wi, op, exec),
+            Op::Bar { .. }
+            | Op::WarpSync { .. }
+            | Op::Shfl { .. }
+            | Op::Mma { .. }
+            | Op::Mbar { .. }
+            | Op::Setmaxnreg { .. } => return self.sync_op(wi, op, exec),
+            Op::Atom { .. } => return self.atomic(wi, op, exec),
+            Op::WgmmaFence
+            | Op::WgmmaCommit
+            | Op::WgmmaWait { .. }
+            | Op::Wgmma { .. }
+            | Op::TmaLoad { .. } => return self.hopper_op(wi, op, exec),
+        }
+        Ok(Flow::Next)
+    }
+}

@@ -1,0 +1,267 @@
+//! Shared memory of one block with its sanitizer state, and the vector clocks that say which
+//! accesses are ordered.
+//!
+//! Ordering: each warp has a clock; a barrier (or an mbarrier arrive/wait pair) merges the
+//! views of the warps it synchronises, as vector clocks do. Every shared byte remembers its
+//! last write and last read (thread and the writer's clock then). An access by thread `t` of
+//! warp `w` conflicts with a recorded access by another thread `u` when `u`'s clock at that
+//! access is not below what `w` knows of `u`'s warp, i.e. no barrier chain orders them. Two
+//! lanes of one warp instruction never conflict (checks run before any lane records). Only the
+//! last reader of a byte is remembered, so a race between a write and an earlier one of several
+//! readers can go unseen; the ones reported are always real.
+
+/// The thread id recorded for bytes written by the async proxy (TMA).
+pub(crate) const ASYNC_TID: u16 = 0xffff;
+
+const PRESENT: u64 = 1 << 63;
+
+pub(crate) struct Clocks {
+    nwarps: usize,
+    /// `known[w * (nwarps + 1) + x]`: the clock of warp `x` (column `nwarps`: the async proxy)
+    /// up to which warp `w` is ordered after; `known[w][w]` is `w`'s own clock.
+    known: Vec<u32>,
+    pub(crate) async_clock: u32,
+}
+
+impl Clocks {
+    pub(crate) fn new(nwarps: usize) -> Clocks {
+        let n = nwarps + 1;
+        let mut known = vec![0u32; nwarps * n];
+        for w in 0..nwarps {
+            known[w * n + w] = 1;
+        }
+        Clocks {
+            nwarps,
+            known,
+            async_clock: 1,
+        }
+    }
+
+    #[inline]
+    pub(crate) fn own(&self, w: usize) -> u32 {
+        self.known[w * (self.nwarps + 1) + w]
+    }
+
+    #[inline]
+    fn col(&self, tid: u16) -> usize {
+        if tid == ASYNC_TID {
+            self.nwarps
+        } else {
+            tid as usize / 32
+        }
+    }
+
+    /// Whether an access recorded as (`tid`, `epoch`) is ordered before the current point of
+    /// thread `me` in warp `w`.
+    #[inline]
+    fn ordered(&self, rec_tid: u16, rec_epoch: u32, me: u16, w: usize) -> bool {
+        rec_tid == me || rec_epoch < self.known[w * (self.nwarps + 1) + self.col(rec_tid)]
+    }
+
+    /// A barrier among `parts`: each advances its clock and all learn the merged view.
+    pub(crate) fn barrier(&mut self, parts: &[usize]) {
+        let n = self.nwarps + 1;
+        let mut m = vec![0u32; n];
+        for &p in parts {
+            self.known[p * n + p] += 1;
+            for (x, v) in m.iter_mut().enumerate() {
+                *v = (*v).max(self.known[p * n + x]);
+            }
+        }
+        for &p in parts {
+            self.known[p * n..p * n + n].copy_from_slice(&m);
+        }
+    }
+
+    /// A release by warp `w` (mbarrier arrive): returns the view a later acquirer merges.
+    pub(crate) fn release(&mut self, w: usize) -> Vec<u32> {
+        let n = self.nwarps + 1;
+        self.known[w * n + w] += 1;
+        self.known[w * n..w * n + n].to_vec()
+    }
+
+    /// A release by the async proxy (a TMA copy completing its bytes on an mbarrier).
+    pub(crate) fn release_async(&mut self) -> Vec<u32> {
+        let mut v = vec![0u32; self.nwarps + 1];
+        self.async_clock += 1;
+        v[self.nwarps] = self.async_clock;
+        v
+    }
+
+    /// An acquire by warp `w` of a released view.
+    pub(crate) fn acquire(&mut self, w: usize, view: &[u32]) {
+        let n = self.nwarps + 1;
+        for (x, v) in view.iter().enumerate().take(n) {
+            let k = &mut self.known[w * n + x];
+            *k = (*k).max(*v);
+        }
+    }
+
+    pub(crate) fn width(&self) -> usize {
+        self.nwarps + 1
+    }
+}
+
+/// What is wrong with a shared access.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Hazard {
+    Uninit,
+    /// Unordered with an access of thread `tid` (`write`: that access was a write).
+    Race {
+        tid: u16,
+        write: bool,
+    },
+    /// A `cp.async` into these bytes has not been waited for.
+    Pending,
+}
+
+pub(crate) struct Smem {
+    pub(crate) data: Vec<u8>,
+    wr: Vec<u64>,
+    rd: Vec<u64>,
+    pending: Vec<u8>,
+    pub(crate) npending: usize,
+}
+
+impl Smem {
+    pub(crate) fn new(bytes: usize) -> Smem {
+        Smem {
+            data: vec![0; bytes],
+            wr: vec![0; bytes],
+            rd: vec![0; bytes],
+            pending: Vec::new(),
+            npending: 0,
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.data.len()
+    }
+
+    /// Checks a read or write of `[off, off + len)` by thread `tid` of warp `w`; returns the
+    /// first hazard and the byte it is at.
+    #[inline]
+    pub(crate) fn check(
+        &self,
+        cl: &Clocks,
+        off: usize,
+        len: usize,
+        tid: u16,
+        w: usize,
+        write: bool,
+    ) -> Option<(Hazard, usize)> {
+        // Consecutive bytes usually share one record: check each distinct record once.
+        let (mut last_w, mut last_r) = (u64::MAX, u64::MAX);
+        for b in off..off + len {
+            if self.npending > 0 && self.pending[b] > 0 {
+                return Some((Hazard::Pending, b));
+            }
+            let r = self.wr[b];
+            if r != last_w {
+                last_w = r;
+                if r == 0 {
+                    if !write {
+                        return Some((Hazard::Uninit, b));
+                    }
+                } else {
+                    let (t, e) = (r as u16, (r >> 16) as u32);
+                    if !cl.ordered(t, e, tid, w) {
+                        return Some((
+                            Hazard::Race {
+                                tid: t,
+                                write: true,
+                            },
+                            b,
+                        ));
+                    }
+                }
+            }
+            if write {
+                let r = self.rd[b];
+                if r != 0 && r != last_r {
+                    last_r = r;
+                    let (t, e) = (r as u16, (r >> 16) as u32);
+                    if !cl.ordered(t, e, tid, w) {
+                        return Some((
+                            Hazard::Race {
+                                tid: t,
+                                write: false,
+                            },
+                            b,
+                        ));
+                    }
+                }
+            }
+        }
+        None
+    }
+
+    /// Records an access (after every lane of the instruction was checked).
+    #[inline]
+    pub(crate) fn record(&mut self, off: usize, len: usize, tid: u16, epoch: u32, write: bool) {
+        let v = PRESENT | ((epoch as u64) << 16) | tid as u64;
+        let t = if write { &mut self.wr } else { &mut self.rd };
+        t[off..off + len].fill(v);
+    }
+
+    /// Marks bytes as the destination of an outstanding `cp.async` (or unmarks them).
+    pub(crate) fn set_pending(&mut self, off: usize, len: usize, on: bool) {
+        if self.pending.is_empty() {
+            self.pending = vec![0; self.data.len()];
+        }
+        for p in &mut self.pending[off..off + len] {
+            if on {
+                *p = p.saturating_add(1);
+            } else {
+                *p = p.saturating_sub(1);
+            }
+        }
+        if on {
+            self.npending += 1;
+        } else {
+            self.npending = self.npending.saturating_sub(1);
+        }
+    }
+}
+
+/// Bank conflicts of one shared-memory warp access: `offs` per active lane, `len` bytes each
+/// (a 16-byte access runs in 4 phases of 8 lanes, an 8-byte one in 2 of 16). Returns the
+/// extra wavefronts beyond one per phase.
+pub(crate) fn bank_conflicts(exec: u32, offs: &[u64; 32], len: u32) -> u64 {
+    let per = match len {
+        0..=4 => 32,
+        5..=8 => 16,
+        _ => 8,
+    };
+    let mut extra = 0u64;
+    for p in 0..(32 / per) {
+        // Aligned accesses of at most 16 bytes: at most 32 words per phase.
+        let mut words = [0u64; 64];
+        let mut n = 0;
+        for (l, &a) in offs.iter().enumerate().take((p + 1) * per).skip(p * per) {
+            if exec >> l & 1 == 0 {
+                continue;
+            }
+            for wd in (a >> 2)..=((a + len.max(1) as u64 - 1) >> 2) {
+                if n < words.len() {
+                    words[n] = wd;
+                    n += 1;
+                }
+            }
+        }
+        if n == 0 {
+            continue;
+        }
+        let words = &mut words[..n];
+        words.sort_unstable();
+        let mut per_bank = [0u32; 32];
+        for i in 0..n {
+            if i == 0 || words[i] != words[i - 1] {
+                per_bank[(words[i] % 32) as usize] += 1;
+            }
+        }
+        let wave = per_bank.iter().copied().max().unwrap_or(1) as u64;
+        extra += wave.saturating_sub(1);
+    }
+    extra
+}

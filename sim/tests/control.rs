@@ -1,0 +1,186 @@
+//! Control flow (divergence and reconvergence), multi-block grids, parallel blocks, atomics and
+//! device memory behaviour.
+
+mod common;
+use common::*;
+use lathe_sim::{ErrorKind, Launch, Param, Sim, SimConfig};
+
+const HEADER: &str = ".version 8.0
+.target sm_80
+.address_size 64
+";
+
+/// Lane l loops l % 7 + 1 times adding its index, then branches three ways, then all lanes
+/// reconverge and do a warp-wide shuffle (which needs every lane, so a reconvergence bug
+/// is a Barrier error).
+const DIVERGE: &str = ".visible .entry k(.param .u64 out)
+{
+.reg .b32 %r<16>;
+.reg .b64 %rd<4>;
+.reg .pred %p<4>;
+ld.param.u64 %rd0, [out];
+mov.u32 %r1, %tid.x;
+rem.u32 %r2, %r1, 7; add.u32 %r2, %r2, 1;
+mov.u32 %r3, 0; mov.u32 %r4, 0;
+LOOP:
+add.u32 %r3, %r3, %r1;
+add.u32 %r4, %r4, 1;
+setp.lt.u32 %p0, %r4, %r2;
+@%p0 bra LOOP;
+and.b32 %r5, %r1, 3;
+setp.eq.u32 %p1, %r5, 0;
+@%p1 bra A;
+setp.eq.u32 %p2, %r5, 1;
+@%p2 bra B;
+mul.lo.u32 %r3, %r3, 3;
+bra.uni J;
+A:
+add.u32 %r3, %r3, 1000;
+bra.uni J;
+B:
+shl.b32 %r3, %r3, 1;
+J:
+shfl.sync.bfly.b32 %r6, %r3, 1, 31, -1;
+add.u32 %r3, %r3, %r6;
+mov.u32 %r7, %ctaid.x; mov.u32 %r8, %ntid.x; mad.lo.u32 %r9, %r7, %r8, %r1;
+mov.u32 %r10, %ctaid.y; mov.u32 %r11, %nctaid.x; mul.lo.u32 %r11, %r11, %r8; mad.lo.u32 %r9, %r10, %r11, %r9;
+mul.wide.u32 %rd1, %r9, 4; add.u64 %rd1, %rd1, %rd0;
+add.u32 %r3, %r3, %r9;
+st.global.u32 [%rd1], %r3;
+ret;
+}
+";
+
+fn diverge_expect(t: u32) -> u32 {
+    let v = |l: u32| {
+        let s = l * (l % 7 + 1);
+        match l % 4 {
+            0 => s + 1000,
+            1 => s << 1,
+            _ => s * 3,
+        }
+    };
+    v(t) + v(t ^ 1)
+}
+
+fn run_diverge(sim: &Sim) -> lathe_sim::Counters {
+    let m = sim.load_module(&format!("{HEADER}{DIVERGE}")).unwrap();
+    let n = 3 * 2 * 64;
+    let out = poisoned(sim, n);
+    let c = sim
+        .launch(
+            &m,
+            "k",
+            &Launch {
+                grid: (3, 2, 1),
+                block: (64, 1, 1),
+                params: vec![Param::U64(out)],
+                ..Launch::default()
+            },
+        )
+        .unwrap();
+    let got = download_u32(sim, out, n);
+    for (g, v) in got.iter().enumerate() {
+        let t = (g % 64) as u32;
+        assert_eq!(*v, diverge_expect(t).wrapping_add(g as u32), "thread {g}");
+    }
+    c
+}
+
+#[test]
+fn divergent_loops_and_branches_reconverge() {
+    let c = run_diverge(&sim());
+    assert_eq!(c.blocks, 6);
+    assert_eq!(c.threads_per_block, 64);
+    assert_eq!(c.global_store_requests, 12);
+    // Coalesced 4-byte stores: 4 sectors per warp.
+    assert_eq!(c.global_store_sectors, 48);
+}
+
+#[test]
+fn parallel_blocks_count_the_same() {
+    let serial = run_diverge(&sim());
+    let parallel = run_diverge(&Sim::new(SimConfig::default()));
+    assert_eq!(serial, parallel);
+}
+
+#[test]
+fn atomics_and_reductions() {
+    let sim = sim();
+    let src = format!(
+        "{HEADER}.visible .entry k(.param .u64 out)
+{{
+.reg .b32 %r<8>;
+.reg .f32 %f<4>;
+.reg .b64 %rd<4>;
+ld.param.u64 %rd0, [out];
+mov.u32 %r1, %tid.x;
+atom.global.add.u32 %r2, [%rd0], 1;
+red.global.add.u32 [%rd0+4], %r1;
+atom.global.max.s32 %r3, [%rd0+8], %r1;
+cvt.rn.f32.u32 %f0, %r1;
+red.global.add.f32 [%rd0+12], %f0;
+atom.global.exch.b32 %r4, [%rd0+16], %r1;
+atom.global.cas.b32 %r5, [%rd0+20], 0, 7;
+ret;
+}}
+"
+    );
+    let m = sim.load_module(&src).unwrap();
+    let out = upload_u32(&sim, &[0; 6]);
+    let c = sim
+        .launch(
+            &m,
+            "k",
+            &Launch {
+                grid: (2, 1, 1),
+                block: (64, 1, 1),
+                params: vec![Param::U64(out)],
+                ..Launch::default()
+            },
+        )
+        .unwrap();
+    let got = download_u32(&sim, out, 6);
+    assert_eq!(got[0], 128);
+    assert_eq!(got[1], 2 * (0..64).sum::<u32>());
+    assert_eq!(got[2], 63);
+    assert_eq!(f32::from_bits(got[3]), 2.0 * (0..64).sum::<u32>() as f32);
+    assert!(got[4] < 64);
+    assert_eq!(got[5], 7);
+    assert_eq!(c.global_atomics, 6 * 128);
+}
+
+#[test]
+fn device_memory_rules() {
+    let sim = Sim::new(SimConfig {
+        memory_bytes: 4096,
+        ..SimConfig::default()
+    });
+    let a = sim.alloc(100).unwrap();
+    let b = sim.alloc(100).unwrap();
+    assert_eq!(a % 256, 0);
+    assert_eq!(b % 256, 0);
+    assert_ne!(a, b);
+    assert_eq!(sim.mem_info(), (4096 - 512, 4096));
+    assert_eq!(sim.alloc(8192).unwrap_err().kind, ErrorKind::OutOfMemory);
+    assert_eq!(
+        sim.write(a + 90, &[1; 20]).unwrap_err().kind,
+        ErrorKind::BadAddress
+    );
+    sim.write(a, &[1, 2, 3, 4, 5]).unwrap();
+    sim.fill(a + 5, 3, 9).unwrap();
+    sim.copy(b + 1, a, 8).unwrap();
+    let mut r = [0u8; 9];
+    sim.read(b, &mut r).unwrap();
+    assert_eq!(&r[1..], &[1, 2, 3, 4, 5, 9, 9, 9]);
+    sim.free(a).unwrap();
+    assert_eq!(sim.free(a).unwrap_err().kind, ErrorKind::BadAddress);
+    // Addresses are never reused.
+    let c = sim.alloc(100).unwrap();
+    assert!(c > b);
+    let mut one = [0u8; 1];
+    assert_eq!(
+        sim.read(a, &mut one).unwrap_err().kind,
+        ErrorKind::BadAddress
+    );
+}
