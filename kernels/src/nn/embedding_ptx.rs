@@ -238,7 +238,7 @@ pub(crate) fn backward_tok(name: &str, dt: Elem) -> String {
     a.l(".reg .b32 %cnt, %incl, %y, %woff, %total, %pos, %k, %k4, %nj, %rj, %sa;");
     a.l(".reg .f32 %d<4>, %acc, %zf;");
     emit!(a, ".reg .pred %pm<{per}>;");
-    a.l(".reg .pred %pc, %pq, %pu;");
+    a.l(".reg .pred %pc, %pq, %pu, %pz;");
     ld_ptr(&mut a, "%ptok", "tokens");
     ld_ptr(&mut a, "%pd", "dout");
     ld_ptr(&mut a, "%pw", "dwte");
@@ -251,6 +251,8 @@ pub(crate) fn backward_tok(name: &str, dt: Elem) -> String {
     a.l("mov.u32 %tx, %tid.x;");
     a.l("and.b32 %lane, %tx, 31;");
     a.l("shr.u32 %warp, %tx, 5;");
+    a.c("thread 0 alone marks touched rows (one writer per flag, no store race)");
+    a.l("setp.eq.u32 %pz, %tx, 0;");
     a.c("tile: vocabulary rows [v0, v0 + 64), this thread's channel col = c0 + tx");
     a.l("mov.u32 %v0, %ctaid.x;");
     emit!(a, "mul.lo.u32 %v0, %v0, {TOK_ROWS};");
@@ -395,7 +397,7 @@ fn load_listed(a: &mut Asm, dt: Elem, sh: u32, j: usize, dst: &str) {
     ld_at_if(a, dt, &[dst.to_string()], "%pc");
 }
 
-/// `acc[list_r[k + j]][tx] += src`; marks the row touched.
+/// `acc[list_r[k + j]][tx] += src`; thread 0 marks the row touched.
 fn add_listed(a: &mut Asm, j: usize, src: &str) {
     a.l("shl.b32 %sa, %k, 2;");
     a.l("mov.u32 %t32, s_list_r;");
@@ -404,7 +406,7 @@ fn add_listed(a: &mut Asm, j: usize, src: &str) {
     a.l("mov.u32 %t32, s_touched;");
     a.l("shl.b32 %sa, %rj, 2;");
     a.l("add.u32 %t32, %t32, %sa;");
-    a.l("st.shared.u32 [%t32], %one;");
+    a.l("@%pz st.shared.u32 [%t32], %one;");
     emit!(a, "mad.lo.u32 %sa, %rj, {TOK_CHANNELS}, %tx;");
     a.l("shl.b32 %sa, %sa, 2;");
     a.l("mov.u32 %t32, s_acc;");

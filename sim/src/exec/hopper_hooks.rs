@@ -2,16 +2,13 @@
 //!
 //! The engine decodes the instructions, resolves operands, checks memory and keeps the
 //! mbarrier, async-proxy and wgmma-group state; these two functions are the only places that
-//! need the tensor-map, descriptor and register-layout knowledge. Until that module is part of
-//! the crate they return `Unsupported`, so a kernel using them fails at launch with a clear
-//! error (never a wrong result).
+//! need the tensor-map, descriptor and register-layout knowledge, which lives in
+//! [`crate::hopper`] and [`crate::tensor_map`].
 
 use crate::error::{ErrorKind, SimError};
 
 /// One `wgmma.mma_async` m64nNk16 with f32 accumulators, its operands resolved.
 #[derive(Clone, Debug)]
-// Every field is input to the Hopper product; the stub below reads only `n`.
-#[allow(dead_code)]
 pub(crate) struct WgmmaCall {
     /// N: 8..=256 in steps of 8.
     pub(crate) n: u32,
@@ -43,14 +40,41 @@ pub(crate) fn wgmma(
     load_chunk: &mut LoadChunk,
     regs: &mut [f32],
 ) -> Result<(), SimError> {
-    let _ = (load_chunk, regs);
-    Err(SimError::new(
-        ErrorKind::Unsupported,
-        format!(
-            "wgmma m64n{}k16: the Hopper operand and product functions are not part of this build",
-            call.n
-        ),
-    ))
+    use crate::hopper::desc::{Major, decode};
+    use crate::hopper::wgmma::{
+        ASource, MmaDtype, MmaOp, gather_accumulators, mma_chunked, scatter_accumulators,
+    };
+    let a = match (&call.a_desc, &call.a_regs) {
+        (Some(d), _) => ASource::Shared {
+            desc: decode(*d)?,
+            major: Major::from_trans(call.trans_a)?,
+        },
+        (None, Some(r)) => ASource::Registers(r),
+        (None, None) => {
+            return Err(SimError::new(
+                ErrorKind::Unsupported,
+                "wgmma without an A operand",
+            ));
+        }
+    };
+    let op = MmaOp {
+        n: call.n,
+        dtype: if call.bf16 {
+            MmaDtype::BF16
+        } else {
+            MmaDtype::F16
+        },
+        a,
+        b: decode(call.b_desc)?,
+        b_major: Major::from_trans(call.trans_b)?,
+        scale_d: call.scale_d,
+        scale_a: call.scale_a,
+        scale_b: call.scale_b,
+    };
+    let mut d = vec![0f32; 64 * call.n as usize];
+    gather_accumulators(call.n, regs, &mut d)?;
+    mma_chunked(&op, load_chunk, &mut d)?;
+    scatter_accumulators(call.n, &d, regs)
 }
 
 /// Loads the box at `coords` through the 128-byte tensor map `map` for a copy into shared
@@ -62,10 +86,6 @@ pub(crate) fn tma_load(
     dst: u32,
     read_global: &mut ReadGlobal,
 ) -> Result<Vec<u8>, SimError> {
-    let _ = (coords, dst, read_global);
-    crate::tensor_map::decode(map)?;
-    Err(SimError::new(
-        ErrorKind::Unsupported,
-        "TMA tensor copies: the Hopper box-copy functions are not part of this build",
-    ))
+    let desc = crate::tensor_map::decode(map)?;
+    crate::hopper::tma::load_box(&desc, coords, dst, read_global)
 }

@@ -123,11 +123,16 @@ impl<'a> Block<'a> {
             ));
         }
         if !self.l.regions.is_empty() {
-            let r = self
-                .l
-                .regions
-                .iter()
-                .find(|r| a >= r.addr && a + len as u64 <= r.addr + r.bytes);
+            // A buffer may be passed twice (read-only and writable, e.g. in place): a store
+            // is allowed when any region holding it is writable.
+            let holds = |r: &&crate::Region| a >= r.addr && a + len as u64 <= r.addr + r.bytes;
+            let mut inside = self.l.regions.iter().filter(holds);
+            let r = if write {
+                let first = inside.clone().next();
+                inside.find(|r| r.writable).or(first)
+            } else {
+                inside.next()
+            };
             match r {
                 None => {
                     return Err(self.fault(

@@ -335,7 +335,9 @@ impl<'a> Block<'a> {
         {
             m.phase += 1;
             m.pending = m.expected;
-            m.done_view = std::mem::take(&mut m.view);
+            // The next phase starts with an empty view of the same width.
+            let fresh = vec![0; m.view.len()];
+            m.done_view = std::mem::replace(&mut m.view, fresh);
             for w in &mut self.warps {
                 if matches!(w.state, WState::Mbar(x, _) if x == a) {
                     w.state = WState::Ready;
