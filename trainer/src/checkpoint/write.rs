@@ -252,12 +252,19 @@ pub fn save(dir: &Path, req: &SaveRequest<'_>) -> Result<PathBuf, CheckpointErro
         settings: req.settings.clone(),
         extra: req.extra.clone(),
         files,
+        state_digest: None,
     };
     let state_path = tmp.path.join(STATE_FILE);
-    let json = serde_json::to_vec_pretty(&state).map_err(|source| CheckpointError::Json {
+    let json_err = |source| CheckpointError::Json {
         path: state_path.clone(),
         source,
-    })?;
+    };
+    let mut value = serde_json::to_value(&state).map_err(json_err)?;
+    let d = digest::state_digest(&value);
+    if let Some(m) = value.as_object_mut() {
+        m.insert("state_digest".into(), serde_json::Value::String(d));
+    }
+    let json = serde_json::to_vec_pretty(&value).map_err(json_err)?;
     {
         let mut f = File::create(&state_path).map_err(io_err(&state_path, "creating"))?;
         f.write_all(&json).map_err(io_err(&state_path, "writing"))?;

@@ -23,6 +23,7 @@
 //! stages 0-3 at one world size give identical losses.
 
 mod eval;
+pub mod preflight;
 mod run;
 mod state;
 mod step;
@@ -89,7 +90,8 @@ pub fn run_train(args: TrainArgs) -> Result<TrainOutcome> {
     let device = args.device.unwrap_or(DeviceSpec::Auto);
     resolve_device(device)?;
     let cfg = TrainConfig::resolve(args, false)?;
-    train_ranks(cfg)
+    let pre = preflight::check(&cfg)?;
+    train_ranks(cfg, pre)
 }
 
 /// What one rank's thread hands back.
@@ -98,9 +100,10 @@ struct RankResult {
     report: RankReport,
 }
 
-fn run_rank(cfg: TrainConfig, comm: LocalComm) -> Result<RankResult> {
+fn run_rank(cfg: TrainConfig, comm: LocalComm, pre: preflight::Preflight) -> Result<RankResult> {
     let rank = comm.rank();
     let mut t = Trainer::new(cfg, comm)?;
+    t.overwrite_pending = pre.overwrite_existing;
     let outcome = t.run()?;
     Ok(RankResult {
         outcome,
@@ -115,23 +118,23 @@ fn run_rank(cfg: TrainConfig, comm: LocalComm) -> Result<RankResult> {
 /// Runs `cfg.world` ranks (threads, one [`LocalGroup`]) and returns rank 0's outcome with
 /// every rank's report. When ranks fail, the error returned is the first one that is not just
 /// a peer noticing the failure (a broken group).
-fn train_ranks(cfg: TrainConfig) -> Result<TrainOutcome> {
+fn train_ranks(cfg: TrainConfig, pre: preflight::Preflight) -> Result<TrainOutcome> {
     let world = cfg.world;
     let comms = LocalGroup::with_timeout(world, RANK_TIMEOUT);
     let results: Vec<Result<RankResult>> = if world == 1 {
         comms
             .into_iter()
-            .map(|c| run_rank(cfg.clone(), c))
+            .map(|c| run_rank(cfg.clone(), c, pre.clone()))
             .collect()
     } else {
         std::thread::scope(|s| {
             let mut handles = Vec::with_capacity(world);
             for comm in comms {
-                let (cfg, rank) = (cfg.clone(), comm.rank());
+                let (cfg, rank, pre) = (cfg.clone(), comm.rank(), pre.clone());
                 let h = std::thread::Builder::new()
                     .name(format!("lathe-rank-{rank}"))
                     .stack_size(RANK_STACK_BYTES)
-                    .spawn_scoped(s, move || run_rank(cfg, comm))
+                    .spawn_scoped(s, move || run_rank(cfg, comm, pre))
                     .with_context(|| format!("starting the thread of rank {rank}"));
                 handles.push(h);
             }
@@ -262,7 +265,15 @@ fn data_for(cfg: &TrainConfig) -> Result<Data> {
             })
         }
         Some(dir) => {
-            let meta = crate::data::DatasetMeta::read(dir)
+            // A single shard file reads the metadata of the directory it is in, if any.
+            let meta_dir = if dir.is_file() {
+                dir.parent()
+                    .filter(|p| !p.as_os_str().is_empty())
+                    .unwrap_or(std::path::Path::new("."))
+            } else {
+                dir.as_path()
+            };
+            let meta = crate::data::DatasetMeta::read(meta_dir)
                 .with_context(|| format!("--data {}", dir.display()))?;
             let vocab = match meta {
                 Some(m) => m.vocab_size as usize,
@@ -321,6 +332,10 @@ pub struct Trainer {
     prof: Profiler,
     /// What this rank held between steps right after setup.
     startup_memory: RankMemory,
+    /// `--overwrite`: delete the checkpoints already in `--save` at the first save.
+    overwrite_pending: bool,
+    /// The step of the last checkpoint this run wrote.
+    saved_step: Option<u64>,
 }
 
 impl Trainer {
@@ -374,6 +389,11 @@ impl Trainer {
             p => Some(EarlyStopping::new(p, cfg.early_stop_min_delta)?),
         };
         let inject = NonFiniteInjection::at(cfg.inject_nonfinite.iter().copied());
+        // Every evaluation reads the same validation batches: read them now, so a missing or
+        // too small validation split or an out-of-vocabulary token fails before training.
+        if comm.rank() == 0 {
+            eval::check_val(&cfg, &data, seq_len)?;
+        }
         let mut t = Trainer {
             loader: Self::open_loader(&cfg, &data, seq_len, comm.rank(), None)?,
             scaler: LossScaler::for_precision(cfg.precision),
@@ -394,6 +414,8 @@ impl Trainer {
             best_val: None,
             prof: Profiler::disabled(),
             startup_memory: RankMemory::default(),
+            overwrite_pending: false,
+            saved_step: None,
         };
         if let Some(dir) = t.cfg.resume.clone() {
             t.resume_from(&dir)?;

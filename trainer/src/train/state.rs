@@ -7,7 +7,9 @@
 //! the reduction order).
 
 use super::Trainer;
-use crate::checkpoint::{CheckpointReader, OptimizerSnapshot, SaveRequest, prune, save};
+use crate::checkpoint::{
+    CheckpointReader, OptimizerSnapshot, SaveRequest, list_checkpoints, prune_run, save,
+};
 use crate::data::LoaderPosition;
 use crate::early_stop::EarlyStopping;
 use anyhow::{Context, Result, bail};
@@ -53,10 +55,11 @@ impl Trainer {
 
     /// Writes `SAVE/step-NNNNNNNN/` atomically and prunes old ones (`--keep-last`). A
     /// collective from stage 1 on (the shards are gathered to rank 0, which writes).
-    pub(super) fn save_checkpoint(&self) -> Result<()> {
-        let Some(dir) = &self.cfg.save else {
+    pub(super) fn save_checkpoint(&mut self) -> Result<()> {
+        let Some(dir) = self.cfg.save.clone() else {
             return Ok(());
         };
+        let dir = dir.as_path();
         let master = self.zero.master_on_root(&self.comm)?;
         let optimizer = self.zero.optimizer_on_root(&self.comm)?;
         let (Some(master), Some((opt_state, opt_buffers))) = (master, optimizer) else {
@@ -91,8 +94,20 @@ impl Trainer {
         };
         let path =
             save(dir, &req).with_context(|| format!("saving a checkpoint in {}", dir.display()))?;
+        self.saved_step = Some(self.step);
+        if std::mem::take(&mut self.overwrite_pending) {
+            // --overwrite: the other run's checkpoints go once this run has one of its own.
+            for (_, p) in list_checkpoints(dir)? {
+                if p != path {
+                    std::fs::remove_dir_all(&p)
+                        .with_context(|| format!("--overwrite: deleting {}", p.display()))?;
+                }
+            }
+        }
         if let Some(k) = NonZeroUsize::new(self.cfg.keep_last) {
-            prune(dir, k)?;
+            // Keep the newest of this run's own timeline: after resuming from an older step,
+            // later checkpoints in DIR are an abandoned timeline, not newer work.
+            prune_run(dir, k, self.step)?;
         }
         eprintln!("saved {}", path.display());
         Ok(())
@@ -107,7 +122,12 @@ impl Trainer {
         let now = serde_json::to_value(&self.cfg)?;
         for key in MUST_MATCH {
             let (a, b) = (st.settings.get(*key), now.get(*key));
-            if a != b {
+            // Paths match by what they name, not how they are spelled.
+            let same_path = || match (a.and_then(Value::as_str), b.and_then(Value::as_str)) {
+                (Some(x), Some(y)) => super::preflight::same_path(Path::new(x), Path::new(y)),
+                _ => false,
+            };
+            if a != b && !(*key == "data" && same_path()) {
                 bail!(
                     "--resume {}: the checkpoint was written with {key} = {}, this run has {}",
                     r.path().display(),
