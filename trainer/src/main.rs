@@ -36,7 +36,7 @@ fn main() {
     let code = match run(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", lathe_trainer::error_text(&e));
             1
         }
     };

@@ -1,0 +1,387 @@
+//! Issue 13, "nothing lost, nothing late": checkpoints and runs that must not be lost, failures
+//! found before the first step, divergence that stops with an error, and options that work as
+//! documented. Runs the tiny GPT on the CPU reference backend at small batch sizes.
+
+use lathe_trainer::checkpoint::{CheckpointReader, STATE_FILE, list_checkpoints};
+use lathe_trainer::config::{DeviceSpec, TrainArgs, TrainConfig};
+use lathe_trainer::data::{PrepareArgs, TokenizerKind, run_prepare, write_shard};
+use lathe_trainer::metrics::{MetricsLine, read_metrics};
+use lathe_trainer::precision::{LossScaler, MIN_SCALE, Precision};
+use lathe_trainer::train::{TrainOutcome, run_train};
+use std::path::{Path, PathBuf};
+
+fn small(steps: u64) -> TrainArgs {
+    TrainArgs {
+        device: Some(DeviceSpec::Cpu),
+        micro_batch: Some(4),
+        seq_len: Some(25),
+        steps: Some(steps),
+        warmup: Some(2),
+        lr: Some(3e-3),
+        eval_every: Some(0),
+        eval_batches: Some(1),
+        eval_problems: Some(8),
+        loader_workers: Some(1),
+        no_progress: true,
+        seed: Some(7),
+        ..Default::default()
+    }
+}
+
+fn run(args: TrainArgs) -> TrainOutcome {
+    run_train(args).expect("training run")
+}
+
+fn err(args: TrainArgs) -> String {
+    match run_train(args) {
+        Ok(o) => panic!("expected an error, the run finished {} steps", o.steps),
+        Err(e) => lathe_trainer::error_text(&e),
+    }
+}
+
+fn steps_in(dir: &Path) -> Vec<u64> {
+    list_checkpoints(dir)
+        .unwrap()
+        .into_iter()
+        .map(|(s, _)| s)
+        .collect()
+}
+
+fn step_records(log: &Path) -> Vec<lathe_trainer::metrics::StepRecord> {
+    read_metrics(log)
+        .unwrap()
+        .into_iter()
+        .filter_map(|l| match l {
+            MetricsLine::Step(s) => Some(s),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A byte-level dataset of `lines` lines under `root/name`.
+fn dataset(root: &Path, name: &str, val_fraction: f64) -> PathBuf {
+    let text = root.join(format!("{name}.txt"));
+    let mut s = String::new();
+    for i in 0..300 {
+        s.push_str(&format!(
+            "line {i}: the quick brown fox jumps over the lazy dog.\n"
+        ));
+    }
+    std::fs::write(&text, s).unwrap();
+    let data = root.join(name);
+    run_prepare(PrepareArgs {
+        input: vec![text],
+        out: data.clone(),
+        tokenizer: TokenizerKind::Bytes,
+        val_fraction,
+        shard_tokens: 1 << 20,
+    })
+    .unwrap();
+    data
+}
+
+#[test]
+fn keep_last_after_resuming_from_an_older_step_keeps_the_new_checkpoints() {
+    let dir = tempfile::tempdir().unwrap();
+    let ck = dir.path().join("ck");
+    run(TrainArgs {
+        save: Some(ck.clone()),
+        save_every: Some(2),
+        keep_last: Some(3),
+        ..small(8)
+    });
+    assert_eq!(steps_in(&ck), vec![4, 6, 8]);
+    // Go back to step 4 and take another path from there.
+    let out = run(TrainArgs {
+        resume: Some(ck.join("step-00000004")),
+        save: Some(ck.clone()),
+        save_every: Some(1),
+        keep_last: Some(2),
+        lr: Some(3e-3),
+        ..small(6)
+    });
+    assert_eq!(out.steps, 6);
+    assert_eq!(
+        steps_in(&ck),
+        vec![5, 6],
+        "the newest checkpoints of the run being written survive, the abandoned step 8 does not"
+    );
+}
+
+#[test]
+fn a_fresh_run_refuses_a_save_directory_holding_checkpoints() {
+    let dir = tempfile::tempdir().unwrap();
+    let ck = dir.path().join("ck");
+    run(TrainArgs {
+        save: Some(ck.clone()),
+        save_every: Some(1),
+        ..small(3)
+    });
+    assert_eq!(steps_in(&ck), vec![1, 2, 3]);
+    let before = std::fs::read(ck.join("step-00000002").join(STATE_FILE)).unwrap();
+    let e = err(TrainArgs {
+        save: Some(ck.clone()),
+        seed: Some(8),
+        ..small(2)
+    });
+    assert!(
+        e.contains(&ck.display().to_string()) && e.contains("3 checkpoint(s), steps 1 to 3"),
+        "{e}"
+    );
+    assert!(e.contains("--overwrite") && e.contains("--resume"), "{e}");
+    assert_eq!(
+        std::fs::read(ck.join("step-00000002").join(STATE_FILE)).unwrap(),
+        before,
+        "nothing was replaced"
+    );
+    // Resuming from there is fine, however the path is spelled.
+    let spelled = PathBuf::from(format!("{}/", ck.canonicalize().unwrap().display()));
+    let out = run(TrainArgs {
+        save: Some(ck.clone()),
+        resume: Some(spelled),
+        ..small(4)
+    });
+    assert_eq!(out.steps, 4);
+    // --overwrite replaces the other run's checkpoints with this one's.
+    run(TrainArgs {
+        save: Some(ck.clone()),
+        overwrite: true,
+        seed: Some(8),
+        ..small(2)
+    });
+    assert_eq!(steps_in(&ck), vec![2]);
+}
+
+#[test]
+fn an_edited_state_json_is_caught() {
+    let dir = tempfile::tempdir().unwrap();
+    let ck = dir.path().join("ck");
+    run(TrainArgs {
+        save: Some(ck.clone()),
+        ..small(2)
+    });
+    let state = ck.join("step-00000002").join(STATE_FILE);
+    assert!(CheckpointReader::open(&ck).is_ok());
+    let text = std::fs::read_to_string(&state).unwrap();
+    assert!(text.contains("\"state_digest\""), "{text}");
+    let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    v["extra"]["tokens"] = serde_json::json!(12345);
+    std::fs::write(&state, serde_json::to_vec_pretty(&v).unwrap()).unwrap();
+    let e = CheckpointReader::open(&ck).unwrap_err().to_string();
+    assert!(e.contains(STATE_FILE) && e.contains("digest"), "{e}");
+    let e = err(TrainArgs {
+        resume: Some(ck.clone()),
+        ..small(4)
+    });
+    assert!(e.contains("digest"), "{e}");
+    // Removing the digest is caught too.
+    v.as_object_mut().unwrap().remove("state_digest");
+    std::fs::write(&state, serde_json::to_vec_pretty(&v).unwrap()).unwrap();
+    let e = CheckpointReader::open(&ck).unwrap_err().to_string();
+    assert!(e.contains("no state_digest"), "{e}");
+}
+
+#[test]
+fn late_failures_are_found_before_the_first_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("run.jsonl");
+    // --save and --profile below a regular file can never be written.
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, b"x").unwrap();
+    for (args, flag) in [
+        (
+            TrainArgs {
+                save: Some(file.join("ck")),
+                ..small(3)
+            },
+            "--save",
+        ),
+        (
+            TrainArgs {
+                profile: Some(file.join("trace.json")),
+                ..small(3)
+            },
+            "--profile",
+        ),
+    ] {
+        let e = err(TrainArgs {
+            log: Some(log.clone()),
+            ..args
+        });
+        assert!(e.contains(flag), "{e}");
+        assert!(!log.exists(), "{flag}: a step ran before the failure");
+    }
+    // A dataset without a validation split.
+    let no_val = dataset(dir.path(), "noval", 0.0);
+    let e = err(TrainArgs {
+        data: Some(no_val),
+        log: Some(log.clone()),
+        ..small(3)
+    });
+    assert!(
+        e.contains("validation") && e.contains("--val-fraction"),
+        "{e}"
+    );
+    assert!(!log.exists());
+    // A validation shard with a token outside the vocabulary (bytes: 257 tokens).
+    let data = dataset(dir.path(), "oov", 0.1);
+    let val = data.join("val_000000.bin");
+    let mut toks: Vec<u16> = (0..400).map(|i| (i % 250) as u16).collect();
+    toks[30] = 300;
+    write_shard(&val, &toks).unwrap();
+    let e = err(TrainArgs {
+        data: Some(data.clone()),
+        log: Some(log.clone()),
+        ..small(3)
+    });
+    assert!(e.contains("300") && e.contains("val_000000.bin"), "{e}");
+    assert!(!log.exists());
+    // A validation split smaller than one batch (4 x 25 tokens).
+    write_shard(
+        &val,
+        &toks[..40].iter().map(|t| t % 250).collect::<Vec<_>>(),
+    )
+    .unwrap();
+    let e = err(TrainArgs {
+        data: Some(data),
+        log: Some(log.clone()),
+        ..small(3)
+    });
+    assert!(e.contains("validation") && e.contains("windows"), "{e}");
+    assert!(!log.exists());
+}
+
+#[test]
+fn the_loss_scale_has_a_floor_and_a_run_that_skips_every_step_fails() {
+    let mut s = LossScaler::for_precision(Precision::Fp16);
+    for _ in 0..200 {
+        s.update(true);
+    }
+    assert_eq!(s.scale(), MIN_SCALE);
+    assert!(s.inv_scale().is_finite());
+
+    let dir = tempfile::tempdir().unwrap();
+    let ck = dir.path().join("ck");
+    let every: Vec<String> = (0..60).map(|s| s.to_string()).collect();
+    let e = err(TrainArgs {
+        precision: Some(Precision::Fp16),
+        inject_nonfinite: Some(every.join(",")),
+        save: Some(ck.clone()),
+        ..small(60)
+    });
+    assert!(e.contains("diverged") && e.contains("skipped"), "{e}");
+    assert!(e.contains("loss scale down to 1"), "{e}");
+    assert!(steps_in(&ck).is_empty(), "no checkpoint of a diverged run");
+    // A learning rate that blows the weights up stops the run too.
+    let e = err(TrainArgs {
+        lr: Some(1e30),
+        grad_clip: Some(0.0),
+        ..small(60)
+    });
+    assert!(e.contains("diverged"), "{e}");
+}
+
+#[test]
+fn documented_options_work() {
+    let dir = tempfile::tempdir().unwrap();
+    // --curriculum in the spelling the help gives.
+    let out = run(TrainArgs {
+        curriculum: Some("seq:8:3".into()),
+        ..small(4)
+    });
+    assert_eq!(out.steps, 4);
+    assert!(
+        err(TrainArgs {
+            curriculum: Some("seq".into()),
+            ..small(4)
+        })
+        .contains("seq:START_LEN:WARMUP_STEPS")
+    );
+    // device = "cpu" in a config file, as on the command line.
+    let toml = dir.path().join("run.toml");
+    std::fs::write(&toml, "device = \"cpu\"\nsteps = 2\n").unwrap();
+    let a = TrainArgs {
+        config: Some(toml),
+        ..Default::default()
+    }
+    .with_config_file()
+    .unwrap();
+    assert_eq!(a.device, Some(DeviceSpec::Cpu));
+    let c = TrainConfig::resolve(a, false).unwrap();
+    let v = serde_json::to_value(&c).unwrap();
+    assert_eq!(v["device"], "cpu");
+    let back: TrainConfig = serde_json::from_value(v).unwrap();
+    assert_eq!(back, c);
+    // Settings recorded by earlier checkpoints still read.
+    let old: DeviceSpec = serde_json::from_str("\"Cpu\"").unwrap();
+    assert_eq!(old, DeviceSpec::Cpu);
+    let old: DeviceSpec = serde_json::from_str("{\"Cuda\": 2}").unwrap();
+    assert_eq!(old, DeviceSpec::Cuda(2));
+    // --data naming one shard file.
+    let data = dataset(dir.path(), "one", 0.1);
+    let out = run(TrainArgs {
+        data: Some(data.join("train_000000.bin")),
+        ..small(3)
+    });
+    assert!(out.final_val_loss.is_some_and(f64::is_finite));
+    // --lr beyond f32 is refused at startup.
+    assert!(
+        err(TrainArgs {
+            lr: Some(1e308),
+            ..small(3)
+        })
+        .contains("--lr")
+    );
+}
+
+#[test]
+fn resume_details_log_once_match_paths_and_say_when_there_is_nothing_to_train() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dataset(dir.path(), "d", 0.1);
+    let ck = dir.path().join("ck");
+    let log = dir.path().join("run.jsonl");
+    run(TrainArgs {
+        data: Some(data.clone()),
+        save: Some(ck.clone()),
+        log: Some(log.clone()),
+        ..small(3)
+    });
+    let recs = step_records(&log);
+    assert!(
+        recs[0].tok_s.is_finite() && recs[0].tok_s > 0.0,
+        "first step's tok/s: {}",
+        recs[0].tok_s
+    );
+    // The same data, spelled as an absolute path with a trailing slash.
+    let spelled = PathBuf::from(format!("{}/", data.canonicalize().unwrap().display()));
+    run(TrainArgs {
+        data: Some(spelled),
+        save: Some(ck.clone()),
+        resume: Some(ck.clone()),
+        log: Some(log.clone()),
+        ..small(5)
+    });
+    let steps: Vec<u64> = step_records(&log).iter().map(|r| r.step).collect();
+    assert_eq!(steps, vec![0, 1, 2, 3, 4], "each step logged once");
+    // --steps equal to the checkpoint's: nothing to train, and the log is left alone.
+    let before = std::fs::read(&log).unwrap();
+    let out = run(TrainArgs {
+        data: Some(data.clone()),
+        save: Some(ck.clone()),
+        resume: Some(ck.clone()),
+        log: Some(log.clone()),
+        ..small(5)
+    });
+    assert_eq!((out.steps, out.losses.len()), (5, 0));
+    assert_eq!(std::fs::read(&log).unwrap(), before);
+    let e = err(TrainArgs {
+        data: Some(data),
+        save: Some(ck.clone()),
+        resume: Some(ck),
+        ..small(4)
+    });
+    assert!(
+        e.contains("nothing to train") && e.contains("step 5"),
+        "{e}"
+    );
+}
