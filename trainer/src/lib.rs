@@ -13,6 +13,7 @@ pub mod precision;
 pub mod profiler;
 pub mod report;
 pub mod schedule;
+pub mod signals;
 pub mod train;
 pub mod zero;
 

@@ -37,7 +37,8 @@ fn main() {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {}", lathe_trainer::error_text(&e));
-            1
+            // Stopped by a caught SIGINT/SIGTERM: exit as the signal would have.
+            lathe_trainer::signals::received().map_or(1, |s| 128 + s)
         }
     };
     std::process::exit(code);

@@ -80,6 +80,14 @@ fn dataset(root: &Path, name: &str, val_fraction: f64) -> PathBuf {
     data
 }
 
+/// Records `n` validation tokens in a dataset's `meta.json` (after replacing its val shard).
+fn set_val_tokens(data: &Path, n: usize) {
+    let p = data.join("meta.json");
+    let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+    v["val"]["tokens"] = serde_json::json!(n);
+    std::fs::write(&p, serde_json::to_vec_pretty(&v).unwrap()).unwrap();
+}
+
 #[test]
 fn keep_last_after_resuming_from_an_older_step_keeps_the_new_checkpoints() {
     let dir = tempfile::tempdir().unwrap();
@@ -229,6 +237,7 @@ fn late_failures_are_found_before_the_first_step() {
     let mut toks: Vec<u16> = (0..400).map(|i| (i % 250) as u16).collect();
     toks[30] = 300;
     write_shard(&val, &toks).unwrap();
+    set_val_tokens(&data, toks.len());
     let e = err(TrainArgs {
         data: Some(data.clone()),
         log: Some(log.clone()),
@@ -242,6 +251,7 @@ fn late_failures_are_found_before_the_first_step() {
         &toks[..40].iter().map(|t| t % 250).collect::<Vec<_>>(),
     )
     .unwrap();
+    set_val_tokens(&data, 40);
     let e = err(TrainArgs {
         data: Some(data),
         log: Some(log.clone()),
@@ -384,4 +394,99 @@ fn resume_details_log_once_match_paths_and_say_when_there_is_nothing_to_train() 
         e.contains("nothing to train") && e.contains("step 5"),
         "{e}"
     );
+}
+
+/// Hidden `prepare` build directories next to `out`.
+fn partials(out: &Path) -> Vec<String> {
+    let name = out.file_name().unwrap().to_string_lossy().into_owned();
+    std::fs::read_dir(out.parent().unwrap())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(&format!(".{name}.partial-")))
+        .collect()
+}
+
+/// Starts `lathe prepare` on a large (sparse) input and returns it once it has written a file.
+fn prepare_in_progress(input: &Path, out: &Path) -> std::process::Child {
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_lathe"))
+        .args([
+            "prepare",
+            "--tokenizer",
+            "bytes",
+            "--shard-tokens",
+            "1000000",
+        ])
+        .arg("--input")
+        .arg(input)
+        .arg("--out")
+        .arg(out)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    loop {
+        let started = partials(out).iter().any(|p| {
+            std::fs::read_dir(out.parent().unwrap().join(p))
+                .map(|mut d| d.next().is_some())
+                .unwrap_or(false)
+        });
+        if started {
+            return child;
+        }
+        assert!(t0.elapsed().as_secs() < 60, "prepare never started writing");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn an_interrupted_prepare_leaves_no_dataset_and_train_refuses_incomplete_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let big = dir.path().join("big.txt");
+    std::fs::File::create(&big)
+        .unwrap()
+        .set_len(4 << 30)
+        .unwrap();
+    let out = dir.path().join("data");
+    for sig in [2, 15] {
+        let mut child = prepare_in_progress(&big, &out);
+        lathe_trainer::signals::send(child.id(), sig);
+        let status = child.wait().unwrap();
+        assert_eq!(status.code(), Some(128 + sig), "{status}");
+        assert!(!out.exists(), "a half dataset under the final name");
+        assert!(partials(&out).is_empty(), "{:?}", partials(&out));
+    }
+    // kill -9 leaves only the hidden build directory, which the next prepare removes.
+    let mut child = prepare_in_progress(&big, &out);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(!out.exists());
+    assert_eq!(partials(&out).len(), 1);
+    drop(std::fs::remove_file(&big));
+    let data = dataset(dir.path(), "data", 0.1);
+    assert!(partials(&data).is_empty());
+    lathe_trainer::data::check_complete(&data).unwrap();
+
+    // train refuses a dataset with a listed shard missing, or an unfinished shard.
+    let val = data.join("val_000000.bin");
+    let kept = std::fs::read(&val).unwrap();
+    std::fs::remove_file(&val).unwrap();
+    let e = err(TrainArgs {
+        data: Some(data.clone()),
+        ..small(2)
+    });
+    assert!(
+        e.contains("not a complete dataset") && e.contains("val_000000.bin"),
+        "{e}"
+    );
+    std::fs::write(data.join(".val_000000.bin.tmp"), &kept).unwrap();
+    std::fs::remove_file(data.join("meta.json")).unwrap();
+    let e = lathe_trainer::data::check_complete(&data)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("unfinished"), "{e}");
+    // A complete llm.c-style directory (shards, no meta.json) is a dataset.
+    std::fs::rename(data.join(".val_000000.bin.tmp"), &val).unwrap();
+    lathe_trainer::data::check_complete(&data).unwrap();
 }

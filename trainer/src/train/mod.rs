@@ -273,6 +273,10 @@ fn data_for(cfg: &TrainConfig) -> Result<Data> {
             } else {
                 dir.as_path()
             };
+            if dir.is_dir() {
+                crate::data::check_complete(dir)
+                    .with_context(|| format!("--data {}", dir.display()))?;
+            }
             let meta = crate::data::DatasetMeta::read(meta_dir)
                 .with_context(|| format!("--data {}", dir.display()))?;
             let vocab = match meta {
