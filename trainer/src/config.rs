@@ -406,6 +406,20 @@ impl TrainConfig {
                 bail!("{name} must be at least 1");
             }
         }
+        // Bounds past which a setting only exhausts memory or time (the memory estimate at
+        // startup covers what fits below them).
+        let at_most = [
+            ("--world", self.world, 1024),
+            ("--loader-workers", self.loader_workers, 256),
+            ("--prefetch", self.prefetch, 4096),
+            ("--eval-batches", self.eval_batches, 100_000),
+            ("--eval-problems", self.eval_problems, 100_000),
+        ];
+        for (name, v, max) in at_most {
+            if v > max {
+                bail!("{name} must be at most {max} (got {v})");
+            }
+        }
         if self.zero > 3 {
             bail!("--zero must be 0, 1, 2 or 3 (got {})", self.zero);
         }

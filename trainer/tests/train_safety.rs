@@ -490,3 +490,65 @@ fn an_interrupted_prepare_leaves_no_dataset_and_train_refuses_incomplete_ones() 
     std::fs::rename(data.join(".val_000000.bin.tmp"), &val).unwrap();
     lathe_trainer::data::check_complete(&data).unwrap();
 }
+
+#[test]
+fn sizes_beyond_memory_are_refused_with_numbers_not_aborts() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dataset(dir.path(), "d", 0.1);
+    let e = err(TrainArgs {
+        data: Some(data),
+        micro_batch: Some(2_000_000),
+        ..small(2)
+    });
+    assert!(e.contains("GiB") && e.contains("--micro-batch"), "{e}");
+    for (args, flag) in [
+        (
+            TrainArgs {
+                prefetch: Some(1 << 40),
+                ..small(2)
+            },
+            "--prefetch",
+        ),
+        (
+            TrainArgs {
+                eval_batches: Some(1 << 40),
+                ..small(2)
+            },
+            "--eval-batches",
+        ),
+        (
+            TrainArgs {
+                eval_problems: Some(1 << 40),
+                ..small(2)
+            },
+            "--eval-problems",
+        ),
+        (
+            TrainArgs {
+                world: Some(1 << 20),
+                ..small(2)
+            },
+            "--world",
+        ),
+    ] {
+        let e = err(args);
+        assert!(e.contains(flag), "{e}");
+    }
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_lathe"))
+        .args([
+            "bench",
+            "memory",
+            "--model",
+            "tiny",
+            "--micro-batch",
+            "1000000000000",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        text.contains("--micro-batch") && text.contains("GiB"),
+        "{text}"
+    );
+}

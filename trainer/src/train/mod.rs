@@ -23,6 +23,7 @@
 //! stages 0-3 at one world size give identical losses.
 
 mod eval;
+pub mod memory;
 pub mod preflight;
 mod run;
 mod state;
@@ -91,6 +92,15 @@ pub fn run_train(args: TrainArgs) -> Result<TrainOutcome> {
     resolve_device(device)?;
     let cfg = TrainConfig::resolve(args, false)?;
     let pre = preflight::check(&cfg)?;
+    {
+        let data = data_for(&cfg)?;
+        let gcfg = GptConfig::from_name(&cfg.model)?.with_vocab_size(data.vocab);
+        let seq_len = cfg.seq_len.unwrap_or(gcfg.block_size);
+        // An out-of-range length is refused, with its own message, when the ranks start.
+        if (1..=gcfg.block_size).contains(&seq_len) {
+            memory::check(&cfg, &gcfg, seq_len, recompute_of(cfg.recompute))?;
+        }
+    }
     train_ranks(cfg, pre)
 }
 
