@@ -552,3 +552,90 @@ fn sizes_beyond_memory_are_refused_with_numbers_not_aborts() {
         "{text}"
     );
 }
+
+#[test]
+fn checkpoints_are_ready_for_hugging_face() {
+    use lathe_trainer::checkpoint::hf::{Gpt2Shape, gpt2_tensors};
+    let dir = tempfile::tempdir().unwrap();
+    let data = dataset(dir.path(), "d", 0.1);
+    let ck = dir.path().join("ck");
+    run(TrainArgs {
+        data: Some(data.clone()),
+        save: Some(ck.clone()),
+        ..small(2)
+    });
+    let step = ck.join("step-00000002");
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(step.join("config.json")).unwrap()).unwrap();
+    // The fields transformers' GPT2Config reads, with GPT-2's architecture.
+    assert_eq!(cfg["architectures"][0], "GPT2LMHeadModel");
+    assert_eq!(cfg["model_type"], "gpt2");
+    assert_eq!(
+        cfg["vocab_size"], 257,
+        "the bytes tokenizer's vocabulary, not the padding"
+    );
+    assert_eq!(cfg["activation_function"], "gelu_new");
+    assert_eq!(cfg["layer_norm_epsilon"], 1e-5);
+    assert_eq!(cfg["tie_word_embeddings"], true);
+    assert_eq!(cfg["eos_token_id"], 256);
+    let n = |k: &str| cfg[k].as_u64().unwrap_or_else(|| panic!("{k}: {cfg}")) as usize;
+    let shape = Gpt2Shape {
+        vocab_size: n("vocab_size"),
+        n_positions: n("n_positions"),
+        n_embd: n("n_embd"),
+        n_layer: n("n_layer"),
+        n_head: n("n_head"),
+    };
+    assert_eq!(n("n_ctx"), shape.n_positions);
+    assert_eq!(shape.n_embd % shape.n_head, 0);
+    // model.safetensors holds exactly the tensors GPT2LMHeadModel expects for that config.
+    let bytes = std::fs::read(step.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut found: Vec<(String, Vec<usize>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(name, t)| (name, t.shape().to_vec()))
+        .collect();
+    found.sort();
+    let mut expected = gpt2_tensors(&shape);
+    expected.sort();
+    assert_eq!(found, expected);
+    // Resuming restores the padding rows and continues exactly.
+    let whole = run(TrainArgs {
+        data: Some(data.clone()),
+        ..small(4)
+    });
+    let resumed = run(TrainArgs {
+        data: Some(data),
+        resume: Some(ck.clone()),
+        save: Some(ck),
+        ..small(4)
+    });
+    let bits = |l: &[f64]| l.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&resumed.losses), bits(&whole.losses[2..]));
+
+    // Where Python has transformers and torch, load the step directory as it is.
+    let probe = std::process::Command::new("python3")
+        .args(["-c", "import transformers, torch"])
+        .output();
+    if !probe.is_ok_and(|o| o.status.success()) {
+        eprintln!("skipping the transformers load: no python3 with transformers and torch");
+        return;
+    }
+    let script = "import sys, torch, transformers\n\
+        m = transformers.GPT2LMHeadModel.from_pretrained(sys.argv[1])\n\
+        x = torch.tensor([[256, 104, 105, 33]])\n\
+        out = m(x, labels=x)\n\
+        assert out.logits.shape[-1] == 257, out.logits.shape\n\
+        assert torch.isfinite(out.loss), out.loss\n";
+    let out = std::process::Command::new("python3")
+        .args(["-c", script])
+        .arg(&step)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -12,6 +12,9 @@
 //!   (early stopping, ...), the length and digest of both tensor files, and a digest of
 //!   `state.json`'s own other fields (`state_digest`).
 //!
+//! * any extra files of the request ([`SaveRequest::files`]): `lathe train` adds Hugging Face's
+//!   `config.json` ([`hf`]), so `GPT2LMHeadModel.from_pretrained` loads a step directory.
+//!
 //! Saving is atomic: everything is written into `DIR/.tmp-step-NNNNNNNN-<pid>/`, every file and
 //! that directory are fsynced, the directory is renamed to its final name, and `DIR` is fsynced.
 //! A crash at any point leaves either the complete checkpoint under its final name or no
@@ -23,6 +26,7 @@
 //! file and the tensor in any error.
 
 mod digest;
+pub mod hf;
 mod read;
 mod write;
 
@@ -161,6 +165,10 @@ pub struct SaveRequest<'a> {
     pub settings: &'a Value,
     /// Anything else to restore (early-stopping state, best loss, ...); `Value::Null` if none.
     pub extra: &'a Value,
+    /// Small extra files written into the checkpoint directory (name, contents), such as
+    /// Hugging Face's `config.json`. Names must be plain file names other than the three
+    /// checkpoint files.
+    pub files: Vec<(String, Vec<u8>)>,
 }
 
 /// Length and digest of one file of a checkpoint.

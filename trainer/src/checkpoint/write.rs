@@ -131,6 +131,17 @@ fn clean_leftovers(dir: &Path) {
 }
 
 fn check_request(req: &SaveRequest<'_>) -> Result<(), CheckpointError> {
+    for (name, _) in &req.files {
+        let plain = !name.is_empty()
+            && !name.starts_with('.')
+            && !name.contains(['/', '\\'])
+            && ![MODEL_FILE, OPTIMIZER_FILE, STATE_FILE].contains(&name.as_str());
+        if !plain {
+            return Err(CheckpointError::BadRequest(format!(
+                "extra file name `{name}` is not a plain, free file name"
+            )));
+        }
+    }
     if req.master.len() != req.layout.len() {
         return Err(CheckpointError::BufferLength {
             what: "master weights to save".to_string(),
@@ -239,6 +250,13 @@ pub fn save(dir: &Path, req: &SaveRequest<'_>) -> Result<PathBuf, CheckpointErro
         OPTIMIZER_FILE.to_string(),
         write_safetensors(&opt_path, opt, meta)?,
     );
+
+    for (name, bytes) in &req.files {
+        let p = tmp.path.join(name);
+        let mut f = File::create(&p).map_err(io_err(&p, "creating"))?;
+        f.write_all(bytes).map_err(io_err(&p, "writing"))?;
+        f.sync_all().map_err(io_err(&p, "syncing"))?;
+    }
 
     let state = CheckpointState {
         format_version: FORMAT_VERSION,

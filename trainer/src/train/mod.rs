@@ -251,6 +251,8 @@ struct Data {
     /// Addition corpus settings, when training on it (for the exact-match evaluation).
     addition: Option<AdditionConfig>,
     vocab: usize,
+    /// The token that ends a document, when the data has one (for Hugging Face's config).
+    eos: Option<u32>,
 }
 
 fn data_for(cfg: &TrainConfig) -> Result<Data> {
@@ -272,6 +274,7 @@ fn data_for(cfg: &TrainConfig) -> Result<Data> {
                 source: Source::Addition(a.clone()),
                 addition: Some(a),
                 vocab: crate::data::addition::ADDITION_VOCAB as usize,
+                eos: None,
             })
         }
         Some(dir) => {
@@ -289,9 +292,12 @@ fn data_for(cfg: &TrainConfig) -> Result<Data> {
             }
             let meta = crate::data::DatasetMeta::read(meta_dir)
                 .with_context(|| format!("--data {}", dir.display()))?;
-            let vocab = match meta {
-                Some(m) => m.vocab_size as usize,
-                None => crate::data::TokenizerKind::Gpt2.vocab_size() as usize,
+            let (vocab, eos) = match meta {
+                Some(m) => (m.vocab_size as usize, Some(m.separator)),
+                None => {
+                    let g = crate::data::TokenizerKind::Gpt2;
+                    (g.vocab_size() as usize, Some(g.separator()))
+                }
             };
             Ok(Data {
                 source: Source::Shards {
@@ -300,6 +306,7 @@ fn data_for(cfg: &TrainConfig) -> Result<Data> {
                 },
                 addition: None,
                 vocab,
+                eos,
             })
         }
     }

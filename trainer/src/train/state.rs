@@ -8,7 +8,7 @@
 
 use super::Trainer;
 use crate::checkpoint::{
-    CheckpointReader, OptimizerSnapshot, SaveRequest, list_checkpoints, prune_run, save,
+    CheckpointReader, OptimizerSnapshot, SaveRequest, hf, list_checkpoints, prune_run, save,
 };
 use crate::data::LoaderPosition;
 use crate::early_stop::EarlyStopping;
@@ -74,9 +74,21 @@ impl Trainer {
             "best_val_loss": self.best_val,
             "early_stopping": self.early,
         });
+        let c = self.model.config();
+        // model.safetensors holds exactly the vocabulary's rows, next to a config.json, so
+        // Hugging Face's GPT2LMHeadModel loads the step directory as it is.
+        let export = hf::export_layout(self.zero.layout(), c.vocab_size)?;
+        let hf_shape = hf::Gpt2Shape {
+            vocab_size: c.vocab_size,
+            n_positions: c.block_size,
+            n_embd: c.n_embd,
+            n_layer: c.n_layer,
+            n_head: c.n_head,
+        };
+        let hf_config = serde_json::to_vec_pretty(&hf::gpt2_config(&hf_shape, self.data.eos))?;
         let req = SaveRequest {
             step: self.step,
-            layout: self.zero.layout(),
+            layout: &export,
             master: &master,
             model_config: &self.model_config_json(),
             optimizer: OptimizerSnapshot {
@@ -91,6 +103,7 @@ impl Trainer {
             data_position: &data_position,
             settings: &settings,
             extra: &extra,
+            files: vec![(hf::HF_CONFIG_FILE.to_string(), hf_config)],
         };
         let path =
             save(dir, &req).with_context(|| format!("saving a checkpoint in {}", dir.display()))?;
@@ -147,7 +160,12 @@ impl Trainer {
             );
         }
         let mut master = vec![0f32; n];
-        r.load_model(self.zero.layout(), &mut master)?;
+        hf::load_master(
+            &r,
+            self.zero.layout(),
+            self.model.config().vocab_size,
+            &mut master,
+        )?;
         let mut buffers: Vec<(&str, Vec<f32>)> = self
             .zero
             .state_names()
