@@ -639,3 +639,73 @@ fn checkpoints_are_ready_for_hugging_face() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn lathe_eval_scores_a_checkpoint_on_data_text_and_the_built_in_corpus() {
+    use lathe_trainer::train::{EvalArgs, run_eval};
+    let dir = tempfile::tempdir().unwrap();
+    let data = dataset(dir.path(), "d", 0.1);
+    let ck = dir.path().join("ck");
+    run(TrainArgs {
+        data: Some(data.clone()),
+        save: Some(ck.clone()),
+        steps: Some(20),
+        ..small(20)
+    });
+    let on_data = |b| {
+        run_eval(EvalArgs {
+            checkpoint: ck.clone(),
+            data: Some(data.clone()),
+            micro_batch: Some(b),
+            ..Default::default()
+        })
+        .unwrap()
+    };
+    let (a, b) = (on_data(4), on_data(7));
+    assert_eq!(a.step, 20);
+    assert!(a.loss.is_finite() && a.loss > 0.0, "{a:?}");
+    assert!((a.perplexity - a.loss.exp()).abs() < 1e-9);
+    assert_eq!(a.tokens, b.tokens, "every window is scored once");
+    assert!((a.loss - b.loss).abs() < 1e-4 * a.loss, "{a:?} {b:?}");
+    assert_eq!(a.exact_match, None);
+    // A text file like the training data scores better than noise.
+    let like = dir.path().join("like.txt");
+    std::fs::write(
+        &like,
+        "line 7: the quick brown fox jumps over the lazy dog.\n".repeat(5),
+    )
+    .unwrap();
+    let noise = dir.path().join("noise.txt");
+    let n: String = (0..265u32)
+        .map(|i| char::from(b'!' + (i * 37 % 90) as u8))
+        .collect();
+    std::fs::write(&noise, &n).unwrap();
+    let text = |p: &Path| {
+        run_eval(EvalArgs {
+            checkpoint: ck.join("step-00000020"),
+            text: Some(p.to_path_buf()),
+            ..Default::default()
+        })
+        .unwrap()
+    };
+    let (l, z) = (text(&like), text(&noise));
+    assert_eq!(
+        l.tokens,
+        265 - 1,
+        "bytes tokenizer: every byte but the first is predicted"
+    );
+    assert!(l.loss < z.loss, "{l:?} {z:?}");
+    // The built-in corpus: validation loss and exact match.
+    let ck2 = dir.path().join("ck2");
+    run(TrainArgs {
+        save: Some(ck2.clone()),
+        ..small(3)
+    });
+    let r = run_eval(EvalArgs {
+        checkpoint: ck2,
+        eval_problems: Some(5),
+        ..Default::default()
+    })
+    .unwrap();
+    assert!(r.loss.is_finite() && r.exact_match.is_some(), "{r:?}");
+}

@@ -26,6 +26,7 @@ mod eval;
 pub mod memory;
 pub mod preflight;
 mod run;
+mod score;
 mod state;
 mod step;
 
@@ -45,6 +46,8 @@ use lathe_host::comm::{CommError, Communicator, LocalComm, LocalGroup};
 use std::time::Duration;
 
 pub use eval::EvalOutcome;
+pub use run::MAX_CONSECUTIVE_SKIPS;
+pub use score::{EvalArgs, EvalReport, run_eval};
 
 /// What a finished run reports (rank 0's view, plus every rank's [`RankReport`]).
 #[derive(Clone, Debug, PartialEq)]
