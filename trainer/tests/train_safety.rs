@@ -408,6 +408,8 @@ fn partials(out: &Path) -> Vec<String> {
 }
 
 /// Starts `lathe prepare` on a large (sparse) input and returns it once it has written a file.
+// The caller waits for the child.
+#[allow(clippy::zombie_processes)]
 fn prepare_in_progress(input: &Path, out: &Path) -> std::process::Child {
     let child = std::process::Command::new(env!("CARGO_BIN_EXE_lathe"))
         .args([
