@@ -350,11 +350,13 @@ fn resume_details_log_once_match_paths_and_say_when_there_is_nothing_to_train() 
     let data = dataset(dir.path(), "d", 0.1);
     let ck = dir.path().join("ck");
     let log = dir.path().join("run.jsonl");
+    // Checkpoints at steps 2 and 4; the log holds records 0..=3.
     run(TrainArgs {
         data: Some(data.clone()),
         save: Some(ck.clone()),
+        save_every: Some(2),
         log: Some(log.clone()),
-        ..small(3)
+        ..small(4)
     });
     let recs = step_records(&log);
     assert!(
@@ -364,10 +366,11 @@ fn resume_details_log_once_match_paths_and_say_when_there_is_nothing_to_train() 
     );
     // The same data, spelled as an absolute path with a trailing slash.
     let spelled = PathBuf::from(format!("{}/", data.canonicalize().unwrap().display()));
+    // Back to step 2 (as after a crash there): the log's later records are replaced.
     run(TrainArgs {
         data: Some(spelled),
         save: Some(ck.clone()),
-        resume: Some(ck.clone()),
+        resume: Some(ck.join("step-00000002")),
         log: Some(log.clone()),
         ..small(5)
     });
@@ -710,4 +713,75 @@ fn lathe_eval_scores_a_checkpoint_on_data_text_and_the_built_in_corpus() {
     })
     .unwrap();
     assert!(r.loss.is_finite() && r.exact_match.is_some(), "{r:?}");
+}
+
+#[test]
+fn messages_count_steps_from_one_and_say_each_os_error_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let lathe = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_lathe"))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    // The third step (record 2 of the log) is skipped: "step 3", as the progress lines count.
+    let out = lathe(&[
+        "train",
+        "--device",
+        "cpu",
+        "--precision",
+        "fp16",
+        "--inject-nonfinite",
+        "2",
+        "--steps",
+        "3",
+        "--micro-batch",
+        "2",
+        "--seq-len",
+        "25",
+        "--eval-batches",
+        "1",
+        "--eval-problems",
+        "2",
+        "--no-progress",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("step 3: non-finite gradients"), "{err}");
+    assert!(!err.contains("NaN tok/s"), "{err}");
+    // An OS error is said once.
+    let missing = dir.path().join("missing");
+    let out = lathe(&[
+        "train",
+        "--device",
+        "cpu",
+        "--resume",
+        missing.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    let os = std::io::Error::from(std::io::ErrorKind::NotFound).to_string();
+    assert_eq!(err.matches("No such file").count(), 1, "{err} ({os})");
+}
+
+#[test]
+fn a_failure_after_a_step_saves_the_checkpoint_first() {
+    // Writing the log fails (a full disk) after the first step: the step is not lost.
+    if !Path::new("/dev/full").exists() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let ck = dir.path().join("ck");
+    let e = err(TrainArgs {
+        log: Some(PathBuf::from("/dev/full")),
+        save: Some(ck.clone()),
+        ..small(5)
+    });
+    assert!(e.contains("checkpoint of step 1 was saved first"), "{e}");
+    assert_eq!(steps_in(&ck), vec![1]);
+    let out = run(TrainArgs {
+        save: Some(ck.clone()),
+        resume: Some(ck),
+        ..small(5)
+    });
+    assert_eq!(out.steps, 5);
 }
