@@ -187,6 +187,10 @@ fn an_edited_state_json_is_caught() {
     std::fs::write(&state, serde_json::to_vec_pretty(&v).unwrap()).unwrap();
     let e = CheckpointReader::open(&ck).unwrap_err().to_string();
     assert!(e.contains("no state_digest"), "{e}");
+    // A checkpoint of format version 1 (written before the digest existed) still opens.
+    v["format_version"] = serde_json::json!(1);
+    std::fs::write(&state, serde_json::to_vec_pretty(&v).unwrap()).unwrap();
+    assert!(CheckpointReader::open(&ck).is_ok());
 }
 
 #[test]
@@ -619,11 +623,56 @@ fn checkpoints_are_ready_for_hugging_face() {
     let bits = |l: &[f64]| l.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
     assert_eq!(bits(&resumed.losses), bits(&whole.losses[2..]));
 
+    // Where Python has numpy and safetensors (LATHE_PYTHON, default python3), an independent
+    // GPT-2 forward with transformers' semantics, reading only config.json and
+    // model.safetensors, gives the loss `lathe eval` gives.
+    let python = std::env::var("LATHE_PYTHON").unwrap_or_else(|_| "python3".into());
+    let has = |modules: &str| {
+        std::process::Command::new(&python)
+            .args(["-c", &format!("import {modules}")])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    let text = dir.path().join("t.txt");
+    std::fs::write(
+        &text,
+        "line 12: the quick brown fox jumps over the lazy dog.\n",
+    )
+    .unwrap();
+    if has("numpy, safetensors") {
+        let out = std::process::Command::new(&python)
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/hf_gpt2_reference.py"
+            ))
+            .arg(&step)
+            .arg(&text)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let reference: f64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+        let ours = lathe_trainer::train::run_eval(lathe_trainer::train::EvalArgs {
+            checkpoint: step.clone(),
+            text: Some(text.clone()),
+            // One window over the whole text, as the reference reads it.
+            seq_len: Some(64),
+            ..Default::default()
+        })
+        .unwrap();
+        assert!(
+            (ours.loss - reference).abs() < 1e-4,
+            "lathe {} vs reference {reference}",
+            ours.loss
+        );
+    } else {
+        eprintln!("skipping the NumPy GPT-2 reference: no {python} with numpy and safetensors");
+    }
     // Where Python has transformers and torch, load the step directory as it is.
-    let probe = std::process::Command::new("python3")
-        .args(["-c", "import transformers, torch"])
-        .output();
-    if !probe.is_ok_and(|o| o.status.success()) {
+    if !has("transformers, torch") {
         eprintln!("skipping the transformers load: no python3 with transformers and torch");
         return;
     }
@@ -633,7 +682,7 @@ fn checkpoints_are_ready_for_hugging_face() {
         out = m(x, labels=x)\n\
         assert out.logits.shape[-1] == 257, out.logits.shape\n\
         assert torch.isfinite(out.loss), out.loss\n";
-    let out = std::process::Command::new("python3")
+    let out = std::process::Command::new(&python)
         .args(["-c", script])
         .arg(&step)
         .output()
