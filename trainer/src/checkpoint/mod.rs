@@ -269,6 +269,13 @@ pub fn prune_run(
     remove_checkpoints(dir, ours.into_iter().take(n_remove).chain(abandoned))
 }
 
+/// Deletes every complete checkpoint in `dir` but `keep` (the way [`prune`] does: renamed out
+/// of the `step-*` namespace first); returns the removed paths.
+pub fn remove_all_but(dir: &Path, keep: &Path) -> Result<Vec<PathBuf>, CheckpointError> {
+    let doomed = list_checkpoints(dir)?.into_iter().filter(|(_, p)| p != keep);
+    remove_checkpoints(dir, doomed)
+}
+
 fn remove_checkpoints(
     dir: &Path,
     doomed: impl Iterator<Item = (u64, PathBuf)>,

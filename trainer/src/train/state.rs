@@ -8,7 +8,7 @@
 
 use super::Trainer;
 use crate::checkpoint::{
-    CheckpointReader, OptimizerSnapshot, SaveRequest, hf, list_checkpoints, prune_run, save,
+    CheckpointReader, OptimizerSnapshot, SaveRequest, hf, prune_run, remove_all_but, save,
 };
 use crate::data::LoaderPosition;
 use crate::early_stop::EarlyStopping;
@@ -110,12 +110,7 @@ impl Trainer {
         self.saved_step = Some(self.step);
         if std::mem::take(&mut self.overwrite_pending) {
             // --overwrite: the other run's checkpoints go once this run has one of its own.
-            for (_, p) in list_checkpoints(dir)? {
-                if p != path {
-                    std::fs::remove_dir_all(&p)
-                        .with_context(|| format!("--overwrite: deleting {}", p.display()))?;
-                }
-            }
+            remove_all_but(dir, &path).context("--overwrite")?;
         }
         if let Some(k) = NonZeroUsize::new(self.cfg.keep_last) {
             // Keep the newest of this run's own timeline: after resuming from an older step,
