@@ -272,7 +272,9 @@ pub fn prune_run(
 /// Deletes every complete checkpoint in `dir` but `keep` (the way [`prune`] does: renamed out
 /// of the `step-*` namespace first); returns the removed paths.
 pub fn remove_all_but(dir: &Path, keep: &Path) -> Result<Vec<PathBuf>, CheckpointError> {
-    let doomed = list_checkpoints(dir)?.into_iter().filter(|(_, p)| p != keep);
+    let doomed = list_checkpoints(dir)?
+        .into_iter()
+        .filter(|(_, p)| p != keep);
     remove_checkpoints(dir, doomed)
 }
 
