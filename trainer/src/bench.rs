@@ -120,6 +120,12 @@ pub fn run_bench(args: BenchArgs) -> Result<()> {
                 let b = args
                     .micro_batch
                     .unwrap_or(if m == "tiny" { 32 } else { 16 });
+                let t = match args.seq_len {
+                    Some(t) => t,
+                    None => GptConfig::from_name(m)?.block_size,
+                };
+                // The dry run allocates the batch's token ids: refuse what cannot fit.
+                crate::train::memory::check_tokens(b, t, crate::train::memory::available_bytes())?;
                 for r in recompute_memory(m, b, args.seq_len, args.precision)? {
                     println!(
                         "{:<10} {:>4} {:>5} {:<6} {:>12.1} {:>7.1}%",

@@ -7,8 +7,9 @@ use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
-/// Where to train.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// Where to train. Written and read as the command line spells it (`"cpu"`, `"cuda:1"`), in a
+/// `--config` file too; the variant names of older checkpoints' settings (`"Cpu"`) still read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DeviceSpec {
     /// The GPU if there is one, else the CPU.
     Auto,
@@ -31,6 +32,35 @@ impl std::str::FromStr for DeviceSpec {
                 None => Err(format!(
                     "bad device `{s}`: expected auto, cpu, cuda or cuda:N"
                 )),
+            },
+        }
+    }
+}
+
+impl Serialize for DeviceSpec {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for DeviceSpec {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Repr {
+            Text(String),
+            // serde's default enum form, as checkpoints before this change stored it.
+            Cuda {
+                #[serde(rename = "Cuda")]
+                n: usize,
+            },
+        }
+        match Repr::deserialize(d)? {
+            Repr::Cuda { n } => Ok(DeviceSpec::Cuda(n)),
+            Repr::Text(t) => match t.as_str() {
+                "Auto" => Ok(DeviceSpec::Auto),
+                "Cpu" => Ok(DeviceSpec::Cpu),
+                _ => t.parse().map_err(serde::de::Error::custom),
             },
         }
     }
@@ -74,11 +104,12 @@ pub struct TrainArgs {
     #[arg(long)]
     #[serde(skip)]
     pub config: Option<PathBuf>,
-    /// Model preset: tiny (default), small, gpt2-124m, or mlp.
+    /// Model preset: tiny (default), small or gpt2-124m.
     #[arg(long)]
     pub model: Option<String>,
-    /// A directory of token shards written by `lathe prepare` (default: the built-in
-    /// addition corpus).
+    /// A directory of token shards written by `lathe prepare` (or llm.c), or one `.bin`
+    /// shard (its `val` sibling is the validation split); default: the built-in addition
+    /// corpus.
     #[arg(long)]
     pub data: Option<PathBuf>,
     /// auto (default), cpu, cuda or cuda:N.
@@ -183,6 +214,11 @@ pub struct TrainArgs {
     /// Continue from the latest complete checkpoint in DIR (or a step-* directory).
     #[arg(long)]
     pub resume: Option<PathBuf>,
+    /// Allow a fresh run to write into a --save directory that already holds checkpoints:
+    /// they are deleted when this run writes its first checkpoint.
+    #[arg(long)]
+    #[serde(default)]
+    pub overwrite: bool,
     /// Testing aid: put an inf into one gradient at these steps, e.g. `3,7`.
     #[arg(long)]
     pub inject_nonfinite: Option<String>,
@@ -196,7 +232,8 @@ pub struct TrainArgs {
     /// Batches the loader prepares ahead.
     #[arg(long)]
     pub prefetch: Option<usize>,
-    /// Curriculum: none or seq (short sequences first).
+    /// Curriculum: none, or seq:START_LEN:WARMUP_STEPS (sequences grow linearly from
+    /// START_LEN tokens to the full length over the first WARMUP_STEPS steps).
     #[arg(long)]
     pub curriculum: Option<String>,
     /// Exact-match evaluation problems for the built-in corpus.
@@ -229,6 +266,7 @@ impl TrainArgs {
         self.scale_lr |= file.scale_lr;
         self.stochastic_rounding |= file.stochastic_rounding;
         self.no_progress |= file.no_progress;
+        self.overwrite |= file.overwrite;
         Ok(self)
     }
 }
@@ -277,6 +315,8 @@ pub struct TrainConfig {
     pub save_every: u64,
     pub keep_last: usize,
     pub resume: Option<PathBuf>,
+    #[serde(default)]
+    pub overwrite: bool,
     pub inject_nonfinite: Vec<u64>,
     pub stochastic_rounding: bool,
     pub loader_workers: usize,
@@ -340,6 +380,7 @@ impl TrainConfig {
             save_every: a.save_every.unwrap_or(0),
             keep_last: a.keep_last.unwrap_or(0),
             resume: a.resume,
+            overwrite: a.overwrite,
             inject_nonfinite: inject,
             stochastic_rounding: a.stochastic_rounding,
             loader_workers: a.loader_workers.unwrap_or(2),
@@ -365,11 +406,31 @@ impl TrainConfig {
                 bail!("{name} must be at least 1");
             }
         }
+        // Bounds past which a setting only exhausts memory or time (the memory estimate at
+        // startup covers what fits below them).
+        let at_most = [
+            ("--world", self.world, 1024),
+            ("--loader-workers", self.loader_workers, 256),
+            ("--prefetch", self.prefetch, 4096),
+            ("--eval-batches", self.eval_batches, 100_000),
+            ("--eval-problems", self.eval_problems, 100_000),
+        ];
+        for (name, v, max) in at_most {
+            if v > max {
+                bail!("{name} must be at most {max} (got {v})");
+            }
+        }
         if self.zero > 3 {
             bail!("--zero must be 0, 1, 2 or 3 (got {})", self.zero);
         }
-        if !(self.lr.is_finite() && self.lr > 0.0) {
-            bail!("--lr must be a positive number (got {})", self.lr);
+        // The optimizers compute in f32: a rate beyond f32's range would be infinite at the
+        // first step.
+        if !(self.lr.is_finite() && self.lr > 0.0 && self.lr <= f32::MAX as f64) {
+            bail!(
+                "--lr must be a positive number no larger than {:e} (got {})",
+                f32::MAX,
+                self.lr
+            );
         }
         if !(0.0..=1.0).contains(&self.min_lr_frac) {
             bail!("--min-lr-frac must be in [0, 1] (got {})", self.min_lr_frac);
@@ -380,9 +441,9 @@ impl TrainConfig {
         if self.stochastic_rounding && self.precision != Precision::Bf16 {
             bail!("--stochastic-rounding applies to --precision bf16 only");
         }
-        if !matches!(self.curriculum.as_str(), "none" | "seq") {
-            bail!("--curriculum must be none or seq (got {})", self.curriculum);
-        }
+        self.curriculum
+            .parse::<crate::data::Curriculum>()
+            .map_err(|e| anyhow::anyhow!("--curriculum: {e}"))?;
         if self.save_every > 0 && self.save.is_none() {
             bail!("--save-every needs --save DIR");
         }

@@ -26,6 +26,11 @@
 //! this node (SIGKILL: a rank stuck in a collective would not react to anything gentler) and
 //! returns the failed child's exit code; a child killed by signal `s` counts as `128 + s`. When
 //! all exit cleanly it returns 0. Children inherit the launcher's stdin, stdout and stderr.
+//!
+//! SIGINT and SIGTERM sent to the launcher are forwarded to every child, so that no rank is left
+//! running as an orphan; `--timeout SECS` sends SIGTERM to every child once the run has taken
+//! that long. Children still running [`GRACE`] after either are killed. The launcher then
+//! returns `128 + signal`, or 124 after a timeout (as `timeout(1)` does).
 
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus};
@@ -52,8 +57,16 @@ pub const ENV_MASTER_PORT: &str = "LATHE_MASTER_PORT";
 /// How often the launcher looks at its children.
 const POLL: Duration = Duration::from_millis(20);
 
+/// How long children get to exit after a forwarded signal or a timeout before they are killed.
+pub const GRACE: Duration = Duration::from_secs(10);
+
+/// Exit code of a run stopped by `--timeout`.
+pub const TIMEOUT_EXIT: i32 = 124;
+
+const SIGTERM: i32 = 15;
+
 /// Arguments of `lathe launch`.
-#[derive(Parser, Debug, Clone, PartialEq, Eq)]
+#[derive(Parser, Debug, Clone, PartialEq)]
 #[command(
     name = "launch",
     about = "Start one process per rank with LATHE_RANK, LATHE_WORLD_SIZE, ... set"
@@ -75,6 +88,11 @@ pub struct LaunchArgs {
     /// other nodes can reach).
     #[arg(long, default_value = "127.0.0.1:29500")]
     pub master: String,
+
+    /// Stop the ranks (SIGTERM, then SIGKILL after a grace period) once the run has taken
+    /// this many seconds, and exit with 124.
+    #[arg(long, value_name = "SECS")]
+    pub timeout: Option<f64>,
 
     /// The command every rank runs, after `--`. A leading `lathe` runs the executable of this
     /// launcher when it is itself `lathe`, so no `lathe` needs to be on the PATH.
@@ -232,6 +250,15 @@ pub fn run_launch(args: LaunchArgs) -> anyhow::Result<i32> {
         .checked_mul(args.nnodes)
         .context("--nproc x --nnodes overflows")?;
     let (host, port) = split_master(&args.master)?;
+    if let Some(t) = args.timeout
+        && !(t.is_finite() && t > 0.0 && t < 1e9)
+    {
+        bail!("--timeout must be a positive number of seconds (got {t})");
+    }
+    let deadline = args.timeout.map(Duration::from_secs_f64);
+    // Forward SIGINT/SIGTERM to the children instead of dying and leaving them orphaned.
+    crate::signals::install();
+    let started = std::time::Instant::now();
     let Some((program, rest)) = args.command.split_first() else {
         bail!("no command given: put it after `--`, e.g. `lathe launch --nproc 2 -- lathe train`");
     };
@@ -260,7 +287,56 @@ pub fn run_launch(args: LaunchArgs) -> anyhow::Result<i32> {
         }
     }
 
+    // Why and since when the ranks are being stopped: (exit code, when the stop began).
+    let mut stopping: Option<(i32, std::time::Instant)> = None;
     loop {
+        if stopping.is_none() {
+            let why = if let Some(sig) = crate::signals::received() {
+                eprintln!(
+                    "lathe launch: caught {}; forwarding it to the ranks",
+                    crate::signals::name(sig)
+                );
+                Some((sig, 128 + sig))
+            } else if deadline.is_some_and(|d| started.elapsed() >= d) {
+                eprintln!(
+                    "lathe launch: --timeout {}s reached; stopping the ranks",
+                    args.timeout.unwrap_or_default()
+                );
+                Some((SIGTERM, TIMEOUT_EXIT))
+            } else {
+                None
+            };
+            if let Some((sig, code)) = why {
+                for child in children.iter().flatten() {
+                    crate::signals::send(child.id(), sig);
+                }
+                stopping = Some((code, std::time::Instant::now()));
+            }
+        }
+        if let Some((code, since)) = stopping {
+            let mut running = 0;
+            for slot in children.iter_mut() {
+                if let Some(child) = slot {
+                    match child.try_wait() {
+                        Ok(Some(_)) | Err(_) => *slot = None,
+                        Ok(None) => running += 1,
+                    }
+                }
+            }
+            if running == 0 {
+                return Ok(code);
+            }
+            if since.elapsed() >= GRACE {
+                eprintln!(
+                    "lathe launch: {running} rank(s) still running {}s later; killing them",
+                    GRACE.as_secs()
+                );
+                stop_all(&mut children);
+                return Ok(code);
+            }
+            std::thread::sleep(POLL);
+            continue;
+        }
         let mut running = 0;
         let mut failed: Option<(usize, ExitStatus)> = None;
         for (local_rank, slot) in children.iter_mut().enumerate() {

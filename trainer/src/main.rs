@@ -21,6 +21,9 @@ enum Command {
     Train(Box<TrainArgs>),
     /// Tokenize text files into token shards for `lathe train --data`.
     Prepare(lathe_trainer::data::PrepareArgs),
+    /// Score a checkpoint: loss and perplexity on a dataset or a text file, exact match on the
+    /// built-in corpus.
+    Eval(lathe_trainer::train::EvalArgs),
     /// Turn a `--log` JSONL file into a self-contained HTML report.
     Report(lathe_trainer::report::ReportArgs),
     /// Quick measurements: activation memory per recomputation policy, CPU step time.
@@ -36,8 +39,9 @@ fn main() {
     let code = match run(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
-            1
+            eprintln!("error: {}", lathe_trainer::error_text(&e));
+            // Stopped by a caught SIGINT/SIGTERM: exit as the signal would have.
+            lathe_trainer::signals::received().map_or(1, |s| 128 + s)
         }
     };
     std::process::exit(code);
@@ -47,6 +51,7 @@ fn run(cli: Cli) -> Result<i32> {
     match cli.command.unwrap_or(Command::Train(Box::default())) {
         Command::Train(args) => lathe_trainer::train::run_train(*args).map(|_| 0),
         Command::Prepare(args) => lathe_trainer::data::run_prepare(args).map(|_| 0),
+        Command::Eval(args) => lathe_trainer::train::run_eval(args).map(|_| 0),
         Command::Report(args) => lathe_trainer::report::run_report(args).map(|_| 0),
         Command::Bench(args) => lathe_trainer::bench::run_bench(args).map(|_| 0),
         Command::Launch(args) => lathe_trainer::launch::run_launch(args),

@@ -100,6 +100,7 @@ fn request<'a>(r: &'a Run, step: u64) -> SaveRequest<'a> {
         data_position: &r.data,
         settings: &r.settings,
         extra: &r.extra,
+        files: Vec::new(),
     }
 }
 

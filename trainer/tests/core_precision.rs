@@ -45,10 +45,12 @@ fn scale_doubles_after_2000_clean_steps_and_halves_on_inf() {
     assert_eq!(s.skipped_steps(), 4);
 }
 
-/// PyTorch's `_amp_update_scale_` written out, for random step sequences.
+/// PyTorch's `_amp_update_scale_` written out, for random step sequences, plus Lathe's floor
+/// of the scale at `MIN_SCALE` (PyTorch has none; a scale sinking below it only reaches
+/// subnormals and an infinite `inv_scale`).
 fn gradscaler_rule(scale: &mut f32, tracker: &mut u32, found_inf: bool, interval: u32) {
     if found_inf {
-        *scale = (*scale as f64 * 0.5) as f32;
+        *scale = ((*scale as f64 * 0.5) as f32).max(lathe_trainer::precision::MIN_SCALE);
         *tracker = 0;
     } else {
         let successful = *tracker + 1;

@@ -12,6 +12,7 @@ fn args(nproc: usize, nnodes: usize, node_rank: usize, script: &str, arg: &str) 
         nnodes,
         node_rank,
         master: "127.0.0.1:29533".to_string(),
+        timeout: None,
         command: vec![
             "sh".to_string(),
             "-c".to_string(),
@@ -145,4 +146,99 @@ fn launch_env_reads_back_what_the_launcher_sets() {
         }
     };
     assert!(LaunchEnv::from_lookup(broken).is_err());
+}
+
+#[test]
+fn a_timeout_stops_every_rank_with_124() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path().to_str().expect("utf-8 path");
+    // Each rank records its pid, then sleeps for a minute.
+    let script = r#"echo $$ > "$0/pid_$LATHE_RANK"; exec sleep 60"#;
+    let started = Instant::now();
+    let code = run_launch(LaunchArgs {
+        timeout: Some(0.5),
+        ..args(2, 1, 0, script, d)
+    })
+    .expect("launch");
+    assert_eq!(code, 124);
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "{:?}",
+        started.elapsed()
+    );
+    for rank in 0..2 {
+        let pid = std::fs::read_to_string(dir.path().join(format!("pid_{rank}"))).expect("pid");
+        assert!(
+            !std::path::Path::new(&format!("/proc/{}", pid.trim())).exists(),
+            "rank {rank} still runs"
+        );
+    }
+    assert!(
+        run_launch(LaunchArgs {
+            timeout: Some(-1.0),
+            ..args(1, 1, 0, "true", "x")
+        })
+        .is_err()
+    );
+}
+
+#[test]
+fn sigterm_to_the_launcher_reaches_every_rank() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path().to_str().expect("utf-8 path");
+    let script = r#"echo $$ > "$0/pid_$LATHE_RANK"; exec sleep 60"#;
+    let mut launcher = std::process::Command::new(env!("CARGO_BIN_EXE_lathe"))
+        .args(["launch", "--nproc", "2", "--", "sh", "-c", script, d])
+        .spawn()
+        .expect("start the launcher");
+    let pids: Vec<String> = {
+        let t0 = Instant::now();
+        loop {
+            let p: Vec<String> = (0..2)
+                .filter_map(|r| std::fs::read_to_string(dir.path().join(format!("pid_{r}"))).ok())
+                .filter(|s| s.ends_with('\n'))
+                .collect();
+            if p.len() == 2 {
+                break p;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "ranks never started"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    lathe_trainer::signals::send(launcher.id(), 15);
+    let status = launcher.wait().expect("wait");
+    assert_eq!(status.code(), Some(128 + 15), "{status}");
+    for pid in pids {
+        assert!(
+            !std::path::Path::new(&format!("/proc/{}", pid.trim())).exists(),
+            "rank {} was orphaned",
+            pid.trim()
+        );
+    }
+}
+
+#[test]
+fn launched_cpu_training_is_refused_instead_of_run_twice() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = dir.path().join("run.jsonl");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_lathe"))
+        .args([
+            "launch",
+            "--nproc",
+            "2",
+            "--master",
+            "127.0.0.1:29534",
+            "--",
+        ])
+        .args(["lathe", "train", "--device", "cpu", "--steps", "2", "--log"])
+        .arg(&log)
+        .output()
+        .expect("run the launcher");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("rank") && err.contains("--world 2"), "{err}");
+    assert!(!log.exists(), "a rank trained");
 }

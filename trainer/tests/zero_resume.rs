@@ -56,7 +56,8 @@ fn saved_master(step_dir: &Path) -> Vec<u32> {
         "full optimizer state saved"
     );
     let mut master = vec![0f32; offset];
-    r.load_model(&layout, &mut master).unwrap();
+    // wte is stored with the vocabulary's 257 rows; the padding rows load as zeros.
+    lathe_trainer::checkpoint::hf::load_master(&r, &layout, 257, &mut master).unwrap();
     master.iter().map(|x| x.to_bits()).collect()
 }
 

@@ -79,6 +79,19 @@ pub(crate) fn digest_file(path: &Path) -> io::Result<(u64, u64)> {
     Ok((total, combine(hashes, total)))
 }
 
+/// Digest of a JSON value without its `state_digest` key: the value is written as compact
+/// JSON (keys in the order the map holds them, the same for a value built from the state and
+/// one parsed back from the file) and hashed like a file.
+pub(crate) fn state_digest(state: &serde_json::Value) -> String {
+    let mut v = state.clone();
+    if let Some(m) = v.as_object_mut() {
+        m.remove("state_digest");
+    }
+    // A `Value` always serializes.
+    let bytes = serde_json::to_vec(&v).unwrap_or_default();
+    format(digest_bytes(&bytes))
+}
+
 /// The text stored in `state.json`.
 pub(crate) fn format(d: u64) -> String {
     format!("{SCHEME}:{d:016x}")

@@ -9,7 +9,11 @@
 //! * `optimizer.safetensors`: the optimizer's flat state buffers (`m`, `v` for AdamW), 1-D f32.
 //! * `state.json`: everything small, as a [`CheckpointState`]: step, optimizer step count and
 //!   hyperparameters, loss scaler, RNG states, data position, full run settings, extra state
-//!   (early stopping, ...), and the length and digest of both tensor files.
+//!   (early stopping, ...), the length and digest of both tensor files, and a digest of
+//!   `state.json`'s own other fields (`state_digest`).
+//!
+//! * any extra files of the request ([`SaveRequest::files`]): `lathe train` adds Hugging Face's
+//!   `config.json` ([`hf`]), so `GPT2LMHeadModel.from_pretrained` loads a step directory.
 //!
 //! Saving is atomic: everything is written into `DIR/.tmp-step-NNNNNNNN-<pid>/`, every file and
 //! that directory are fsynced, the directory is renamed to its final name, and `DIR` is fsynced.
@@ -22,6 +26,7 @@
 //! file and the tensor in any error.
 
 mod digest;
+pub mod hf;
 mod read;
 mod write;
 
@@ -41,7 +46,8 @@ pub use read::CheckpointReader;
 pub use write::save;
 
 /// Version of the checkpoint layout written by this Lathe.
-pub const FORMAT_VERSION: u32 = 1;
+/// Version 2 added `state_digest` to `state.json`; version 1 checkpoints (without it) still load.
+pub const FORMAT_VERSION: u32 = 2;
 /// Model weights file inside a checkpoint directory.
 pub const MODEL_FILE: &str = "model.safetensors";
 /// Optimizer buffers file inside a checkpoint directory.
@@ -159,6 +165,10 @@ pub struct SaveRequest<'a> {
     pub settings: &'a Value,
     /// Anything else to restore (early-stopping state, best loss, ...); `Value::Null` if none.
     pub extra: &'a Value,
+    /// Small extra files written into the checkpoint directory (name, contents), such as
+    /// Hugging Face's `config.json`. Names must be plain file names other than the three
+    /// checkpoint files.
+    pub files: Vec<(String, Vec<u8>)>,
 }
 
 /// Length and digest of one file of a checkpoint.
@@ -185,6 +195,11 @@ pub struct CheckpointState {
     pub extra: Value,
     /// Tensor files of the checkpoint, by file name.
     pub files: BTreeMap<String, FileDigest>,
+    /// Digest of the rest of `state.json` (every other field, as compact JSON with sorted
+    /// keys), so an edited step count, data position or scale is caught like a damaged tensor
+    /// file. Required from format version 2 on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_digest: Option<String>,
 }
 
 /// Directory name of the checkpoint of `step`: `step-` and the step zero-padded to 8 digits.
@@ -235,8 +250,40 @@ pub fn latest_checkpoint(path: &Path) -> Result<Option<PathBuf>, CheckpointError
 pub fn prune(dir: &Path, keep_last: NonZeroUsize) -> Result<Vec<PathBuf>, CheckpointError> {
     let all = list_checkpoints(dir)?;
     let n_remove = all.len().saturating_sub(keep_last.get());
-    let mut removed = Vec::with_capacity(n_remove);
-    for (step, path) in all.into_iter().take(n_remove) {
+    remove_checkpoints(dir, all.into_iter().take(n_remove))
+}
+
+/// Pruning for a run that has just written the checkpoint of step `newest`: keeps the newest
+/// `keep_last` checkpoints of that run's timeline (the steps up to `newest`; the one just
+/// written always survives) and deletes the rest, including any checkpoint of a later step,
+/// which belongs to a timeline abandoned by resuming from an older step. Returns the removed
+/// paths.
+pub fn prune_run(
+    dir: &Path,
+    keep_last: NonZeroUsize,
+    newest: u64,
+) -> Result<Vec<PathBuf>, CheckpointError> {
+    let all = list_checkpoints(dir)?;
+    let (ours, abandoned): (Vec<_>, Vec<_>) = all.into_iter().partition(|(s, _)| *s <= newest);
+    let n_remove = ours.len().saturating_sub(keep_last.get());
+    remove_checkpoints(dir, ours.into_iter().take(n_remove).chain(abandoned))
+}
+
+/// Deletes every complete checkpoint in `dir` but `keep` (the way [`prune`] does: renamed out
+/// of the `step-*` namespace first); returns the removed paths.
+pub fn remove_all_but(dir: &Path, keep: &Path) -> Result<Vec<PathBuf>, CheckpointError> {
+    let doomed = list_checkpoints(dir)?
+        .into_iter()
+        .filter(|(_, p)| p != keep);
+    remove_checkpoints(dir, doomed)
+}
+
+fn remove_checkpoints(
+    dir: &Path,
+    doomed: impl Iterator<Item = (u64, PathBuf)>,
+) -> Result<Vec<PathBuf>, CheckpointError> {
+    let mut removed = Vec::new();
+    for (step, path) in doomed {
         let doomed = dir.join(format!(
             ".del-{}-{}",
             step_dir_name(step),

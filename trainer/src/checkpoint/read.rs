@@ -66,6 +66,27 @@ impl CheckpointReader {
                 supported: FORMAT_VERSION,
             });
         }
+        let version = value.get("format_version").and_then(Value::as_u64);
+        match value.get("state_digest") {
+            Some(Value::String(recorded)) => {
+                let found = digest::state_digest(&value);
+                if &found != recorded {
+                    return Err(corrupt(
+                        &state_path,
+                        format!(
+                            "digest {found} does not match {recorded} recorded in it (was the \
+                             file edited?)"
+                        ),
+                    ));
+                }
+            }
+            Some(_) => return Err(corrupt(&state_path, "state_digest is not a string")),
+            None if version.is_some_and(|v| v >= 2) => {
+                return Err(corrupt(&state_path, "no state_digest"));
+            }
+            // Format version 1 had no digest of state.json.
+            None => {}
+        }
         let state: CheckpointState = serde_json::from_value(value).map_err(json_err)?;
         let dir_step = dir
             .file_name()

@@ -131,6 +131,17 @@ fn clean_leftovers(dir: &Path) {
 }
 
 fn check_request(req: &SaveRequest<'_>) -> Result<(), CheckpointError> {
+    for (name, _) in &req.files {
+        let plain = !name.is_empty()
+            && !name.starts_with('.')
+            && !name.contains(['/', '\\'])
+            && ![MODEL_FILE, OPTIMIZER_FILE, STATE_FILE].contains(&name.as_str());
+        if !plain {
+            return Err(CheckpointError::BadRequest(format!(
+                "extra file name `{name}` is not a plain, free file name"
+            )));
+        }
+    }
     if req.master.len() != req.layout.len() {
         return Err(CheckpointError::BufferLength {
             what: "master weights to save".to_string(),
@@ -240,6 +251,13 @@ pub fn save(dir: &Path, req: &SaveRequest<'_>) -> Result<PathBuf, CheckpointErro
         write_safetensors(&opt_path, opt, meta)?,
     );
 
+    for (name, bytes) in &req.files {
+        let p = tmp.path.join(name);
+        let mut f = File::create(&p).map_err(io_err(&p, "creating"))?;
+        f.write_all(bytes).map_err(io_err(&p, "writing"))?;
+        f.sync_all().map_err(io_err(&p, "syncing"))?;
+    }
+
     let state = CheckpointState {
         format_version: FORMAT_VERSION,
         lathe_version: version,
@@ -252,12 +270,19 @@ pub fn save(dir: &Path, req: &SaveRequest<'_>) -> Result<PathBuf, CheckpointErro
         settings: req.settings.clone(),
         extra: req.extra.clone(),
         files,
+        state_digest: None,
     };
     let state_path = tmp.path.join(STATE_FILE);
-    let json = serde_json::to_vec_pretty(&state).map_err(|source| CheckpointError::Json {
+    let json_err = |source| CheckpointError::Json {
         path: state_path.clone(),
         source,
-    })?;
+    };
+    let mut value = serde_json::to_value(&state).map_err(json_err)?;
+    let d = digest::state_digest(&value);
+    if let Some(m) = value.as_object_mut() {
+        m.insert("state_digest".into(), serde_json::Value::String(d));
+    }
+    let json = serde_json::to_vec_pretty(&value).map_err(json_err)?;
     {
         let mut f = File::create(&state_path).map_err(io_err(&state_path, "creating"))?;
         f.write_all(&json).map_err(io_err(&state_path, "writing"))?;

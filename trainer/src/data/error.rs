@@ -129,6 +129,16 @@ pub enum DataError {
     #[error("host buffer: {0}")]
     Buffer(String),
 
+    /// A dataset directory that `lathe prepare` did not finish.
+    #[error(
+        "{path}: not a complete dataset: {reason} (an interrupted `lathe prepare`? run it again)"
+    )]
+    Incomplete { path: PathBuf, reason: String },
+
+    /// `lathe prepare` caught SIGINT or SIGTERM (and removed what it had written).
+    #[error("interrupted by {0}; nothing was written")]
+    Interrupted(String),
+
     /// A loader worker thread panicked, or the pool shut down; the loader cannot continue.
     #[error("data loader worker failed: {0}")]
     Worker(String),

@@ -38,7 +38,9 @@ pub use curriculum::Curriculum;
 pub use error::DataError;
 pub use loader::{Batch, Loader, LoaderConfig, LoaderPosition};
 pub use plan::mix64;
-pub use prepare::{DatasetMeta, PrepareArgs, PrepareOptions, PrepareReport, prepare, run_prepare};
+pub use prepare::{
+    DatasetMeta, PrepareArgs, PrepareOptions, PrepareReport, check_complete, prepare, run_prepare,
+};
 pub use shard::{Shard, ShardWriter, write_shard};
 pub use source::{ShardSource, Source, WindowSource};
 pub use tokenizer::TokenizerKind;

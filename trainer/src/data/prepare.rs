@@ -17,8 +17,10 @@
 //! `--shard-tokens` tokens (default 100M, as llm.c) except the last of each split, plus
 //! `meta.json` (tokenizer, vocabulary, counts). Every file is written under a temporary name,
 //! fsynced and renamed; `meta.json` is written last. Identical inputs and options give
-//! byte-identical output. If anything fails, every file this run created is removed (and the
-//! directory too, if this run created it and it is empty), so `--out` never holds half a dataset.
+//! byte-identical output. The dataset is built in a hidden sibling directory and put in place
+//! whole at the end; if anything fails, or SIGINT/SIGTERM arrives (`lathe prepare` catches
+//! both), the build directory is removed, so `--out` never holds half a dataset. A `kill -9`
+//! leaves only the hidden directory, which the next `prepare` next to it removes.
 
 use std::fs::{self, File};
 use std::io::{IsTerminal, Read, Write};
@@ -170,6 +172,7 @@ pub fn prepare(opts: PrepareOptions) -> Result<PrepareReport> {
     let bar = progress_bar(opts.progress, input_bytes);
     let mut documents = 0u64;
     for (path, &size) in opts.inputs.iter().zip(&sizes) {
+        check_interrupted()?;
         if size == 0 {
             continue;
         }
@@ -196,6 +199,7 @@ pub fn prepare(opts: PrepareOptions) -> Result<PrepareReport> {
         }
     }
     bar.finish_and_clear();
+    check_interrupted()?;
     if staging.train.total == 0 {
         return Err(DataError::EmptyInput(format!(
             "the inputs hold no training tokens after taking the validation fraction {}",
@@ -248,6 +252,7 @@ fn add_bytes_document(
         if n == 0 {
             break;
         }
+        check_interrupted()?;
         if pos + n as u64 > size {
             return Err(changed(path));
         }
@@ -407,14 +412,26 @@ impl SplitWriter {
     }
 }
 
-/// The output directory while a dataset is being written. Dropped before `finish` succeeds, it
-/// removes everything this run created.
+/// A dataset being written: everything goes into a hidden sibling of the output directory,
+/// `.NAME.partial-PID`, which becomes the output directory whole at the end (renamed into place
+/// when `--out` is missing or empty; otherwise its files are renamed in, `meta.json` last).
+/// Dropped before `finish` succeeds, it removes the build directory, so an error, Ctrl-C or
+/// SIGTERM never leaves a half dataset under the final names; a build directory left by a
+/// killed process is removed by the next `prepare` next to it.
 struct Staging {
-    dir: PathBuf,
-    created_dir: bool,
+    out: PathBuf,
+    build: PathBuf,
     train: SplitWriter,
     val: SplitWriter,
     committed: bool,
+}
+
+/// The pid in a `.NAME.partial-PID` build directory's name, for output `NAME`.
+fn partial_pid(entry: &str, out_name: &str) -> Option<u32> {
+    entry
+        .strip_prefix(&format!(".{out_name}.partial-"))?
+        .parse()
+        .ok()
 }
 
 impl Staging {
@@ -423,7 +440,7 @@ impl Staging {
             path: dir.to_path_buf(),
             reason,
         };
-        let created_dir = match fs::metadata(dir) {
+        match fs::metadata(dir) {
             Ok(m) if !m.is_dir() => return Err(out_err("exists and is not a directory".into())),
             Ok(_) => {
                 let entries =
@@ -440,19 +457,41 @@ impl Staging {
                         )));
                     }
                 }
-                false
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                fs::create_dir_all(dir).map_err(|e| out_err(format!("cannot create: {e}")))?;
-                true
-            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(out_err(e.to_string())),
+        }
+        let name = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .ok_or_else(|| out_err("has no directory name".into()))?;
+        let parent = match dir.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
         };
+        fs::create_dir_all(&parent)
+            .map_err(|e| out_err(format!("cannot create {}: {e}", parent.display())))?;
+        // Build directories of killed runs.
+        if let Ok(entries) = fs::read_dir(&parent) {
+            for entry in entries.flatten() {
+                let n = entry.file_name().to_string_lossy().into_owned();
+                if partial_pid(&n, &name).is_some_and(|pid| {
+                    pid != std::process::id() && !crate::signals::process_alive(pid)
+                }) {
+                    let _ = fs::remove_dir_all(entry.path());
+                }
+            }
+        }
+        let build = parent.join(format!(".{name}.partial-{}", std::process::id()));
+        if build.exists() {
+            fs::remove_dir_all(&build).map_err(|e| DataError::io("cannot remove", &build, e))?;
+        }
+        fs::create_dir(&build).map_err(|e| DataError::io("cannot create", &build, e))?;
         Ok(Staging {
-            dir: dir.to_path_buf(),
-            created_dir,
-            train: SplitWriter::new(dir, Split::Train, shard_tokens),
-            val: SplitWriter::new(dir, Split::Val, shard_tokens),
+            out: dir.to_path_buf(),
+            train: SplitWriter::new(&build, Split::Train, shard_tokens),
+            val: SplitWriter::new(&build, Split::Val, shard_tokens),
+            build,
             committed: false,
         })
     }
@@ -477,18 +516,57 @@ impl Staging {
             train: self.train.meta(),
             val: self.val.meta(),
         };
-        let path = self.dir.join(DatasetMeta::FILE);
+        let path = self.build.join(DatasetMeta::FILE);
         let mut text = serde_json::to_string_pretty(&meta)
             .map_err(|e| DataError::Config(format!("cannot serialize meta.json: {e}")))?;
         text.push('\n');
         write_atomic(&path, text.as_bytes())?;
+        sync_parent(&path);
+        self.commit()?;
         self.committed = true;
+        let moved = |v: &[PathBuf]| -> Vec<PathBuf> {
+            v.iter()
+                .filter_map(|p| p.file_name().map(|n| self.out.join(n)))
+                .collect()
+        };
         Ok(PrepareReport {
             meta,
-            train_shards: self.train.finished.clone(),
-            val_shards: self.val.finished.clone(),
+            train_shards: moved(&self.train.finished),
+            val_shards: moved(&self.val.finished),
             input_bytes,
         })
+    }
+
+    /// Puts the finished build directory in place of `out`.
+    fn commit(&self) -> Result<()> {
+        let empty = match fs::read_dir(&self.out) {
+            Ok(mut entries) => entries.next().is_none(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => true,
+            Err(e) => return Err(DataError::io("cannot list", &self.out, e)),
+        };
+        // rename(2) replaces a missing or empty directory in one step.
+        if empty && fs::rename(&self.build, &self.out).is_ok() {
+            sync_parent(&self.out);
+            return Ok(());
+        }
+        // `out` holds other files: move the shards in, then meta.json, which marks the
+        // dataset complete.
+        let mut names: Vec<PathBuf> = self
+            .train
+            .finished
+            .iter()
+            .chain(&self.val.finished)
+            .cloned()
+            .collect();
+        names.push(self.build.join(DatasetMeta::FILE));
+        for from in names {
+            let Some(n) = from.file_name() else { continue };
+            let to = self.out.join(n);
+            fs::rename(&from, &to).map_err(|e| DataError::io("cannot move into place", &to, e))?;
+        }
+        sync_parent(&self.out.join(DatasetMeta::FILE));
+        let _ = fs::remove_dir_all(&self.build);
+        Ok(())
     }
 }
 
@@ -500,15 +578,61 @@ impl Drop for Staging {
         // Unfinished shard writers delete their temporary files when dropped.
         drop(self.train.current.take());
         drop(self.val.current.take());
-        for p in self.train.finished.iter().chain(&self.val.finished) {
-            let _ = fs::remove_file(p);
-        }
-        let _ = fs::remove_file(temp_name(&self.dir.join(DatasetMeta::FILE)));
-        if self.created_dir {
-            // Only succeeds when empty, which is what we want.
-            let _ = fs::remove_dir(&self.dir);
+        let _ = fs::remove_dir_all(&self.build);
+    }
+}
+
+/// Stops `prepare` when SIGINT or SIGTERM arrived (see [`crate::signals`]).
+fn check_interrupted() -> Result<()> {
+    match crate::signals::received() {
+        Some(sig) => Err(DataError::Interrupted(crate::signals::name(sig))),
+        None => Ok(()),
+    }
+}
+
+/// Checks that `dir` holds a complete dataset: with a `meta.json`, every shard it lists exists
+/// with the recorded token counts; in any case no unfinished shard (`.NAME.bin.tmp`, left by an
+/// interrupted writer) lies next to the shards. A directory of llm.c shards without `meta.json`
+/// passes.
+pub fn check_complete(dir: &Path) -> Result<()> {
+    let incomplete = |reason: String| DataError::Incomplete {
+        path: dir.to_path_buf(),
+        reason,
+    };
+    let entries =
+        fs::read_dir(dir).map_err(|e| DataError::io("cannot list data directory", dir, e))?;
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if let Some(inner) = name.strip_prefix('.').and_then(|n| n.strip_suffix(".tmp"))
+            && (is_split_shard_name(inner, Split::Train) || is_split_shard_name(inner, Split::Val))
+        {
+            return Err(incomplete(format!("{name} is an unfinished shard")));
         }
     }
+    let Some(meta) = DatasetMeta::read(dir)? else {
+        return Ok(());
+    };
+    for split in [Split::Train, Split::Val] {
+        let m = meta.split(split);
+        let mut tokens = 0u64;
+        for name in &m.shards {
+            let p = dir.join(name);
+            if !p.is_file() {
+                return Err(incomplete(format!(
+                    "{name}, listed in meta.json, is missing"
+                )));
+            }
+            tokens += super::shard::Shard::open(&p)?.len() as u64;
+        }
+        if tokens != m.tokens {
+            return Err(incomplete(format!(
+                "the {} shards hold {tokens} tokens, meta.json records {}",
+                split.name(),
+                m.tokens
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Writes `bytes` to `path` atomically: temporary name in the same directory, fsync, rename.
@@ -562,6 +686,8 @@ pub fn run_prepare(args: PrepareArgs) -> anyhow::Result<()> {
         progress: true,
     };
     let out = opts.out.clone();
+    // Ctrl-C or SIGTERM stops at the next chunk and removes what was written.
+    crate::signals::install();
     let report = prepare(opts)?;
     let m = &report.meta;
     println!(

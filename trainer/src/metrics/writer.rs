@@ -44,6 +44,14 @@ impl MetricsWriter {
     /// (the file is rewritten atomically through a temporary file), then appends. Creates the
     /// log if it does not exist.
     pub fn resume(path: &Path, last_step: u64) -> Result<Self, MetricsError> {
+        Self::resume_before(path, last_step.saturating_add(1))
+    }
+
+    /// Continues the log of a run whose next step record is `next_step` (records are numbered
+    /// from 0, so a run resumed after `n` optimizer steps writes record `n` next): keeps the
+    /// complete step lines with `step < next_step` and drops the rest, as
+    /// [`MetricsWriter::resume`] does.
+    pub fn resume_before(path: &Path, next_step: u64) -> Result<Self, MetricsError> {
         if !path.exists() {
             return Self::create(path);
         }
@@ -60,7 +68,7 @@ impl MetricsWriter {
                 source,
             })?;
             if let MetricsLine::Step(r) = parsed
-                && r.step <= last_step
+                && r.step < next_step
             {
                 kept.push_str(line);
                 kept.push('\n');

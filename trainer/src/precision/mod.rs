@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 
 pub use check::{has_nonfinite, unscale_and_check};
 pub use inject::NonFiniteInjection;
-pub use scaler::{LossScaler, ScaleUpdate, ScalerConfig, update_scale};
+pub use scaler::{LossScaler, MIN_SCALE, ScaleUpdate, ScalerConfig, update_scale};
 
 /// Errors from parsing precision settings or building a scaler.
 #[derive(Debug, thiserror::Error, Clone, PartialEq)]

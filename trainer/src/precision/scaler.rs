@@ -100,6 +100,9 @@ pub struct ScaleUpdate {
     pub scale: f32,
 }
 
+/// The smallest loss scale a backoff leads to.
+pub const MIN_SCALE: f32 = 1.0;
+
 /// Dynamic loss scaler with exactly the update rule of PyTorch's `GradScaler`
 /// (`torch._amp_update_scale_`):
 ///
@@ -108,8 +111,11 @@ pub struct ScaleUpdate {
 /// * on a clean step: the tracker increments; when it reaches `growth_interval` the scale is
 ///   multiplied by `growth_factor` (only if the product is finite) and the tracker resets to 0.
 ///
-/// Products are formed in f64 and stored as f32, as PyTorch does. There is no lower bound on the
-/// scale (PyTorch has none either).
+/// Products are formed in f64 and stored as f32, as PyTorch does. Unlike PyTorch, the scale
+/// never backs off below [`MIN_SCALE`] (DeepSpeed's `min_loss_scale`), or below `init_scale`
+/// when that is smaller: gradients that overflow fp16 even unscaled mean the run diverged, and
+/// a scale sinking further would reach subnormals and an infinite `inv_scale`. The trainer
+/// stops a run whose steps keep being skipped.
 ///
 /// A *disabled* scaler (`fp32`, `bf16`) keeps scale 1 and never changes it, but still reports
 /// non-finite gradients: Lathe skips such a step in every precision (and logs it).
@@ -214,6 +220,9 @@ impl LossScaler {
                 found_inf,
                 &self.config,
             );
+            if found_inf {
+                self.scale = self.scale.max(MIN_SCALE.min(self.config.init_scale));
+            }
         }
         ScaleUpdate {
             found_inf,

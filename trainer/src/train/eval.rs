@@ -5,7 +5,7 @@ use super::Data;
 use crate::config::TrainConfig;
 use crate::data::addition::{AdditionCorpus, PAD, exact_match, render};
 use crate::data::{Loader, LoaderConfig, Split};
-use anyhow::Result;
+use anyhow::{Context, Result};
 use lathe_autograd::{Gpt, ParamStore, Tape};
 use std::collections::BTreeMap;
 
@@ -13,6 +13,34 @@ use std::collections::BTreeMap;
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct EvalOutcome {
     pub accuracy: Option<f64>,
+}
+
+/// The loader of the validation batches every evaluation reads.
+fn val_loader(cfg: &TrainConfig, data: &Data, seq_len: usize) -> Result<Loader> {
+    let mut lc = LoaderConfig::new(cfg.micro_batch, seq_len);
+    lc.seed = cfg.seed;
+    lc.shuffle = false;
+    lc.workers = 0;
+    Loader::open(&data.source, Split::Val, lc, None).map_err(|e| {
+        let hint = match &e {
+            crate::data::DataError::NoShards { .. } => {
+                " (evaluation needs a validation split: prepare the data with --val-fraction \
+                 above 0)"
+            }
+            _ => "",
+        };
+        anyhow::Error::new(e).context(format!("validation data{hint}"))
+    })
+}
+
+/// Reads the validation batches [`val_loss`] will read (the same ones every time), so that a
+/// missing or too small split, or a token outside the vocabulary, is found before training.
+pub(super) fn check_val(cfg: &TrainConfig, data: &Data, seq_len: usize) -> Result<()> {
+    let mut loader = val_loader(cfg, data, seq_len)?;
+    for _ in 0..cfg.eval_batches.max(1) {
+        loader.next_batch().context("validation data")?;
+    }
+    Ok(())
 }
 
 /// Mean loss over `eval_batches` micro-batches of the validation split (always the same
@@ -26,11 +54,7 @@ pub(super) fn val_loss(
     seq_len: usize,
     params: &ParamStore,
 ) -> Result<f64> {
-    let mut lc = LoaderConfig::new(cfg.micro_batch, seq_len);
-    lc.seed = cfg.seed;
-    lc.shuffle = false;
-    lc.workers = 0;
-    let mut loader = Loader::open(&data.source, Split::Val, lc, None)?;
+    let mut loader = val_loader(cfg, data, seq_len)?;
     let mut sum = 0f64;
     let n = cfg.eval_batches.max(1);
     for _ in 0..n {

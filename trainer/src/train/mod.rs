@@ -23,7 +23,10 @@
 //! stages 0-3 at one world size give identical losses.
 
 mod eval;
+pub mod memory;
+pub mod preflight;
 mod run;
+mod score;
 mod state;
 mod step;
 
@@ -43,6 +46,8 @@ use lathe_host::comm::{CommError, Communicator, LocalComm, LocalGroup};
 use std::time::Duration;
 
 pub use eval::EvalOutcome;
+pub use run::MAX_CONSECUTIVE_SKIPS;
+pub use score::{EvalArgs, EvalReport, run_eval};
 
 /// What a finished run reports (rank 0's view, plus every rank's [`RankReport`]).
 #[derive(Clone, Debug, PartialEq)]
@@ -89,7 +94,17 @@ pub fn run_train(args: TrainArgs) -> Result<TrainOutcome> {
     let device = args.device.unwrap_or(DeviceSpec::Auto);
     resolve_device(device)?;
     let cfg = TrainConfig::resolve(args, false)?;
-    train_ranks(cfg)
+    let pre = preflight::check(&cfg)?;
+    {
+        let data = data_for(&cfg)?;
+        let gcfg = GptConfig::from_name(&cfg.model)?.with_vocab_size(data.vocab);
+        let seq_len = cfg.seq_len.unwrap_or(gcfg.block_size);
+        // An out-of-range length is refused, with its own message, when the ranks start.
+        if (1..=gcfg.block_size).contains(&seq_len) {
+            memory::check(&cfg, &gcfg, seq_len, recompute_of(cfg.recompute))?;
+        }
+    }
+    train_ranks(cfg, pre)
 }
 
 /// What one rank's thread hands back.
@@ -98,9 +113,10 @@ struct RankResult {
     report: RankReport,
 }
 
-fn run_rank(cfg: TrainConfig, comm: LocalComm) -> Result<RankResult> {
+fn run_rank(cfg: TrainConfig, comm: LocalComm, pre: preflight::Preflight) -> Result<RankResult> {
     let rank = comm.rank();
     let mut t = Trainer::new(cfg, comm)?;
+    t.overwrite_pending = pre.overwrite_existing;
     let outcome = t.run()?;
     Ok(RankResult {
         outcome,
@@ -115,23 +131,23 @@ fn run_rank(cfg: TrainConfig, comm: LocalComm) -> Result<RankResult> {
 /// Runs `cfg.world` ranks (threads, one [`LocalGroup`]) and returns rank 0's outcome with
 /// every rank's report. When ranks fail, the error returned is the first one that is not just
 /// a peer noticing the failure (a broken group).
-fn train_ranks(cfg: TrainConfig) -> Result<TrainOutcome> {
+fn train_ranks(cfg: TrainConfig, pre: preflight::Preflight) -> Result<TrainOutcome> {
     let world = cfg.world;
     let comms = LocalGroup::with_timeout(world, RANK_TIMEOUT);
     let results: Vec<Result<RankResult>> = if world == 1 {
         comms
             .into_iter()
-            .map(|c| run_rank(cfg.clone(), c))
+            .map(|c| run_rank(cfg.clone(), c, pre.clone()))
             .collect()
     } else {
         std::thread::scope(|s| {
             let mut handles = Vec::with_capacity(world);
             for comm in comms {
-                let (cfg, rank) = (cfg.clone(), comm.rank());
+                let (cfg, rank, pre) = (cfg.clone(), comm.rank(), pre.clone());
                 let h = std::thread::Builder::new()
                     .name(format!("lathe-rank-{rank}"))
                     .stack_size(RANK_STACK_BYTES)
-                    .spawn_scoped(s, move || run_rank(cfg, comm))
+                    .spawn_scoped(s, move || run_rank(cfg, comm, pre))
                     .with_context(|| format!("starting the thread of rank {rank}"));
                 handles.push(h);
             }
@@ -238,6 +254,8 @@ struct Data {
     /// Addition corpus settings, when training on it (for the exact-match evaluation).
     addition: Option<AdditionConfig>,
     vocab: usize,
+    /// The token that ends a document, when the data has one (for Hugging Face's config).
+    eos: Option<u32>,
 }
 
 fn data_for(cfg: &TrainConfig) -> Result<Data> {
@@ -259,14 +277,30 @@ fn data_for(cfg: &TrainConfig) -> Result<Data> {
                 source: Source::Addition(a.clone()),
                 addition: Some(a),
                 vocab: crate::data::addition::ADDITION_VOCAB as usize,
+                eos: None,
             })
         }
         Some(dir) => {
-            let meta = crate::data::DatasetMeta::read(dir)
+            // A single shard file reads the metadata of the directory it is in, if any.
+            let meta_dir = if dir.is_file() {
+                dir.parent()
+                    .filter(|p| !p.as_os_str().is_empty())
+                    .unwrap_or(std::path::Path::new("."))
+            } else {
+                dir.as_path()
+            };
+            if dir.is_dir() {
+                crate::data::check_complete(dir)
+                    .with_context(|| format!("--data {}", dir.display()))?;
+            }
+            let meta = crate::data::DatasetMeta::read(meta_dir)
                 .with_context(|| format!("--data {}", dir.display()))?;
-            let vocab = match meta {
-                Some(m) => m.vocab_size as usize,
-                None => crate::data::TokenizerKind::Gpt2.vocab_size() as usize,
+            let (vocab, eos) = match meta {
+                Some(m) => (m.vocab_size as usize, Some(m.separator)),
+                None => {
+                    let g = crate::data::TokenizerKind::Gpt2;
+                    (g.vocab_size() as usize, Some(g.separator()))
+                }
             };
             Ok(Data {
                 source: Source::Shards {
@@ -275,6 +309,7 @@ fn data_for(cfg: &TrainConfig) -> Result<Data> {
                 },
                 addition: None,
                 vocab,
+                eos,
             })
         }
     }
@@ -321,6 +356,10 @@ pub struct Trainer {
     prof: Profiler,
     /// What this rank held between steps right after setup.
     startup_memory: RankMemory,
+    /// `--overwrite`: delete the checkpoints already in `--save` at the first save.
+    overwrite_pending: bool,
+    /// The step of the last checkpoint this run wrote.
+    saved_step: Option<u64>,
 }
 
 impl Trainer {
@@ -374,6 +413,11 @@ impl Trainer {
             p => Some(EarlyStopping::new(p, cfg.early_stop_min_delta)?),
         };
         let inject = NonFiniteInjection::at(cfg.inject_nonfinite.iter().copied());
+        // Every evaluation reads the same validation batches: read them now, so a missing or
+        // too small validation split or an out-of-vocabulary token fails before training.
+        if comm.rank() == 0 {
+            eval::check_val(&cfg, &data, seq_len)?;
+        }
         let mut t = Trainer {
             loader: Self::open_loader(&cfg, &data, seq_len, comm.rank(), None)?,
             scaler: LossScaler::for_precision(cfg.precision),
@@ -394,6 +438,8 @@ impl Trainer {
             best_val: None,
             prof: Profiler::disabled(),
             startup_memory: RankMemory::default(),
+            overwrite_pending: false,
+            saved_step: None,
         };
         if let Some(dir) = t.cfg.resume.clone() {
             t.resume_from(&dir)?;

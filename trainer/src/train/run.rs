@@ -6,11 +6,48 @@ use crate::early_stop::EarlyStopDecision;
 use crate::metrics::{MetricsWriter, RunSummary, Throughput};
 use crate::profiler::{Profiler, Schedule as ProfSchedule};
 use crate::zero::{RankMemory, StateWidths, rank_report};
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use lathe_host::comm::{Communicator, ReduceOp};
 use std::time::Instant;
 
+/// A run stops as diverged after this many optimizer steps in a row were skipped for non-finite
+/// gradients: more than the 16 backoffs that take fp16's initial scale 2^16 to the floor of 1,
+/// so a scale that starts too high still recovers.
+pub const MAX_CONSECUTIVE_SKIPS: u64 = 40;
+
 impl Trainer {
+    /// Whether any master weight is NaN or infinite (a collective: every rank calls it).
+    fn weights_nonfinite(&self) -> Result<bool> {
+        let bad = match self.zero.master_on_root(&self.comm)? {
+            Some(m) => m.iter().any(|x| !x.is_finite()),
+            None => false,
+        };
+        let mut flag = [if bad { 1.0f32 } else { 0.0 }];
+        self.comm.broadcast(&mut flag, 0)?;
+        Ok(flag[0] != 0.0)
+    }
+
+    /// A failure after a completed step must not cost the run: saves a checkpoint of this
+    /// step (when `--save` is given and it has none yet) and returns `e`, saying what was
+    /// saved. One rank only: with several, the others are waiting in a collective.
+    fn save_before_failing(&mut self, e: anyhow::Error) -> anyhow::Error {
+        if self.cfg.save.is_none() || self.cfg.world > 1 || self.saved_step == Some(self.step) {
+            return e;
+        }
+        match self.save_checkpoint() {
+            Ok(()) => e.context(format!(
+                "(a checkpoint of step {} was saved first; continue with --resume {})",
+                self.step,
+                self.cfg
+                    .save
+                    .as_deref()
+                    .unwrap_or(std::path::Path::new(""))
+                    .display()
+            )),
+            Err(s) => e.context(format!("(saving a checkpoint failed too: {s:#})")),
+        }
+    }
+
     /// Prints `msg` above the progress bar, or on stderr (rank 0 only).
     fn say(&self, bar: &Option<indicatif::ProgressBar>, msg: String) {
         if !self.is_root() {
@@ -76,8 +113,40 @@ impl Trainer {
         let cfg = self.cfg.clone();
         let root = self.is_root();
         let start_step = self.step;
+        if start_step >= cfg.steps {
+            let from = cfg.resume.as_deref().unwrap_or(std::path::Path::new("?"));
+            if start_step > cfg.steps {
+                bail!(
+                    "nothing to train: the checkpoint in {} is at step {start_step}, past \
+                     --steps {}; give --steps above {start_step} to continue it",
+                    from.display(),
+                    cfg.steps
+                );
+            }
+            if root {
+                eprintln!(
+                    "nothing to train: the checkpoint in {} is already at step {start_step} = \
+                     --steps; give a larger --steps to continue it",
+                    from.display()
+                );
+            }
+            return Ok(TrainOutcome {
+                steps: self.step,
+                losses: Vec::new(),
+                final_loss: f64::NAN,
+                final_val_loss: None,
+                eval_accuracy: None,
+                skipped_steps: self.scaler.skipped_steps(),
+                stopped_early: false,
+                peak_mem_bytes: self.mem_peak_bytes(),
+                ranks: Vec::new(),
+            });
+        }
         let mut metrics = match &cfg.log {
-            Some(p) if root && cfg.resume.is_some() => Some(MetricsWriter::resume(p, start_step)?),
+            // Step records are numbered from 0: keep those of the steps already done.
+            Some(p) if root && cfg.resume.is_some() => {
+                Some(MetricsWriter::resume_before(p, start_step)?)
+            }
             Some(p) if root => Some(MetricsWriter::create(p)?),
             _ => None,
         };
@@ -139,16 +208,58 @@ impl Trainer {
         let mut last_val = None;
         let run_start = Instant::now();
         let step_tokens = (cfg.accum * cfg.micro_batch * self.seq_len * cfg.world) as u64;
+        let mut skipped_in_a_row = 0u64;
         while self.step < cfg.steps {
             let t0 = Instant::now();
             let mut rec = self.train_step()?;
-            rec.tok_s = meter.update(step_tokens, t0.elapsed()).unwrap_or(f64::NAN);
+            let elapsed = t0.elapsed();
+            // The meter skips the first (warm-up) step; report that step's own rate meanwhile.
+            rec.tok_s = meter
+                .update(step_tokens, elapsed)
+                .unwrap_or(step_tokens as f64 / elapsed.as_secs_f64().max(1e-9));
             losses.push(rec.loss);
             let done = self.step;
+            skipped_in_a_row = if rec.skipped { skipped_in_a_row + 1 } else { 0 };
+            // A non-finite loss with weights that are still finite is one bad batch (the step
+            // is skipped); with non-finite weights, or when every step is skipped, the run has
+            // diverged: stop, without a checkpoint of the broken state.
+            let diverged = if !rec.loss.is_finite() && self.weights_nonfinite()? {
+                Some(format!("the weights hold NaN or inf after step {done}"))
+            } else if skipped_in_a_row >= MAX_CONSECUTIVE_SKIPS {
+                Some(format!(
+                    "the last {skipped_in_a_row} steps (up to step {done}) were all skipped for \
+                     non-finite gradients{}",
+                    if self.scaler.is_enabled() {
+                        format!(", loss scale down to {}", self.scaler.scale())
+                    } else {
+                        String::new()
+                    }
+                ))
+            } else {
+                None
+            };
+            if let Some(why) = diverged {
+                if let Some(m) = &mut metrics {
+                    m.write_step(&rec)?;
+                }
+                if let Some(b) = &bar {
+                    b.abandon();
+                }
+                bail!(
+                    "training diverged: {why} (loss {}). Lower --lr, use bf16 or fp32, or \
+                     clip gradients (--grad-clip); {}",
+                    rec.loss,
+                    match self.saved_step {
+                        Some(s) => format!("the last checkpoint is step {s}"),
+                        None => "no checkpoint was written".to_string(),
+                    }
+                );
+            }
             let eval_now =
                 cfg.eval_every > 0 && done.is_multiple_of(cfg.eval_every) && done < cfg.steps;
             if eval_now || done == cfg.steps {
-                if let Some(v) = self.val_loss()? {
+                let val = self.val_loss().map_err(|e| self.save_before_failing(e));
+                if let Some(v) = val? {
                     rec.val_loss = Some(v);
                     last_val = Some(v);
                     self.best_val = Some(self.best_val.map_or(v, |b: f64| b.min(v)));
@@ -183,8 +294,7 @@ impl Trainer {
             }
             if rec.skipped {
                 let msg = format!(
-                    "step {}: non-finite gradients, step skipped; loss scale now {}",
-                    rec.step,
+                    "step {done}: non-finite gradients, step skipped; loss scale now {}",
                     self.scaler.scale()
                 );
                 self.say(&bar, msg);
@@ -200,8 +310,10 @@ impl Trainer {
             }
             self.prof.counter("peak_bytes", rec.mem_peak_bytes as f64);
             self.prof.step();
-            if let Some(m) = &mut metrics {
-                m.write_step(&rec)?;
+            if let Some(m) = &mut metrics
+                && let Err(e) = m.write_step(&rec)
+            {
+                return Err(self.save_before_failing(e.into()));
             }
             let save_now = cfg.save.is_some()
                 && ((cfg.save_every > 0 && done.is_multiple_of(cfg.save_every))

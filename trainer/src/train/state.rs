@@ -7,7 +7,9 @@
 //! the reduction order).
 
 use super::Trainer;
-use crate::checkpoint::{CheckpointReader, OptimizerSnapshot, SaveRequest, prune, save};
+use crate::checkpoint::{
+    CheckpointReader, OptimizerSnapshot, SaveRequest, hf, prune_run, remove_all_but, save,
+};
 use crate::data::LoaderPosition;
 use crate::early_stop::EarlyStopping;
 use anyhow::{Context, Result, bail};
@@ -53,10 +55,11 @@ impl Trainer {
 
     /// Writes `SAVE/step-NNNNNNNN/` atomically and prunes old ones (`--keep-last`). A
     /// collective from stage 1 on (the shards are gathered to rank 0, which writes).
-    pub(super) fn save_checkpoint(&self) -> Result<()> {
-        let Some(dir) = &self.cfg.save else {
+    pub(super) fn save_checkpoint(&mut self) -> Result<()> {
+        let Some(dir) = self.cfg.save.clone() else {
             return Ok(());
         };
+        let dir = dir.as_path();
         let master = self.zero.master_on_root(&self.comm)?;
         let optimizer = self.zero.optimizer_on_root(&self.comm)?;
         let (Some(master), Some((opt_state, opt_buffers))) = (master, optimizer) else {
@@ -71,9 +74,21 @@ impl Trainer {
             "best_val_loss": self.best_val,
             "early_stopping": self.early,
         });
+        let c = self.model.config();
+        // model.safetensors holds exactly the vocabulary's rows, next to a config.json, so
+        // Hugging Face's GPT2LMHeadModel loads the step directory as it is.
+        let export = hf::export_layout(self.zero.layout(), c.vocab_size)?;
+        let hf_shape = hf::Gpt2Shape {
+            vocab_size: c.vocab_size,
+            n_positions: c.block_size,
+            n_embd: c.n_embd,
+            n_layer: c.n_layer,
+            n_head: c.n_head,
+        };
+        let hf_config = serde_json::to_vec_pretty(&hf::gpt2_config(&hf_shape, self.data.eos))?;
         let req = SaveRequest {
             step: self.step,
-            layout: self.zero.layout(),
+            layout: &export,
             master: &master,
             model_config: &self.model_config_json(),
             optimizer: OptimizerSnapshot {
@@ -88,11 +103,19 @@ impl Trainer {
             data_position: &data_position,
             settings: &settings,
             extra: &extra,
+            files: vec![(hf::HF_CONFIG_FILE.to_string(), hf_config)],
         };
         let path =
             save(dir, &req).with_context(|| format!("saving a checkpoint in {}", dir.display()))?;
+        self.saved_step = Some(self.step);
+        if std::mem::take(&mut self.overwrite_pending) {
+            // --overwrite: the other run's checkpoints go once this run has one of its own.
+            remove_all_but(dir, &path).context("--overwrite")?;
+        }
         if let Some(k) = NonZeroUsize::new(self.cfg.keep_last) {
-            prune(dir, k)?;
+            // Keep the newest of this run's own timeline: after resuming from an older step,
+            // later checkpoints in DIR are an abandoned timeline, not newer work.
+            prune_run(dir, k, self.step)?;
         }
         eprintln!("saved {}", path.display());
         Ok(())
@@ -107,7 +130,12 @@ impl Trainer {
         let now = serde_json::to_value(&self.cfg)?;
         for key in MUST_MATCH {
             let (a, b) = (st.settings.get(*key), now.get(*key));
-            if a != b {
+            // Paths match by what they name, not how they are spelled.
+            let same_path = || match (a.and_then(Value::as_str), b.and_then(Value::as_str)) {
+                (Some(x), Some(y)) => super::preflight::same_path(Path::new(x), Path::new(y)),
+                _ => false,
+            };
+            if a != b && !(*key == "data" && same_path()) {
                 bail!(
                     "--resume {}: the checkpoint was written with {key} = {}, this run has {}",
                     r.path().display(),
@@ -127,7 +155,12 @@ impl Trainer {
             );
         }
         let mut master = vec![0f32; n];
-        r.load_model(self.zero.layout(), &mut master)?;
+        hf::load_master(
+            &r,
+            self.zero.layout(),
+            self.model.config().vocab_size,
+            &mut master,
+        )?;
         let mut buffers: Vec<(&str, Vec<f32>)> = self
             .zero
             .state_names()
