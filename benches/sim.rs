@@ -32,7 +32,10 @@ fn upload_bf16(dev: &Device, rng: &mut Rng, n: usize) -> DeviceBuffer<bf16> {
 fn lane_instructions(dev: &Device, f: &mut dyn FnMut() -> lathe_host::Result<()>) -> u64 {
     dev.enable_kernel_timing().expect("timing");
     f().expect("launch on the simulated device");
-    let t = dev.take_kernel_timings().expect("timings").expect("enabled");
+    let t = dev
+        .take_kernel_timings()
+        .expect("timings")
+        .expect("enabled");
     dev.disable_kernel_timing();
     t.kernels
         .iter()

@@ -29,8 +29,12 @@ const SHAPES: [(usize, usize, usize); 5] = [
 
 /// The shapes on the simulated device, which interprets every instruction: the same tails
 /// (M, N and K, odd N) and several ring passes, at sizes it runs in seconds.
-const SIM_SHAPES: &[(usize, usize, usize)] =
-    &[(128, 256, 64), (129, 255, 72), (300, 64, 1032), (260, 300, 136)];
+const SIM_SHAPES: &[(usize, usize, usize)] = &[
+    (128, 256, 64),
+    (129, 255, 72),
+    (300, 64, 1032),
+    (260, 300, 136),
+];
 
 /// Above this many multiply-adds the twin runs on sampled rows only.
 const FULL_TWIN_MACS: usize = 600_000_000;

@@ -122,7 +122,10 @@ fn wgmma_with_128b_swizzle_matches_the_product() {
 #[test]
 fn wgmma_core_matrices_with_lbo_128_match_the_product() {
     let (max, ok) = run_wgmma("wg_core_lbo128");
-    assert!(ok, "wg_core_lbo128: max abs err {max:e} (the H100 gave 2.7e-7)");
+    assert!(
+        ok,
+        "wg_core_lbo128: max abs err {max:e} (the H100 gave 2.7e-7)"
+    );
 }
 
 #[test]

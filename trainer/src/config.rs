@@ -11,10 +11,12 @@ use std::path::{Path, PathBuf};
 /// `--config` file too; the variant names of older checkpoints' settings (`"Cpu"`) still read.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DeviceSpec {
-    /// The GPU if there is one, else the CPU.
+    /// The GPU if there is one, else the CPU (never the simulated device).
     Auto,
     Cpu,
     Cuda(usize),
+    /// Lathe's simulated GPU (lathe-sim): the device path without hardware.
+    Sim,
 }
 
 impl std::str::FromStr for DeviceSpec {
@@ -23,6 +25,7 @@ impl std::str::FromStr for DeviceSpec {
         match s {
             "auto" => Ok(DeviceSpec::Auto),
             "cpu" => Ok(DeviceSpec::Cpu),
+            "sim" => Ok(DeviceSpec::Sim),
             "cuda" | "gpu" => Ok(DeviceSpec::Cuda(0)),
             _ => match s.strip_prefix("cuda:") {
                 Some(n) => n
@@ -30,7 +33,7 @@ impl std::str::FromStr for DeviceSpec {
                     .map(DeviceSpec::Cuda)
                     .map_err(|_| format!("bad device `{s}`: expected cuda:N with N a number")),
                 None => Err(format!(
-                    "bad device `{s}`: expected auto, cpu, cuda or cuda:N"
+                    "bad device `{s}`: expected auto, cpu, sim, cuda or cuda:N"
                 )),
             },
         }
@@ -72,6 +75,7 @@ impl std::fmt::Display for DeviceSpec {
             DeviceSpec::Auto => write!(f, "auto"),
             DeviceSpec::Cpu => write!(f, "cpu"),
             DeviceSpec::Cuda(n) => write!(f, "cuda:{n}"),
+            DeviceSpec::Sim => write!(f, "sim"),
         }
     }
 }
@@ -112,7 +116,7 @@ pub struct TrainArgs {
     /// corpus.
     #[arg(long)]
     pub data: Option<PathBuf>,
-    /// auto (default), cpu, cuda or cuda:N.
+    /// auto (default: a usable GPU, else the CPU), cpu, sim (the simulated GPU), cuda or cuda:N.
     #[arg(long)]
     pub device: Option<DeviceSpec>,
     /// fp32, bf16 or fp16 (default: bf16 on a GPU, fp32 on the CPU).

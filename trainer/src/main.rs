@@ -60,18 +60,29 @@ fn run(cli: Cli) -> Result<i32> {
 }
 
 fn devices() -> Result<()> {
-    let n = lathe_host::Device::count()?;
-    let (major, minor) = lathe_host::driver::driver_version()?;
-    println!("CUDA driver API {major}.{minor}; {n} device(s)");
-    for i in 0..n {
-        let d = lathe_host::Device::cuda(i)?;
-        let (free, total) = d.memory_info()?;
-        println!(
-            "{}  {:.1}/{:.1} GiB free",
-            d.describe(),
-            free as f64 / (1u64 << 30) as f64,
-            total as f64 / (1u64 << 30) as f64
-        );
+    match lathe_host::Device::count() {
+        Ok(n) => {
+            let (major, minor) = lathe_host::driver::driver_version()?;
+            println!("CUDA driver API {major}.{minor}; {n} device(s)");
+            for i in 0..n {
+                let d = lathe_host::Device::cuda(i)?;
+                let (free, total) = d.memory_info()?;
+                println!(
+                    "{}  {:.1}/{:.1} GiB free  (--device cuda:{i})",
+                    d.describe(),
+                    free as f64 / (1u64 << 30) as f64,
+                    total as f64 / (1u64 << 30) as f64
+                );
+            }
+        }
+        Err(e) => println!("no CUDA device: {e}"),
     }
+    let sim = lathe_host::Device::sim()?;
+    let (_, total) = sim.memory_info()?;
+    println!(
+        "{}  {:.1} GiB  (--device sim: interprets the PTX, checks every access, keeps no time)",
+        sim.describe(),
+        total as f64 / (1u64 << 30) as f64
+    );
     Ok(())
 }

@@ -46,6 +46,7 @@ fn scripted() -> Profiler {
         dur_ns: 10_000,
         flops: 1_000_000_000,
         bytes: 1_000_000,
+        simulated: None,
     });
     prof.kernel_span(KernelRecord {
         name: "gemm".into(),
@@ -54,6 +55,7 @@ fn scripted() -> Profiler {
         dur_ns: 10_000,
         flops: 1_000_000_000,
         bytes: 1_000_000,
+        simulated: None,
     });
     prof.kernel_span(KernelRecord {
         name: "copy".into(),
@@ -62,6 +64,7 @@ fn scripted() -> Profiler {
         dur_ns: 1_000_000,
         flops: 0,
         bytes: 1_000_000_000,
+        simulated: None,
     });
     at(1000);
     prof.step();

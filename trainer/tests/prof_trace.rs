@@ -13,6 +13,7 @@ fn kernel(name: &'static str, stream: u32, start_ns: u64, dur_ns: u64) -> Kernel
         dur_ns,
         flops: 2_000_000,
         bytes: 4096,
+        simulated: None,
     }
 }
 

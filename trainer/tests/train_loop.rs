@@ -237,6 +237,23 @@ fn bad_settings_and_missing_gpu_are_clear_errors() {
         .unwrap_err();
         assert!(format!("{e:#}").contains("no CUDA driver found"), "{e:#}");
     }
+    // The simulated device opens everywhere; training on it needs the device autograd backend.
+    let e = run_train(TrainArgs {
+        device: Some("sim".parse().unwrap()),
+        ..small(1)
+    })
+    .unwrap_err();
+    let msg = format!("{e:#}");
+    assert!(
+        msg.contains("--device sim") && msg.contains("sim:"),
+        "{msg}"
+    );
+    assert!(
+        "simulator"
+            .parse::<DeviceSpec>()
+            .unwrap_err()
+            .contains("sim")
+    );
     let e = run_train(TrainArgs {
         resume: Some("/nonexistent/lathe-ck".into()),
         ..small(1)

@@ -142,11 +142,22 @@ pub(crate) fn render(st: &State) -> Result<Vec<u8>, ProfilerError> {
     }
 
     for k in &rec.kernels {
+        let args = match &k.simulated {
+            None => json!({"stream": k.stream, "flops": k.flops, "bytes": k.bytes}),
+            Some(c) => json!({"stream": k.stream, "simulated": true,
+                "time": "host time of the simulation, not device time",
+                "warp_instructions": c.warp_instructions,
+                "lane_instructions": c.lane_instructions,
+                "global_load_sectors": c.global_load_sectors,
+                "global_store_sectors": c.global_store_sectors,
+                "shared_bank_conflicts": c.shared_bank_conflicts,
+                "tensor_flops": c.tensor_flops,
+                "descriptor_flops": c.flops, "descriptor_bytes": c.bytes}),
+        };
         events.push(Ev {
             key: (1, k.start_ns, Reverse(k.dur_ns)),
             value: json!({"name": k.name, "cat": "kernel", "ph": "X", "ts": us(k.start_ns),
-                "dur": us(k.dur_ns), "pid": GPU_PID, "tid": k.stream,
-                "args": {"stream": k.stream, "flops": k.flops, "bytes": k.bytes}}),
+                "dur": us(k.dur_ns), "pid": GPU_PID, "tid": k.stream, "args": args}),
         });
     }
 

@@ -35,7 +35,7 @@ mod summary;
 mod table;
 
 pub(crate) use atomic::write_atomic;
-pub use record::{ArgValue, Clock, KernelRecord, ManualClock, Phase, RangeSink};
+pub use record::{ArgValue, Clock, KernelRecord, ManualClock, Phase, RangeSink, SimCounts};
 pub use schedule::{Schedule, StepAction};
 pub use summary::{
     KernelStat, Overhead, PhaseTime, Roofline, RooflineBound, SpanCost, SpanStat, Summary,
@@ -564,14 +564,31 @@ pub fn record_kernel_timings(prof: &Profiler, timings: &lathe_host::timing::Kern
     let since_origin = timings.origin.elapsed().as_nanos() as u64;
     let origin_ns = prof.now_ns().saturating_sub(since_origin);
     for k in &timings.kernels {
+        let simulated = k.counters.as_ref().map(|c| SimCounts {
+            warp_instructions: c.warp_instructions.total(),
+            lane_instructions: c.lane_instructions,
+            global_load_sectors: c.global_load_sectors,
+            global_store_sectors: c.global_store_sectors,
+            shared_bank_conflicts: c.shared_bank_conflicts,
+            tensor_flops: c.tensor_flops,
+            flops: k.flops,
+            bytes: k.bytes,
+        });
+        // A simulated launch has no device time: no rate may be computed from its duration.
+        let (flops, bytes) = if simulated.is_some() {
+            (0, 0)
+        } else {
+            (k.flops, k.bytes)
+        };
         prof.kernel_span(KernelRecord {
             name: Cow::Borrowed(k.entry),
             // Streams become tracks 0, 1, ... by their raw handle's low bits.
             stream: (k.stream & 0xffff_ffff) as u32,
             start_ns: origin_ns + k.start_ns,
             dur_ns: k.dur_ns,
-            flops: k.flops,
-            bytes: k.bytes,
+            flops,
+            bytes,
+            simulated,
         });
     }
 }
@@ -614,5 +631,30 @@ mod feed_tests {
         assert_eq!(s.kernels[0].calls, 2);
         let gbps = s.kernels[0].gbps().unwrap();
         assert!((gbps - 2000.0).abs() < 1.0, "{gbps} GB/s");
+    }
+
+    #[test]
+    fn simulated_launches_carry_counts_and_no_rates() {
+        let dev = lathe_host::Device::sim().unwrap();
+        let x = dev.htod(&vec![0.5f32; 1000]).unwrap();
+        let mut y = dev.alloc::<f32>(1000).unwrap();
+        dev.enable_kernel_timing().unwrap();
+        dev.gelu_forward(&x, &mut y).unwrap();
+        let timings = dev.take_kernel_timings().unwrap().unwrap();
+        assert_eq!(timings.kernels.len(), 1);
+        let prof = Profiler::new(Schedule::new(0, 0, 1)).unwrap();
+        record_kernel_timings(&prof, &timings);
+        prof.step();
+        let s = prof.summary(None);
+        assert_eq!(s.kernels.len(), 1);
+        assert_eq!(s.kernels[0].gbps(), None, "no rate from a simulated launch");
+        assert_eq!(s.kernels[0].tflops(), None);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("trace.json");
+        prof.write_chrome_trace(&path).unwrap();
+        let trace = std::fs::read_to_string(&path).unwrap();
+        assert!(trace.contains("\"simulated\":true"), "{trace}");
+        assert!(trace.contains("lane_instructions"), "{trace}");
+        assert!(trace.contains("lathe_gelu_fwd_f32"), "{trace}");
     }
 }

@@ -132,6 +132,24 @@ pub struct KernelRecord {
     pub flops: u64,
     /// Minimum bytes the launch must move to or from device memory, 0 if unknown.
     pub bytes: u64,
+    /// On the simulated device: what the launch did. Its times are then the host time the
+    /// simulation took, not device time, and the record carries no FLOPs or bytes so that no
+    /// rate is computed from them.
+    pub simulated: Option<SimCounts>,
+}
+
+/// The simulated device's counters of one launch (see `lathe_sim::Counters`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SimCounts {
+    pub warp_instructions: u64,
+    pub lane_instructions: u64,
+    pub global_load_sectors: u64,
+    pub global_store_sectors: u64,
+    pub shared_bank_conflicts: u64,
+    pub tensor_flops: u64,
+    /// FLOPs and bytes of the kernel's descriptor (its napkin math).
+    pub flops: u64,
+    pub bytes: u64,
 }
 
 /// A receiver of nested named ranges, called on every span begin and end of an enabled profiler

@@ -220,6 +220,14 @@ fn resolve_device(spec: DeviceSpec) -> Result<()> {
                 dev.describe()
             )
         }
+        DeviceSpec::Sim => {
+            let dev = lathe_host::Device::sim().context("--device sim")?;
+            bail!(
+                "--device sim: opened {}, but training on a device needs Lathe's device autograd \
+                 backend, which this build does not have yet; use --device cpu",
+                dev.describe()
+            )
+        }
         DeviceSpec::Auto => {
             if let Ok(dev) = lathe_host::Device::cuda(0) {
                 eprintln!(

@@ -32,6 +32,7 @@ impl Trainer {
                 dur_ns: (ev.secs * 1e9) as u64,
                 flops: 0,
                 bytes: 0,
+                simulated: None,
             });
         }
     }
