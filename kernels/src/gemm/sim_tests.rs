@@ -7,6 +7,8 @@
 //! Padding elements and (for `beta == 0`) C hold NaN, and nothing of C outside its `m x n`
 //! block may change. The simulator's sanitizer fails a launch on a shared-memory race, a read
 //! of a `cp.async` destination before its wait, or an access outside the operands' buffers.
+//! The dynamic shared array starts at the base of the block's shared window (as its `.align
+//! 128` declaration promises on hardware); other bases are not exercised.
 
 use super::{Gemm, Op, Version, geometry_for, kernel_for, twin};
 use crate::desc::Elem;
