@@ -17,6 +17,8 @@ pub mod ptx;
 pub mod ptxas;
 pub mod reduce;
 pub mod rng;
+#[cfg(test)]
+mod simtest;
 pub mod tolerance;
 
 pub use desc::{Arg, ArgKind, Cost, Elem, Geometry, KernelDesc, Module, Problem, Target};

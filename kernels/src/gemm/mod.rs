@@ -33,7 +33,7 @@ pub mod tile;
 pub mod twin;
 
 #[cfg(test)]
-mod sim;
+mod sim_tests;
 
 use crate::desc::{
     Arg, ArgKind, Cost, Elem, Geometry, KernelDesc, Module, Problem, Target, arg, div_ceil,

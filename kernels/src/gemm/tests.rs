@@ -1,5 +1,5 @@
-//! Index math, descriptors and problem validation. (The generated PTX itself is executed by
-//! the interpreter in `sim`.)
+//! Index math, descriptors and problem validation. (The generated PTX itself runs on Lathe's
+//! simulated device in `sim_tests`.)
 
 use super::tile::{Ix, Operand, Tile, acc_origin, raster, swizzle};
 use super::*;

@@ -27,16 +27,14 @@ pub mod classifier;
 pub mod colsum;
 pub mod embedding;
 mod embedding_ptx;
-#[cfg(test)]
-mod emu;
-#[cfg(test)]
-mod emu_tests;
-#[cfg(test)]
-mod emu_tests_layers;
 pub mod layernorm;
 mod layernorm_ptx;
 pub mod pointwise;
 pub(crate) mod ptxgen;
+#[cfg(test)]
+mod sim_tests;
+#[cfg(test)]
+mod sim_tests_layers;
 
 use crate::desc::{Elem, KernelDesc, Module};
 

@@ -1,26 +1,13 @@
-//! Interpreter tests of the layer kernels (pointwise, classifier, embedding, attention); see
-//! `emu_tests` for the method.
+//! Simulator tests of the layer kernels (pointwise, classifier, embedding, attention); see
+//! `sim_tests` for the method.
 
-use super::emu::{Arg, Gpu};
 use super::*;
 use crate::desc::{Elem, Problem};
 use crate::elementwise::twin::Float;
 use crate::rng::Rng;
+use crate::simtest::{Arg, Gpu};
 use crate::tolerance::{check_close, rel_tolerance};
 use half::bf16;
-
-fn run2<R: PartialEq + std::fmt::Debug>(f: impl Fn(bool) -> R) -> R {
-    let a = f(false);
-    let b = f(true);
-    assert_eq!(a, b, "thread order changed the result: a race");
-    a
-}
-
-fn gpu(rev: bool) -> Gpu {
-    let mut g = Gpu::new();
-    g.reverse = rev;
-    g
-}
 
 fn random<T: Float>(rng: &mut Rng, n: usize, lo: f32, hi: f32) -> Vec<T> {
     (0..n).map(|_| T::from_f32(rng.range_f32(lo, hi))).collect()
@@ -48,8 +35,8 @@ fn pointwise_case<T: Float + bytemuck::Pod>(e: Elem, n: usize, shift: usize) {
     let y: Vec<T> = random(&mut rng, n + shift, -2.0, 2.0);
     let sz = std::mem::size_of::<T>() as u64;
     let sh = shift as u64 * sz;
-    let (fwd, bwd, add) = run2(|rev| {
-        let mut gpu = gpu(rev);
+    let (fwd, bwd, add) = {
+        let mut gpu = Gpu::new();
         let (dx, dy) = (gpu.upload(&x), gpu.upload(&y));
         let out = gpu.alloc_bytes((n + shift) * sz as usize);
         let p = Problem::elems(n as u64);
@@ -74,7 +61,7 @@ fn pointwise_case<T: Float + bytemuck::Pod>(e: Elem, n: usize, shift: usize) {
             res.push(read_bits::<T>(&gpu, out + sh, n));
         }
         (res[0].clone(), res[1].clone(), res[2].clone())
-    });
+    };
     let mut want = vec![T::from_f32(0.0); n];
     let tol = rel_tolerance(e);
     let what = format!("{e:?} n={n} shift={shift}");
@@ -116,8 +103,8 @@ fn pointwise_kernels_match_twins() {
         let mut rng = Rng::new(rows as u64 * c as u64);
         let x: Vec<bf16> = random(&mut rng, rows * c, -1.0, 1.0);
         let b: Vec<bf16> = random(&mut rng, c, -1.0, 1.0);
-        let got = run2(|rev| {
-            let mut gpu = gpu(rev);
+        let got = {
+            let mut gpu = Gpu::new();
             let (dx, db) = (gpu.upload(&x), gpu.upload(&b));
             let out = gpu.alloc_bytes(2 * rows * c);
             let args = [
@@ -137,7 +124,7 @@ fn pointwise_kernels_match_twins() {
             g.grid.1 = 2; // rows 0, 2 / 1, 3: the row stride
             gpu.launch_on(k, g, &args).unwrap();
             read_bits::<bf16>(&gpu, out, rows * c)
-        });
+        };
         let mut want = vec![bf16::ZERO; rows * c];
         pointwise::twin::bias_add(&x, &b, &mut want, c);
         check_close("bias add", &f64s_bits(&got), &f64s(&want), 0.0).unwrap();
@@ -156,8 +143,8 @@ fn classifier_case<T: Float + bytemuck::Pod>(e: Elem, vp: usize, v: usize, shift
     let sh = shift as u64 * sz;
     let state = amp::StepState::new(4.0).to_words();
     for in_place in [false, true] {
-        let (loss, grad) = run2(|rev| {
-            let mut gpu = gpu(rev);
+        let (loss, grad) = {
+            let mut gpu = Gpu::new();
             let dl = gpu.upload(&logits);
             let dd = if in_place {
                 dl
@@ -193,7 +180,7 @@ fn classifier_case<T: Float + bytemuck::Pod>(e: Elem, vp: usize, v: usize, shift
                 gpu.read::<u32>(dloss, rows),
                 read_bits::<T>(&gpu, dd + sh, rows * vp),
             )
-        });
+        };
         let mut want_d = vec![T::from_f32(0.0); rows * vp];
         let mut want_l = vec![0f32; rows];
         classifier::twin::classifier(
@@ -242,8 +229,8 @@ fn embedding_case<T: Float + bytemuck::Pod>(e: Elem, b: usize, t: usize, c: usiz
     let dwte0 = rng.vec_f32(v * c, -1.0, 1.0);
     let dwpe0 = rng.vec_f32((t + 2) * c, -1.0, 1.0);
     let sz = std::mem::size_of::<T>();
-    let (out, dwte, dwpe) = run2(|rev| {
-        let mut gpu = gpu(rev);
+    let (out, dwte, dwpe) = {
+        let mut gpu = Gpu::new();
         let (dtok, dte, dpe) = (gpu.upload(&tokens), gpu.upload(&wte), gpu.upload(&wpe));
         let out = gpu.alloc_bytes(n * c * sz);
         let fwd = [
@@ -295,7 +282,7 @@ fn embedding_case<T: Float + bytemuck::Pod>(e: Elem, b: usize, t: usize, c: usiz
             gpu.read::<u32>(gte, v * c),
             gpu.read::<u32>(gpe, (t + 2) * c),
         )
-    });
+    };
     let mut want = vec![T::from_f32(0.0); n * c];
     embedding::twin::forward(&tokens, &wte, &wpe, &mut want, t, c);
     let what = format!("embedding {e:?} b={b} t={t} c={c} v={v}");
@@ -339,8 +326,8 @@ fn attention_case<T: Float + bytemuck::Pod>(e: Elem, bh: usize, t: usize, shift:
         n: t as u64,
         ..Problem::default()
     };
-    let (probs, ds) = run2(|rev| {
-        let mut gpu = gpu(rev);
+    let (probs, ds) = {
+        let mut gpu = Gpu::new();
         let (dsc, ddp) = (gpu.upload(&s), gpu.upload(&dp));
         let dpr = gpu.alloc_bytes((n + shift) * sz as usize);
         let fwd = [
@@ -367,7 +354,7 @@ fn attention_case<T: Float + bytemuck::Pod>(e: Elem, bh: usize, t: usize, shift:
             read_bits::<T>(&gpu, dpr + sh, n),
             read_bits::<T>(&gpu, ddp + sh, n),
         )
-    });
+    };
     let mut want_p = vec![T::from_f32(0.0); n];
     attention::twin::forward(&s[shift..], &mut want_p, t, scale);
     let what = format!("attention {e:?} bh={bh} t={t} shift={shift}");
