@@ -76,7 +76,11 @@ fn bench(c: &mut Criterion) {
         let mut var = up(&mut rng, 1e-8, 1e-4);
         let mut working = dev.alloc::<bf16>(big).expect("alloc");
         let ranges = dev
-            .upload_decay_ranges(&DecayRanges::new(vec![0..big as u64]).expect("ranges"))
+            // Two decayed ranges (matrices) around an undecayed one (biases and gains).
+            .upload_decay_ranges(
+                &DecayRanges::new(vec![0..big as u64 / 2, 3 * big as u64 / 4..big as u64])
+                    .expect("ranges"),
+            )
             .expect("ranges");
         let state = dev.step_state(&StepState::new(1.0)).expect("state");
         let adamw = AdamWLaunch {

@@ -80,13 +80,13 @@ fn inputs(seed: u64) -> Inputs {
 fn compare(d: &[f32], x: &Inputs) -> (f64, bool) {
     let mut max = 0f64;
     let mut ok = true;
-    for i in 0..64 * 64 {
-        if d[i].is_nan() {
+    for ((&got, &want), &mag) in d.iter().zip(&x.want).zip(&x.magnitude) {
+        if got.is_nan() {
             return (f64::INFINITY, false);
         }
-        let e = (d[i] as f64 - x.want[i]).abs();
+        let e = (got as f64 - want).abs();
         max = max.max(e);
-        ok &= e <= 64.0 * f64::powi(2.0, -24) * x.magnitude[i];
+        ok &= e <= 64.0 * f64::powi(2.0, -24) * mag;
     }
     (max, ok)
 }
