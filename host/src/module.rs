@@ -378,6 +378,7 @@ impl Device {
                 let counters = sim
                     .launch(&module, k.entry, &launch)
                     .map_err(|e| Error::sim(format!("launch of `{}`", k.entry), e))?;
+                log_sim_launch(k.entry);
                 self.record_sim_launch(k.entry, stream, submitted, (k.cost)(problem), counters);
                 Ok(())
             }
@@ -437,5 +438,23 @@ impl Device {
             self.timing_end(start, stream, k.entry, (k.cost)(problem))?;
         }
         Ok(())
+    }
+}
+
+/// With `LATHE_SIM_LAUNCH_LOG=FILE`, every kernel that completes on a simulated device appends
+/// its entry name to FILE (one line per launch; appends of one short line are atomic, so test
+/// threads and processes may share the file). `scripts/test` uses it to check that every
+/// registered kernel ran on the simulator. Failing to write the log never fails the launch.
+fn log_sim_launch(entry: &str) {
+    use std::io::Write;
+    let Some(path) = std::env::var_os("LATHE_SIM_LAUNCH_LOG") else {
+        return;
+    };
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+    {
+        let _ = f.write_all(format!("{entry}\n").as_bytes());
     }
 }
