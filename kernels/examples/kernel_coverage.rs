@@ -27,7 +27,11 @@ fn main() {
             None => *unknown.entry(line).or_default() += 1,
         }
     }
-    let missing: Vec<&str> = runs.iter().filter(|(_, n)| **n == 0).map(|(k, _)| *k).collect();
+    let missing: Vec<&str> = runs
+        .iter()
+        .filter(|(_, n)| **n == 0)
+        .map(|(k, _)| *k)
+        .collect();
     println!(
         "{} of {} registered kernels ran on the simulated device ({} launches)",
         runs.len() - missing.len(),
