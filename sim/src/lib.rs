@@ -54,7 +54,7 @@ impl Default for SimConfig {
             compute_capability: (9, 0),
             max_shared_per_block_optin: 227 * 1024,
             parallel_blocks: true,
-            instruction_budget: 1 << 28,
+            instruction_budget: 1 << 24,
         }
     }
 }

@@ -187,3 +187,56 @@ fn reductions_two_passes() {
     let want = x.iter().fold(0f32, |m, v| m.max(v.abs()));
     assert_eq!(download_f32(&sim, out, 1)[0], want);
 }
+
+/// One 512^3 launch alone (no reference product), for profiling the interpreter.
+#[test]
+fn gemm_launch_only() {
+    let sim = sim();
+    let m = sim
+        .load_module(include_str!("data/gemm_v2_nn_bf16.ptx"))
+        .expect("load");
+    let n = 512u32;
+    let elems = (n * n) as usize;
+    let mut rng = Rng::new(9);
+    let data: Vec<u16> = (0..elems)
+        .map(|_| bf16::from_f32(rng.f32()).to_bits())
+        .collect();
+    let pa = upload_u16(&sim, &data);
+    let pc = upload_u16(&sim, &vec![0x7fc0; elems]);
+    let t = Instant::now();
+    let c = sim
+        .launch(
+            &m,
+            "lathe_gemm_v2_nn_bf16_bf16",
+            &Launch {
+                grid: ((n / 128) * (n / 128), 1, 1),
+                block: (256, 1, 1),
+                shared_bytes: 65536,
+                params: vec![
+                    Param::U64(pa),
+                    Param::U64(pa),
+                    Param::U64(pc),
+                    Param::U64(pc),
+                    Param::U32(n),
+                    Param::U32(n),
+                    Param::U32(n),
+                    Param::U32(n),
+                    Param::U32(n),
+                    Param::U32(n),
+                    Param::F32(1.0),
+                    Param::F32(0.0),
+                    Param::U32(0),
+                ],
+                regions: vec![],
+            },
+        )
+        .expect("launch");
+    let secs = t.elapsed().as_secs_f64();
+    println!(
+        "gemm_v2 bf16 512^3 launch, one host thread: {secs:.3} s, {:.1} M lane-instr/s, {} warp instructions, {} bank conflicts",
+        c.lane_instructions as f64 / secs / 1e6,
+        c.warp_instructions.total(),
+        c.shared_bank_conflicts
+    );
+    assert_eq!(c.tensor_flops, 2 * 512 * 512 * 512);
+}

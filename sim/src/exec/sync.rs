@@ -287,13 +287,10 @@ impl<'a> Block<'a> {
         }
         // Products of f16/bf16 values are exact in f64 and the k-term sum rounds far below
         // f32 precision; one final rounding to f32.
-        for (row, arow) in dm.iter_mut().zip(am.iter()) {
-            for (kk, brow) in bm.iter().enumerate().take(k) {
-                let x = arow[kk];
-                for j in 0..8 {
-                    row[j] += x * brow[j];
-                }
-            }
+        if k == 16 {
+            product::<16>(&am, &bm, &mut dm);
+        } else {
+            product::<8>(&am, &bm, &mut dm);
         }
         let mut out = [[0u64; 32]; 4];
         for lane in 0..32 {
@@ -460,6 +457,22 @@ impl<'a> Block<'a> {
             self.warps[wi].put(d, &result, exec);
         }
         Ok(Flow::Next)
+    }
+}
+
+/// `d += a[.., ..K] * b[..K, ..]` with each row's 8 sums held in registers.
+#[inline(always)]
+fn product<const K: usize>(a: &[[f64; 16]; 16], b: &[[f64; 8]; 16], d: &mut [[f64; 8]; 16]) {
+    for (row, arow) in d.iter_mut().zip(a.iter()) {
+        let mut acc = *row;
+        for kk in 0..K {
+            let x = arow[kk];
+            let brow = &b[kk];
+            for j in 0..8 {
+                acc[j] += x * brow[j];
+            }
+        }
+        *row = acc;
     }
 }
 
