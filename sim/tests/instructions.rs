@@ -707,3 +707,102 @@ mov.b64 %rd10, {%f10, %f13};",
         assert_eq!(got[l], want, "lane {l}");
     }
 }
+
+#[test]
+fn byte_and_bit_field_operations() {
+    let x = ints(14);
+    check(
+        "prmt.b32 %r10, %r2, %r3, %r4;\ncvt.u64.u32 %rd10, %r10;",
+        &x,
+        |a, b, c| {
+            let v = a as u64 | (b as u64) << 32;
+            let mut o = 0u32;
+            for i in 0..4 {
+                let n = (c >> (4 * i)) & 0xf;
+                let byte = ((v >> (8 * (n & 7))) & 0xff) as u32;
+                let byte = if n & 8 != 0 {
+                    if byte & 0x80 != 0 { 0xff } else { 0 }
+                } else {
+                    byte
+                };
+                o |= byte << (8 * i);
+            }
+            u(o)
+        },
+    );
+    // Field positions and lengths from b and c (low bytes), including past the msb.
+    let field = |a: u32, pos: u32, len: u32, signed: bool| -> u32 {
+        if len == 0 {
+            return 0;
+        }
+        let sbit = signed && (a >> (pos + len - 1).min(31)) & 1 != 0;
+        (0..32).fold(0, |o, i| {
+            let bit = if i < len && pos + i < 32 {
+                (a >> (pos + i)) & 1 != 0
+            } else {
+                sbit
+            };
+            o | (bit as u32) << i
+        })
+    };
+    check(
+        "bfe.u32 %r10, %r2, %r3, %r4;\ncvt.u64.u32 %rd10, %r10;",
+        &x,
+        move |a, b, c| u(field(a, b & 0xff, c & 0xff, false)),
+    );
+    check(
+        "and.b32 %r5, %r3, 31; and.b32 %r6, %r4, 15;\nbfe.s32 %r10, %r2, %r5, %r6;\ncvt.u64.u32 %rd10, %r10;",
+        &x,
+        move |a, b, c| u(field(a, b & 31, c & 15, true)),
+    );
+    check(
+        "and.b32 %r5, %r4, 31;\nbfi.b32 %r10, %r2, %r3, %r5, 9;\ncvt.u64.u32 %rd10, %r10;",
+        &x,
+        |a, b, c| {
+            let pos = c & 31;
+            let mut o = b;
+            for i in 0..9 {
+                if pos + i < 32 {
+                    o = (o & !(1 << (pos + i))) | (((a >> i) & 1) << (pos + i));
+                }
+            }
+            u(o)
+        },
+    );
+}
+
+#[test]
+fn votes() {
+    let x = ints(15);
+    let p: Vec<bool> = x.iter().map(|v| v[0] & 4 != 0).collect();
+    let ballot = p
+        .iter()
+        .enumerate()
+        .fold(0u32, |m, (l, b)| m | (*b as u32) << l);
+    let setp = "and.b32 %r5, %r2, 4; setp.ne.u32 %p1, %r5, 0;\n";
+    check(
+        &format!("{setp}vote.sync.ballot.b32 %r10, %p1, -1;\ncvt.u64.u32 %rd10, %r10;"),
+        &x,
+        |_, _, _| u(ballot),
+    );
+    check(
+        &format!("{setp}vote.sync.ballot.b32 %r10, !%p1, -1;\ncvt.u64.u32 %rd10, %r10;"),
+        &x,
+        |_, _, _| u(!ballot),
+    );
+    check(
+        &format!("{setp}vote.sync.any.pred %p2, %p1, -1;\nselp.u64 %rd10, 1, 0, %p2;"),
+        &x,
+        |_, _, _| (ballot != 0) as u64,
+    );
+    check(
+        &format!("{setp}vote.sync.all.pred %p2, %p1, -1;\nselp.u64 %rd10, 1, 0, %p2;"),
+        &x,
+        |_, _, _| (ballot == u32::MAX) as u64,
+    );
+    check(
+        "setp.ne.u32 %p1, %r1, 99;\nvote.sync.uni.pred %p2, %p1, -1;\nselp.u64 %rd10, 1, 0, %p2;",
+        &x,
+        |_, _, _| 1,
+    );
+}

@@ -241,6 +241,81 @@ impl<'a> Block<'a> {
             | Op::Mbar { .. }
             | Op::Setmaxnreg { .. } => return self.sync_op(wi, op, exec),
             Op::Atom { .. } => return self.atomic(wi, op, exec),
+            Op::Prmt { d, a, b, c } => {
+                let (x, y) = (w.get(*a), w.get(*b));
+                let lo = alu::map2(&x, &y, |p, q| (p & 0xffff_ffff) | (q << 32));
+                let r = alu::map2(&lo, &w.get(*c), |v, s| {
+                    let mut o = 0u64;
+                    for i in 0..4 {
+                        let n = (s >> (4 * i)) & 0xf;
+                        let byte = (v >> (8 * (n & 7))) & 0xff;
+                        let byte = if n & 8 != 0 {
+                            if byte & 0x80 != 0 { 0xff } else { 0 }
+                        } else {
+                            byte
+                        };
+                        o |= byte << (8 * i);
+                    }
+                    o
+                });
+                w.put(*d, &r, exec);
+            }
+            Op::Bfe {
+                signed,
+                bits,
+                d,
+                a,
+                b,
+                c,
+            } => {
+                let w_ = *bits as u64;
+                let sg = *signed;
+                let pl = alu::map2(&w.get(*b), &w.get(*c), |p, l| (p & 0xff) | (l & 0xff) << 8);
+                let r = alu::map2(&w.get(*a), &pl, |x, pl| {
+                    let (pos, len) = (pl & 0xff, pl >> 8);
+                    if len == 0 {
+                        return 0;
+                    }
+                    let sbit = sg && (x >> (pos + len - 1).min(w_ - 1)) & 1 != 0;
+                    let mut o = 0u64;
+                    for i in 0..w_ {
+                        let bit = if i < len && pos + i < w_ {
+                            (x >> (pos + i)) & 1 != 0
+                        } else {
+                            sbit
+                        };
+                        o |= u64::from(bit) << i;
+                    }
+                    o
+                });
+                w.put(*d, &r, exec);
+            }
+            Op::Bfi {
+                bits,
+                d,
+                a,
+                b,
+                c,
+                e,
+            } => {
+                let w_ = *bits as u64;
+                let pl = alu::map2(&w.get(*c), &w.get(*e), |p, l| (p & 0xff) | (l & 0xff) << 8);
+                let ab = alu::map2(&w.get(*a), &w.get(*b), |x, y| x ^ y);
+                let bv = w.get(*b);
+                let r = alu::map3(&ab, &bv, &pl, |xy, y, pl| {
+                    let x = xy ^ y;
+                    let (pos, len) = (pl & 0xff, pl >> 8);
+                    let mut o = y;
+                    for i in 0..len {
+                        if pos + i < w_ {
+                            o = (o & !(1 << (pos + i))) | (((x >> i) & 1) << (pos + i));
+                        }
+                    }
+                    o
+                });
+                w.put(*d, &r, exec);
+            }
+            Op::Vote { .. } => return self.sync_op(wi, op, exec),
             Op::WgmmaFence
             | Op::WgmmaCommit
             | Op::WgmmaWait { .. }

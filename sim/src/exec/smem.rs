@@ -197,11 +197,9 @@ impl Smem {
                     return one(rd[0], off, false);
                 }
             } else {
-                for (i, &r) in rd.iter().enumerate() {
-                    if r != 0 {
-                        if let Some(h) = one(r, off + i, false) {
-                            return Some(h);
-                        }
+                for (i, &r) in rd.iter().enumerate().filter(|x| *x.1 != 0) {
+                    if let Some(h) = one(r, off + i, false) {
+                        return Some(h);
                     }
                 }
             }

@@ -132,6 +132,36 @@ impl<'a> Block<'a> {
                 }
                 Ok(Flow::Next)
             }
+            Op::Vote {
+                mode,
+                d,
+                a,
+                neg,
+                mask,
+            } => {
+                let w = &self.warps[wi];
+                let m = w.get(*mask)[first(exec) as usize] as u32;
+                if exec & !m != 0 || m & !exec != 0 {
+                    return Err(self.fault(
+                        wi,
+                        first(exec),
+                        ErrorKind::Barrier,
+                        format!(
+                            "vote.sync with member mask {m:#010x} executed by lanes {exec:#010x}"
+                        ),
+                        None,
+                    ));
+                }
+                let p = (w.pred_mask(*a) ^ if *neg { u32::MAX } else { 0 }) & exec;
+                let v = match mode {
+                    VoteMode::All => u64::from(p == exec),
+                    VoteMode::Any => u64::from(p != 0),
+                    VoteMode::Uni => u64::from(p == exec || p == 0),
+                    VoteMode::Ballot => p as u64,
+                };
+                self.warps[wi].put(*d, &[v; 32], exec);
+                Ok(Flow::Next)
+            }
             Op::Mma {
                 k,
                 bf16,
