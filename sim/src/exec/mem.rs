@@ -215,7 +215,9 @@ impl<'a> Block<'a> {
     }
 
     /// Checks a shared access of `len` bytes per lane at shared offsets `offs` (bounds,
-    /// alignment, uninitialised reads, races, pending `cp.async`) and records it.
+    /// alignment, uninitialised reads, races, pending `cp.async`) and records it. `data`: a
+    /// store's bytes, so that stores leaving memory unchanged are exempt from race checks.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn shared_check(
         &mut self,
         wi: usize,
@@ -224,9 +226,12 @@ impl<'a> Block<'a> {
         len: u32,
         align: u32,
         write: bool,
+        data: Option<&Bytes>,
     ) -> R<()> {
         let size = self.smem.len() as u64;
         let what = if write { "store" } else { "load" };
+        // Lanes whose store leaves written bytes unchanged (no one can observe it).
+        let mut silent = 0u32;
         for l in lanes(exec) {
             let a = offs[l as usize];
             if a.checked_add(len as u64).is_none_or(|e| e > size) {
@@ -248,6 +253,14 @@ impl<'a> Block<'a> {
                     ),
                     Some(a),
                 ));
+            }
+            let unchanged = |d: &Bytes| {
+                self.smem
+                    .unchanged(a as usize, &d[l as usize][..len as usize])
+            };
+            if data.is_some_and(unchanged) {
+                silent |= 1 << l;
+                continue;
             }
             let tid = (wi * 32 + l as usize) as u16;
             if let Some((h, b)) =
@@ -285,7 +298,7 @@ impl<'a> Block<'a> {
             }
         }
         let epoch = self.clocks.own(wi);
-        for l in lanes(exec) {
+        for l in lanes(exec & !silent) {
             let tid = (wi * 32 + l as usize) as u16;
             self.smem
                 .record(offs[l as usize] as usize, len as usize, tid, epoch, write);
@@ -371,7 +384,7 @@ impl<'a> Block<'a> {
             self.global(wi, g, &addrs, len, write, &mut data)?;
         }
         if s != 0 {
-            self.shared_check(wi, s, &addrs, len, len, write)?;
+            self.shared_check(wi, s, &addrs, len, len, write, write.then_some(&data))?;
             let sm = &mut self.smem.data;
             for l in lanes(s) {
                 let a = addrs[l as usize] as usize;
@@ -516,7 +529,15 @@ impl<'a> Block<'a> {
                     self.smem.set_pending(c.dst as usize, c.len as usize, false);
                     let mut offs = [0u64; 32];
                     offs[c.lane as usize] = c.dst as u64;
-                    self.shared_check(wi, 1 << c.lane, &offs, c.len as u32, c.len as u32, true)?;
+                    self.shared_check(
+                        wi,
+                        1 << c.lane,
+                        &offs,
+                        c.len as u32,
+                        c.len as u32,
+                        true,
+                        None,
+                    )?;
                     self.c.shared_store_requests -= 1;
                     let d = c.dst as usize;
                     self.smem.data[d..d + c.len as usize]
@@ -536,7 +557,7 @@ impl<'a> Block<'a> {
                     (1u32 << rows) - 1
                 };
                 let offs = self.addrs(wi, addr);
-                self.shared_check(wi, rmask, &offs, 16, 16, false)?;
+                self.shared_check(wi, rmask, &offs, 16, 16, false, None)?;
                 let sm = &self.smem.data;
                 // m[j][r][c]: matrix j, row r, column c (b16 elements).
                 let mut m = [[[0u16; 8]; 8]; 4];

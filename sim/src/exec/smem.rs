@@ -8,7 +8,9 @@
 //! access is not below what `w` knows of `u`'s warp, i.e. no barrier chain orders them. Two
 //! lanes of one warp instruction never conflict (checks run before any lane records). Only the
 //! last reader of a byte is remembered, so a race between a write and an earlier one of several
-//! readers can go unseen; the ones reported are always real.
+//! readers can go unseen; the ones reported are always real. A store that leaves already
+//! written bytes as they are cannot be observed and takes part in no race (many threads
+//! setting the same flag).
 
 /// The thread id recorded for bytes written by the async proxy (TMA).
 pub(crate) const ASYNC_TID: u16 = 0xffff;
@@ -205,6 +207,14 @@ impl Smem {
             }
         }
         None
+    }
+
+    /// Whether storing `bytes` at `off` would leave written memory as it is.
+    pub(crate) fn unchanged(&self, off: usize, bytes: &[u8]) -> bool {
+        let n = bytes.len();
+        self.wr[off..off + n].iter().all(|&r| r != 0)
+            && self.data[off..off + n] == *bytes
+            && (self.npending == 0 || self.pending[off..off + n].iter().all(|&p| p == 0))
     }
 
     /// Records an access (after every lane of the instruction was checked).
