@@ -29,13 +29,20 @@ pub(crate) struct Allocation {
 }
 
 impl Allocation {
+    /// `None` when the host cannot hold it (an error for the caller, never an abort).
     fn new(base: u64, len: u64) -> Option<Allocation> {
         let n = usize::try_from(len.div_ceil(4)).ok()?;
+        let mut words = Vec::new();
+        words.try_reserve_exact(n).ok()?;
+        words.extend((0..n).map(|_| AtomicU32::new(0)));
+        let mut shadow = Vec::new();
+        shadow.try_reserve_exact(n).ok()?;
+        shadow.extend((0..n).map(|_| AtomicU8::new(0)));
         Some(Allocation {
             base,
             len,
-            words: (0..n).map(|_| AtomicU32::new(0)).collect(),
-            shadow: (0..n).map(|_| AtomicU8::new(0)).collect(),
+            words: words.into_boxed_slice(),
+            shadow: shadow.into_boxed_slice(),
             wide_lock: Mutex::new(()),
         })
     }

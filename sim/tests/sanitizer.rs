@@ -355,3 +355,44 @@ fn bad_launches() {
     );
     sim.launch(&m, "k", &l((32, 1, 1), p)).expect("good launch");
 }
+
+/// Truncated and corrupted PTX never panics the loader: every variant loads or is an error.
+#[test]
+fn mangled_ptx_is_an_error_not_a_panic() {
+    let sim = sim();
+    let src = include_str!("data/reduce.ptx");
+    let mut rng = Rng::new(99);
+    let bytes = src.as_bytes();
+    for cut in (0..bytes.len()).step_by(97) {
+        let _ = sim.load_module(&String::from_utf8_lossy(&bytes[..cut]));
+    }
+    let junk = b"{}[]()<>;,.%@!|+-0x0f0d_:9 ";
+    for _ in 0..2000 {
+        let mut b = bytes.to_vec();
+        for _ in 0..4 {
+            let i = (rng.u32() as usize) % b.len();
+            b[i] = junk[(rng.u32() as usize) % junk.len()];
+        }
+        if let Ok(m) = sim.load_module(&String::from_utf8_lossy(&b)) {
+            // Whatever still decodes must launch or fail cleanly.
+            for e in m.entries() {
+                let x = upload_f32(&sim, &[1.0; 64]);
+                let out = poisoned(&sim, 64);
+                let _ = sim.launch(
+                    &m,
+                    e,
+                    &Launch {
+                        grid: (2, 1, 1),
+                        block: (64, 1, 1),
+                        params: vec![Param::U64(x), Param::U64(64), Param::U64(out)],
+                        ..Launch::default()
+                    },
+                );
+            }
+        }
+    }
+    // The device still works.
+    let a = upload_f32(&sim, &[1.5; 16]);
+    let b = poisoned(&sim, 32);
+    run(&sim, COPY_GUARDED, 32, a, b, 16, vec![]).expect("a good launch after all that");
+}

@@ -256,7 +256,7 @@ impl<'a> Block<'a> {
                 blob.copy_from_slice(&p[o..o + 128]);
             } else {
                 for i in 0..8u64 {
-                    let (al, off) = self.locate(wi, l, a + 16 * i, 16, false)?;
+                    let (al, off) = self.locate(wi, l, a.wrapping_add(16 * i), 16, false)?;
                     let mut v = [0u32; 4];
                     if !al.load(off, 16, &mut v) {
                         return Err(self.fault(

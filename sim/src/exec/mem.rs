@@ -127,7 +127,7 @@ impl<'a> Block<'a> {
                 .l
                 .regions
                 .iter()
-                .find(|r| a >= r.addr && a + len as u64 <= r.addr + r.bytes);
+                .find(|r| a >= r.addr && a + len as u64 <= r.addr.saturating_add(r.bytes));
             match r {
                 None => {
                     return Err(self.fault(
@@ -446,7 +446,6 @@ impl<'a> Block<'a> {
                 // Source bytes actually read per lane (the rest of the copy is zero filled).
                 let mut data: Bytes = [[0u8; 16]; 32];
                 let mut rmask = 0u32;
-                let mut rlen = size;
                 for l in lanes(exec) {
                     let n = ss.map_or(size as u64, |v| v[l as usize] & 0xffff_ffff);
                     if n > size as u64 {
@@ -458,14 +457,11 @@ impl<'a> Block<'a> {
                             None,
                         ));
                     }
+                    // Partial sources are read byte by byte below.
                     if n == size as u64 {
                         rmask |= 1 << l;
-                    } else if n > 0 {
-                        // Partial sources are read byte by byte below.
-                        rlen = rlen.min(n as u32);
                     }
                 }
-                let _ = rlen;
                 if rmask != 0 {
                     self.global(wi, rmask, &sa, size, false, &mut data)?;
                 }
@@ -474,7 +470,7 @@ impl<'a> Block<'a> {
                     for i in 0..n {
                         let mut one: Bytes = [[0u8; 16]; 32];
                         let mut a1 = [0u64; 32];
-                        a1[l as usize] = sa[l as usize] + i as u64;
+                        a1[l as usize] = sa[l as usize].wrapping_add(i as u64);
                         self.global(wi, 1 << l, &a1, 1, false, &mut one)?;
                         data[l as usize][i as usize] = one[l as usize][0];
                     }

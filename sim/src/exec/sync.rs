@@ -342,7 +342,7 @@ impl<'a> Block<'a> {
         } else {
             a
         };
-        if a % 8 != 0 || a + 8 > self.smem.len() as u64 {
+        if !a.is_multiple_of(8) || a.saturating_add(8) > self.smem.len() as u64 {
             return Err(self.fault(
                 wi,
                 l,
