@@ -165,9 +165,40 @@ impl<'a> Block<'a> {
     ) -> R<()> {
         let mut sectors = [0u64; 32];
         let mut ns = 0;
+        // Fast path: every lane aligned and inside one allocation (and one region): the
+        // checks run once per warp instruction instead of once per lane.
+        let (mut lo, mut hi, mut or) = (u64::MAX, 0u64, 0u64);
+        let mut contiguous = exec == u32::MAX;
         for l in lanes(exec) {
             let a = addrs[l as usize];
-            let (al, off) = self.locate(wi, l, a, len, write)?;
+            lo = lo.min(a);
+            hi = hi.max(a);
+            or |= a;
+            contiguous &= a == addrs[0].wrapping_add(l as u64 * len as u64);
+        }
+        let end = hi.saturating_add(len as u64);
+        let whole: Option<&'a crate::memory::Allocation> = if or & (len as u64 - 1) == 0 {
+            let mem: &'a crate::memory::Snapshot = &self.l.mem;
+            mem.find(lo)
+                .map(|a| &**a)
+                .filter(|al| end <= al.base + al.len)
+                .filter(|_| {
+                    self.l.regions.is_empty()
+                        || self.l.regions.iter().any(|r| {
+                            lo >= r.addr
+                                && end <= r.addr.saturating_add(r.bytes)
+                                && (r.writable || !write)
+                        })
+                })
+        } else {
+            None
+        };
+        for l in lanes(exec) {
+            let a = addrs[l as usize];
+            let (al, off) = match whole {
+                Some(al) => (al, a - al.base),
+                None => self.locate(wi, l, a, len, write)?,
+            };
             let d = &mut data[l as usize];
             if write {
                 let mut v = [0u32; 4];
@@ -193,14 +224,19 @@ impl<'a> Block<'a> {
             sectors[ns] = a >> 5;
             ns += 1;
         }
-        let s = &mut sectors[..ns];
-        s.sort_unstable();
-        let mut distinct = 0u64;
-        for i in 0..s.len() {
-            if i == 0 || s[i] != s[i - 1] {
-                distinct += 1;
+        let distinct = if contiguous {
+            ((end - 1) >> 5) - (lo >> 5) + 1
+        } else {
+            let s = &mut sectors[..ns];
+            s.sort_unstable();
+            let mut distinct = 0u64;
+            for i in 0..s.len() {
+                if i == 0 || s[i] != s[i - 1] {
+                    distinct += 1;
+                }
             }
-        }
+            distinct
+        };
         let bytes = ns as u64 * len as u64;
         if write {
             self.c.global_store_requests += 1;
