@@ -280,39 +280,20 @@ impl<'a> Block<'a> {
         c: &[Src; 4],
     ) {
         let w = &self.warps[wi];
-        // bf16 widens by a shift; f16 through half. Both are exact in f64.
-        let cvt = |x: u64| -> f64 {
-            if bf {
-                f32::from_bits((x as u32 & 0xffff) << 16) as f64
-            } else {
-                f16::from_bits(x as u16).to_f64()
-            }
-        };
         // A: 16 x k (row-major fragments), B: k x 8, C/D: 16 x 8.
         let mut am = [[0f64; 16]; 16];
         let mut bm = [[0f64; 8]; 16];
         let mut dm = [[0f64; 8]; 16];
-        for lane in 0..32 {
-            let (g, t) = (lane / 4, lane % 4);
-            for (r, s) in a.iter().enumerate() {
-                let v = w.lanes(*s)[lane];
-                let row = g + 8 * (r % 2);
-                let col = 2 * t + 8 * (r / 2);
-                am[row][col] = cvt(v);
-                am[row][col + 1] = cvt(v >> 16);
-            }
-            for (r, s) in b.iter().enumerate() {
-                let v = w.lanes(*s)[lane];
-                let kk = 2 * t + 8 * r;
-                bm[kk][g] = cvt(v);
-                bm[kk + 1][g] = cvt(v >> 16);
-            }
-            for (i, s) in c.iter().enumerate() {
-                let v = match s {
-                    Src::Reg(r) => w.lanes(*r)[lane],
-                    Src::Imm(x) => *x,
-                };
-                dm[g + 8 * (i / 2)][2 * t + (i % 2)] = f32::from_bits(v as u32) as f64;
+        if bf {
+            gather::<true>(w, a, b, &mut am, &mut bm);
+        } else {
+            gather::<false>(w, a, b, &mut am, &mut bm);
+        }
+        for (i, s) in c.iter().enumerate() {
+            let v = w.get(*s);
+            for (lane, x) in v.iter().enumerate() {
+                let (g, t) = (lane / 4, lane % 4);
+                dm[g + 8 * (i / 2)][2 * t + (i % 2)] = f32::from_bits(*x as u32) as f64;
             }
         }
         // Products of f16/bf16 values are exact in f64 and the k-term sum rounds far below
@@ -487,6 +468,46 @@ impl<'a> Block<'a> {
             self.warps[wi].put(d, &result, exec);
         }
         Ok(Flow::Next)
+    }
+}
+
+/// A 16-bit float (bf16 when `BF`, else f16) widened exactly to f64.
+#[inline(always)]
+fn widen<const BF: bool>(x: u64) -> f64 {
+    if BF {
+        f32::from_bits((x as u32 & 0xffff) << 16) as f64
+    } else {
+        f16::from_bits(x as u16).to_f64()
+    }
+}
+
+/// The A and B fragments of a warp as matrices (A row-major 16 x k, B k x 8).
+#[inline(always)]
+fn gather<const BF: bool>(
+    w: &super::block::Warp,
+    a: &[Slot],
+    b: &[Slot],
+    am: &mut [[f64; 16]; 16],
+    bm: &mut [[f64; 8]; 16],
+) {
+    for (r, s) in a.iter().enumerate() {
+        let rv = w.lanes(*s);
+        for (lane, &v) in rv.iter().enumerate().take(32) {
+            let (g, t) = (lane / 4, lane % 4);
+            let row = g + 8 * (r % 2);
+            let col = 2 * t + 8 * (r / 2);
+            am[row][col] = widen::<BF>(v);
+            am[row][col + 1] = widen::<BF>(v >> 16);
+        }
+    }
+    for (r, s) in b.iter().enumerate() {
+        let rv = w.lanes(*s);
+        for (lane, &v) in rv.iter().enumerate().take(32) {
+            let (g, t) = (lane / 4, lane % 4);
+            let kk = 2 * t + 8 * r;
+            bm[kk][g] = widen::<BF>(v);
+            bm[kk + 1][g] = widen::<BF>(v >> 16);
+        }
     }
 }
 
