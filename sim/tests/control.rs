@@ -184,3 +184,57 @@ fn device_memory_rules() {
         ErrorKind::BadAddress
     );
 }
+
+/// Producer/consumer on a named barrier: warp 0 writes shared memory and arrives, warp 1
+/// waits and reads. Without the barrier the read is a race.
+#[test]
+fn named_barrier_arrive_orders_producer_before_consumer() {
+    let body = |sync: &str| {
+        format!(
+            "{HEADER}.visible .entry k(.param .u64 out)
+{{
+.reg .b32 %r<8>;
+.reg .b64 %rd<4>;
+.reg .pred %p<2>;
+.shared .align 4 .b32 buf[32];
+ld.param.u64 %rd0, [out];
+mov.u32 %r1, %tid.x; and.b32 %r2, %r1, 31; shl.b32 %r3, %r2, 2; mov.u32 %r4, buf; add.u32 %r3, %r3, %r4;
+setp.ge.u32 %p0, %r1, 32;
+@%p0 bra CONSUMER;
+mul.lo.u32 %r5, %r2, 3;
+st.shared.u32 [%r3], %r5;
+{}
+ret;
+CONSUMER:
+{}
+ld.shared.u32 %r5, [%r3];
+mul.wide.u32 %rd1, %r2, 4; add.u64 %rd1, %rd1, %rd0;
+st.global.u32 [%rd1], %r5;
+ret;
+}}
+",
+            if sync.is_empty() { "" } else { "bar.arrive 1, 64;" },
+            sync
+        )
+    };
+    let sim = sim();
+    let out = poisoned(&sim, 32);
+    let go = |src: String| {
+        let m = sim.load_module(&src).unwrap();
+        sim.launch(
+            &m,
+            "k",
+            &Launch {
+                grid: (1, 1, 1),
+                block: (64, 1, 1),
+                params: vec![Param::U64(out)],
+                ..Launch::default()
+            },
+        )
+    };
+    let e = go(body("")).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::SharedRace, "{e}");
+    go(body("bar.sync 1, 64;")).expect("ordered by the named barrier");
+    let got = download_u32(&sim, out, 32);
+    assert_eq!(got, (0..32).map(|i| 3 * i).collect::<Vec<u32>>());
+}

@@ -426,12 +426,20 @@ impl<'a> Block<'a> {
     /// After a warp exits: a barrier its threads can no longer reach is an error.
     fn after_exit(&mut self, wi: usize) -> Result<(), SimError> {
         for (id, b) in self.bars.iter().enumerate() {
-            if b.arrived > 0 && b.expected == self.l.nthreads {
+            // Threads that can still arrive: those of live warps not already counted.
+            let could: u32 = self
+                .warps
+                .iter()
+                .enumerate()
+                .filter(|(i, w)| w.state != WState::Done && !b.counted(*i))
+                .map(|(_, w)| w.exists.count_ones())
+                .sum();
+            if b.arrived > 0 && b.arrived + could < b.expected {
                 return Err(self.fault(
                     wi,
                     0,
                     ErrorKind::Barrier,
-                    format!("warp {wi} exited while other warps wait at block-wide barrier {id}, which can now never complete"),
+                    format!("warp {wi} exited while other warps wait at barrier {id}, which can now never complete"),
                     None,
                 ));
             }

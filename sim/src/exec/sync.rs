@@ -17,6 +17,13 @@ pub(crate) struct BarState {
     arrivers: Vec<usize>,
 }
 
+impl BarState {
+    /// Whether warp `w` already arrived in the barrier's current phase.
+    pub(crate) fn counted(&self, w: usize) -> bool {
+        self.waiting.contains(&w) || self.arrivers.contains(&w)
+    }
+}
+
 /// An mbarrier object in shared memory.
 pub(crate) struct Mbar {
     expected: u32,
