@@ -238,9 +238,8 @@ fn class_of(base: &str) -> Class {
     match base {
         "bra" | "ret" | "exit" | "trap" => Class::Control,
         "cvt" | "cvta" => Class::Convert,
-        "bar" | "barrier" | "shfl" | "vote" | "mbarrier" | "fence" | "membar" | "setmaxnreg" => {
-            Class::Sync
-        }
+        "bar" | "barrier" | "shfl" | "vote" | "elect" | "activemask" | "mbarrier" | "fence"
+        | "membar" | "setmaxnreg" => Class::Sync,
         "mma" | "ldmatrix" | "wgmma" => Class::Tensor,
         "atom" | "red" => Class::GlobalMem,
         "cp" => Class::AsyncCopy,

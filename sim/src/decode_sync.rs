@@ -214,6 +214,33 @@ pub(crate) fn decode_sync(ctx: &mut Ctx, ins: &Instr, base: &str, mods: &[&str])
                 false,
             ))
         }
+        "elect" => {
+            if mods != ["sync"] {
+                return Err(bad(ins));
+            }
+            nops(ins, 2)?;
+            let (d, p) = match &ins.operands[0] {
+                Operand::Pair(a, b) => (
+                    ctx.dst_opt(&Operand::Name(a.clone()))?,
+                    Some(ctx.dst(&Operand::Name(b.clone()))?),
+                ),
+                o => (ctx.dst_opt(o)?, None),
+            };
+            let mask = ctx.src(&ins.operands[1], Ty::B(32))?;
+            Ok((Op::Elect { d, p, mask }, false))
+        }
+        "activemask" => {
+            if mods != ["b32"] {
+                return Err(bad(ins));
+            }
+            nops(ins, 1)?;
+            Ok((
+                Op::Activemask {
+                    d: ctx.dst(&ins.operands[0])?,
+                },
+                false,
+            ))
+        }
         "prmt" => {
             if mods != ["b32"] {
                 return Err(bad(ins));

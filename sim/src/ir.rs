@@ -477,6 +477,16 @@ pub(crate) enum Op {
         c: Src,
         e: Src,
     },
+    /// `elect.sync d|p, membermask`: the lowest member lane is elected.
+    Elect {
+        d: Option<Slot>,
+        p: Option<Slot>,
+        mask: Src,
+    },
+    /// `activemask.b32 d`.
+    Activemask {
+        d: Slot,
+    },
     /// `vote.sync.{all,any,uni}.pred` / `vote.sync.ballot.b32`.
     Vote {
         mode: VoteMode,
@@ -700,6 +710,11 @@ impl Op {
                 out.push(*d);
                 [a, b, c, e].into_iter().for_each(|x| s(x, out));
             }
+            Op::Elect { d, p, mask } => {
+                out.extend(d.iter().chain(p.iter()));
+                s(mask, out);
+            }
+            Op::Activemask { d } => out.push(*d),
             Op::Vote { d, a, mask, .. } => {
                 out.extend([*d, *a]);
                 s(mask, out);

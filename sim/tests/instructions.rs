@@ -806,3 +806,36 @@ fn votes() {
         |_, _, _| 1,
     );
 }
+
+#[test]
+fn elect_and_activemask() {
+    let x = ints(16);
+    let got = run(
+        "elect.sync %r10|%p1, -1;\nselp.u32 %r11, 1, 0, %p1;\nmov.b64 %rd10, {%r10, %r11};",
+        &x,
+    );
+    for l in 0..32 {
+        assert_eq!(got[l], ((l == 0) as u64) << 32, "lane {l}");
+    }
+    // Only odd lanes take part: lane 1 is elected, the active mask is 0xaaaaaaaa.
+    let got = run(
+        "mov.u64 %rd10, 0;\nand.b32 %r5, %r1, 1; setp.eq.u32 %p2, %r5, 1;\n@!%p2 bra SKIP;\nelect.sync %r10|%p1, 0xaaaaaaaa;\nactivemask.b32 %r11;\nselp.u32 %r12, 1, 0, %p1; add.u32 %r11, %r11, %r12;\nmov.b64 %rd10, {%r10, %r11};\nSKIP:",
+        &x,
+    );
+    for l in 0..32 {
+        let want = if l % 2 == 1 {
+            1 | ((0xaaaa_aaaau64 + (l == 1) as u64) << 32)
+        } else {
+            0
+        };
+        assert_eq!(got[l], want, "lane {l}");
+    }
+}
+
+/// The device handles cross threads.
+#[test]
+fn sim_and_module_are_send_and_sync() {
+    fn check<T: Send + Sync + Clone>() {}
+    check::<lathe_sim::Sim>();
+    check::<lathe_sim::Module>();
+}

@@ -315,7 +315,8 @@ impl<'a> Block<'a> {
                 });
                 w.put(*d, &r, exec);
             }
-            Op::Vote { .. } => return self.sync_op(wi, op, exec),
+            Op::Vote { .. } | Op::Elect { .. } => return self.sync_op(wi, op, exec),
+            Op::Activemask { d } => w.put(*d, &[exec as u64; 32], exec),
             Op::WgmmaFence
             | Op::WgmmaCommit
             | Op::WgmmaWait { .. }

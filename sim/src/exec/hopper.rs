@@ -39,7 +39,10 @@ impl<'a> Block<'a> {
             }
             Op::Wgmma { .. } => self.wgmma(wi, op),
             Op::TmaLoad { .. } => self.tma(wi, op, exec),
-            _ => Ok(Flow::Next),
+            _ => Err(SimError::new(
+                ErrorKind::Unsupported,
+                format!("internal: {op:?} reached the wrong executor"),
+            )),
         }
     }
 

@@ -139,6 +139,31 @@ impl<'a> Block<'a> {
                 }
                 Ok(Flow::Next)
             }
+            Op::Elect { d, p, mask } => {
+                let m = self.warps[wi].get(*mask)[first(exec) as usize] as u32;
+                if exec & !m != 0 || m & !exec != 0 {
+                    return Err(self.fault(
+                        wi,
+                        first(exec),
+                        ErrorKind::Barrier,
+                        format!(
+                            "elect.sync with member mask {m:#010x} executed by lanes {exec:#010x}"
+                        ),
+                        None,
+                    ));
+                }
+                let leader = first(exec) as u64;
+                let w = &mut self.warps[wi];
+                if let Some(d) = d {
+                    w.put(*d, &[leader; 32], exec);
+                }
+                if let Some(p) = p {
+                    let mut v = [0u64; 32];
+                    v[leader as usize] = 1;
+                    w.put(*p, &v, exec);
+                }
+                Ok(Flow::Next)
+            }
             Op::Vote {
                 mode,
                 d,
@@ -208,7 +233,10 @@ impl<'a> Block<'a> {
                 }
                 Ok(Flow::Next)
             }
-            _ => Ok(Flow::Next),
+            _ => Err(SimError::new(
+                ErrorKind::Unsupported,
+                format!("internal: {op:?} reached the wrong executor"),
+            )),
         }
     }
 
