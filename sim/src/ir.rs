@@ -216,6 +216,19 @@ pub(crate) enum MbarOp {
     Inval,
 }
 
+/// Operations on f16/bf16 values (scalar or packed pairs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum HOp {
+    Add,
+    Sub,
+    Mul,
+    Min,
+    Max,
+    Fma,
+    Neg,
+    Abs,
+}
+
 /// `vote.sync` modes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum VoteMode {
@@ -477,6 +490,18 @@ pub(crate) enum Op {
         c: Src,
         e: Src,
     },
+    /// f16/bf16 arithmetic, each half computed exactly in f64 and rounded once (`.rn`).
+    Half {
+        op: HOp,
+        bf16: bool,
+        x2: bool,
+        ftz: bool,
+        sat: bool,
+        d: Slot,
+        a: Src,
+        b: Src,
+        c: Src,
+    },
     /// `elect.sync d|p, membermask`: the lowest member lane is elected.
     Elect {
         d: Option<Slot>,
@@ -709,6 +734,10 @@ impl Op {
             Op::Bfi { d, a, b, c, e, .. } => {
                 out.push(*d);
                 [a, b, c, e].into_iter().for_each(|x| s(x, out));
+            }
+            Op::Half { d, a, b, c, .. } => {
+                out.push(*d);
+                [a, b, c].into_iter().for_each(|x| s(x, out));
             }
             Op::Elect { d, p, mask } => {
                 out.extend(d.iter().chain(p.iter()));

@@ -30,6 +30,7 @@
 //!   hardware does; `.approx` functions are computed in f64 and rounded once.
 
 mod decode;
+mod decode_half;
 mod decode_hopper;
 mod decode_inst;
 mod decode_mem;

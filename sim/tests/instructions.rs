@@ -839,3 +839,61 @@ fn sim_and_module_are_send_and_sync() {
     check::<lathe_sim::Sim>();
     check::<lathe_sim::Module>();
 }
+
+#[test]
+fn half_precision_arithmetic() {
+    let mut r = Rng::new(17);
+    let mut x = [[0u32; 3]; 32];
+    for v in x.iter_mut() {
+        for k in v.iter_mut() {
+            let h = |r: &mut Rng| f16::from_f32(r.f32() * 4.0).to_bits() as u32;
+            *k = h(&mut r) | h(&mut r) << 16;
+        }
+    }
+    let h = |w: u32, hi: bool| f16::from_bits((if hi { w >> 16 } else { w }) as u16).to_f64();
+    let to = |v: f64| f16::from_f64(v).to_bits() as u64;
+    check(
+        "add.f16x2 %r10, %r2, %r3;\ncvt.u64.u32 %rd10, %r10;",
+        &x,
+        |a, b, _| to(h(a, false) + h(b, false)) | to(h(a, true) + h(b, true)) << 16,
+    );
+    check(
+        "fma.rn.f16x2 %r10, %r2, %r3, %r4;\ncvt.u64.u32 %rd10, %r10;",
+        &x,
+        |a, b, c| {
+            to(h(a, false) * h(b, false) + h(c, false))
+                | to(h(a, true) * h(b, true) + h(c, true)) << 16
+        },
+    );
+    check(
+        "mov.b32 {%h0, %h1}, %r2; mov.b32 {%h2, %h3}, %r3; mul.rn.f16 %h4, %h0, %h2;\ncvt.u64.u16 %rd10, %h4;",
+        &x,
+        |a, b, _| to(h(a, false) * h(b, false)),
+    );
+    check(
+        "max.f16x2 %r10, %r2, %r3;\ncvt.u64.u32 %rd10, %r10;",
+        &x,
+        |a, b, _| to(h(a, false).max(h(b, false))) | to(h(a, true).max(h(b, true))) << 16,
+    );
+    check(
+        "neg.f16x2 %r10, %r2;\ncvt.u64.u32 %rd10, %r10;",
+        &x,
+        |a, _, _| u(a ^ 0x8000_8000),
+    );
+    // bf16: the same pairs read as bf16.
+    let g = |w: u32, hi: bool| bf16::from_bits((if hi { w >> 16 } else { w }) as u16).to_f64();
+    let tb = |v: f64| bf16::from_f64(v).to_bits() as u64;
+    check(
+        "sub.rn.bf16x2 %r10, %r2, %r3;\ncvt.u64.u32 %rd10, %r10;",
+        &x,
+        |a, b, _| tb(g(a, false) - g(b, false)) | tb(g(a, true) - g(b, true)) << 16,
+    );
+    check(
+        "fma.rn.bf16x2 %r10, %r2, %r3, %r4;\ncvt.u64.u32 %rd10, %r10;",
+        &x,
+        |a, b, c| {
+            tb(g(a, false) * g(b, false) + g(c, false))
+                | tb(g(a, true) * g(b, true) + g(c, true)) << 16
+        },
+    );
+}

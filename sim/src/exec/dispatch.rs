@@ -316,6 +316,29 @@ impl<'a> Block<'a> {
                 w.put(*d, &r, exec);
             }
             Op::Vote { .. } | Op::Elect { .. } => return self.sync_op(wi, op, exec),
+            Op::Half {
+                op,
+                bf16,
+                x2,
+                ftz,
+                sat,
+                d,
+                a,
+                b,
+                c,
+            } => {
+                let r = super::half::half(
+                    *op,
+                    *bf16,
+                    *x2,
+                    *ftz,
+                    *sat,
+                    &w.get(*a),
+                    &w.get(*b),
+                    &w.get(*c),
+                );
+                w.put(*d, &r, exec);
+            }
             Op::Activemask { d } => w.put(*d, &[exec as u64; 32], exec),
             Op::WgmmaFence
             | Op::WgmmaCommit
