@@ -267,8 +267,17 @@ impl Memory {
 
     pub(crate) fn read(&self, addr: u64, dst: &mut [u8]) -> Result<(), SimError> {
         let (a, o) = self.find("device-to-host copy", addr, dst.len() as u64)?;
-        for (i, d) in dst.iter_mut().enumerate() {
-            *d = a.get_byte(o + i as u64).0;
+        let mut i = 0usize;
+        while i < dst.len() {
+            let off = o + i as u64;
+            if off & 3 == 0 && dst.len() - i >= 4 {
+                let w = a.words[(off >> 2) as usize].load(Relaxed);
+                dst[i..i + 4].copy_from_slice(&w.to_le_bytes());
+                i += 4;
+            } else {
+                dst[i] = a.get_byte(off).0;
+                i += 1;
+            }
         }
         Ok(())
     }
