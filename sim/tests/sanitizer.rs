@@ -396,3 +396,31 @@ fn mangled_ptx_is_an_error_not_a_panic() {
     let b = poisoned(&sim, 32);
     run(&sim, COPY_GUARDED, 32, a, b, 16, vec![]).expect("a good launch after all that");
 }
+
+/// Two threads read a word, then one of them writes it with no barrier: the write races with
+/// the other thread's read even though the writer read last.
+#[test]
+fn write_after_two_readers_races() {
+    let sim = sim();
+    let b = poisoned(&sim, 64);
+    let body = |sync: &str| {
+        format!(
+            "mov.u32 %r5, sm; setp.eq.u32 %p1, %r1, 0;
+@%p1 st.shared.u32 [%r5], 7;
+bar.sync 0;
+setp.eq.u32 %p2, %r1, 33;
+setp.eq.u32 %p3, %r1, 32;
+or.pred %p2, %p2, %p3;
+@%p2 ld.shared.u32 %r6, [%r5];
+{sync}
+setp.eq.u32 %p4, %r1, 33;
+@%p4 st.shared.u32 [%r5], %r1;
+ret;"
+        )
+    };
+    let e = run(&sim, &body(""), 64, b, b, 0, vec![]).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::SharedRace, "{e}");
+    assert_eq!(site(&e), (BODY_LINE + 9, (33, 0, 0), Some(0)));
+    assert!(e.message.contains("thread 32"), "{e}");
+    run(&sim, &body("bar.sync 0;"), 64, b, b, 0, vec![]).expect("ordered");
+}

@@ -336,8 +336,13 @@ impl<'a> Block<'a> {
         let epoch = self.clocks.own(wi);
         for l in lanes(exec & !silent) {
             let tid = (wi * 32 + l as usize) as u16;
-            self.smem
-                .record(offs[l as usize] as usize, len as usize, tid, epoch, write);
+            let off = offs[l as usize] as usize;
+            if write {
+                self.smem.record(off, len as usize, tid, epoch, true);
+            } else {
+                self.smem
+                    .record_read(&self.clocks, off, len as usize, tid, wi);
+            }
         }
         if write {
             self.c.shared_store_requests += 1;

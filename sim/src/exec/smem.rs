@@ -3,14 +3,13 @@
 //!
 //! Ordering: each warp has a clock; a barrier (or an mbarrier arrive/wait pair) merges the
 //! views of the warps it synchronises, as vector clocks do. Every shared byte remembers its
-//! last write and last read (thread and the writer's clock then). An access by thread `t` of
-//! warp `w` conflicts with a recorded access by another thread `u` when `u`'s clock at that
-//! access is not below what `w` knows of `u`'s warp, i.e. no barrier chain orders them. Two
-//! lanes of one warp instruction never conflict (checks run before any lane records). Only the
-//! last reader of a byte is remembered, so a race between a write and an earlier one of several
-//! readers can go unseen; the ones reported are always real. A store that leaves already
-//! written bytes as they are cannot be observed and takes part in no race (many threads
-//! setting the same flag).
+//! last write and up to two concurrent reads (thread, and that thread's clock then). An access
+//! by thread `t` of warp `w` conflicts with a recorded access by another thread `u` when `u`'s
+//! clock at that access is not below what `w` knows of `u`'s warp, i.e. no barrier chain
+//! orders them. Two lanes of one warp instruction never conflict (checks run before any lane
+//! records). A race between a write and a third concurrent reader can go unseen; the races
+//! reported are always real. A store that leaves already written bytes as they are cannot be
+//! observed and takes part in no race (many threads setting the same flag).
 
 /// The thread id recorded for bytes written by the async proxy (TMA).
 pub(crate) const ASYNC_TID: u16 = 0xffff;
@@ -128,6 +127,9 @@ pub(crate) struct Smem {
     pub(crate) data: Vec<u8>,
     wr: Vec<u64>,
     rd: Vec<u64>,
+    /// An earlier reader concurrent with the one in `rd` (so that a writer that is itself the
+    /// latest reader still meets the other one).
+    rd2: Vec<u64>,
     pending: Vec<u8>,
     pub(crate) npending: usize,
 }
@@ -138,6 +140,7 @@ impl Smem {
             data: vec![0; bytes],
             wr: vec![0; bytes],
             rd: vec![0; bytes],
+            rd2: vec![0; bytes],
             pending: Vec::new(),
             npending: 0,
         }
@@ -193,15 +196,20 @@ impl Smem {
             }
         }
         if write {
-            let rd = &self.rd[off..off + len];
-            if same(rd) {
-                if rd[0] != 0 {
-                    return one(rd[0], off, false);
-                }
-            } else {
-                for (i, &r) in rd.iter().enumerate().filter(|x| *x.1 != 0) {
-                    if let Some(h) = one(r, off + i, false) {
-                        return Some(h);
+            for readers in [&self.rd, &self.rd2] {
+                let rd = &readers[off..off + len];
+                if same(rd) {
+                    let h = Some(rd[0])
+                        .filter(|&r| r != 0)
+                        .and_then(|r| one(r, off, false));
+                    if h.is_some() {
+                        return h;
+                    }
+                } else {
+                    for (i, &r) in rd.iter().enumerate().filter(|x| *x.1 != 0) {
+                        if let Some(h) = one(r, off + i, false) {
+                            return Some(h);
+                        }
                     }
                 }
             }
@@ -217,7 +225,31 @@ impl Smem {
             && (self.npending == 0 || self.pending[off..off + n].iter().all(|&p| p == 0))
     }
 
-    /// Records an access (after every lane of the instruction was checked).
+    /// Records a read by thread `tid` of warp `w` (after every lane was checked): a previous
+    /// reader that is another thread and not ordered before this one moves to `rd2`.
+    #[inline]
+    pub(crate) fn record_read(&mut self, cl: &Clocks, off: usize, len: usize, tid: u16, w: usize) {
+        let v = PRESENT | ((cl.own(w) as u64) << 16) | tid as u64;
+        let mut last = (0u64, false);
+        for b in off..off + len {
+            let r = self.rd[b];
+            if r != 0 && r != v && r as u16 != tid {
+                let concurrent = if r == last.0 {
+                    last.1
+                } else {
+                    let c = !cl.ordered(r as u16, (r >> 16) as u32, tid, w);
+                    last = (r, c);
+                    c
+                };
+                if concurrent {
+                    self.rd2[b] = r;
+                }
+            }
+            self.rd[b] = v;
+        }
+    }
+
+    /// Records a write (after every lane of the instruction was checked).
     #[inline]
     pub(crate) fn record(&mut self, off: usize, len: usize, tid: u16, epoch: u32, write: bool) {
         let v = PRESENT | ((epoch as u64) << 16) | tid as u64;
