@@ -33,7 +33,7 @@ pub(crate) struct PendingCopy {
 }
 
 pub(crate) struct Warp {
-    pub(crate) regs: Vec<u64>,
+    pub(crate) regs: Vec<Lanes>,
     pc: [u32; 32],
     uniform: bool,
     upc: u32,
@@ -115,29 +115,23 @@ impl Warp {
     }
 
     #[inline]
-    pub(crate) fn lanes(&self, s: Slot) -> &[u64] {
-        let i = s as usize * 32;
-        &self.regs[i..i + 32]
+    pub(crate) fn lanes(&self, s: Slot) -> &Lanes {
+        &self.regs[s as usize]
     }
 
     #[inline]
     pub(crate) fn get(&self, s: Src) -> Lanes {
         match s {
-            Src::Reg(r) => {
-                let mut o = [0u64; 32];
-                o.copy_from_slice(self.lanes(r));
-                o
-            }
+            Src::Reg(r) => self.regs[r as usize],
             Src::Imm(v) => [v; 32],
         }
     }
 
     #[inline]
     pub(crate) fn put(&mut self, d: Slot, v: &Lanes, mask: u32) {
-        let i = d as usize * 32;
-        let dst = &mut self.regs[i..i + 32];
+        let dst = &mut self.regs[d as usize];
         if mask == u32::MAX {
-            dst.copy_from_slice(v);
+            *dst = *v;
         } else {
             let mut m = mask;
             while m != 0 {
@@ -200,7 +194,7 @@ impl<'a> Block<'a> {
         for w in 0..nwarps {
             let n = (l.nthreads - w as u32 * 32).min(32);
             let exists = if n == 32 { u32::MAX } else { (1u32 << n) - 1 };
-            let mut regs = vec![0u64; k.nslots as usize * 32];
+            let mut regs = vec![[0u64; 32]; k.nslots as usize];
             for &(s, sp) in &k.specials {
                 for lane in 0..32u32 {
                     let t = w as u32 * 32 + lane;
@@ -226,7 +220,7 @@ impl<'a> Block<'a> {
                         Special::LaneMaskGt => (u32::MAX as u64) & !((2u64 << lane) - 1),
                         Special::LaneMaskGe => (u32::MAX as u64) & !((1u64 << lane) - 1),
                     };
-                    regs[s as usize * 32 + lane as usize] = v;
+                    regs[s as usize][lane as usize] = v;
                 }
             }
             warps.push(Warp {

@@ -206,8 +206,7 @@ impl<'a> Block<'a> {
         for t in 0..128usize {
             let w = &mut self.warps[4 * g + t / 32];
             for (i, s) in d.iter().enumerate() {
-                let k = *s as usize * 32 + t % 32;
-                w.regs[k] = regs[t * per + i].to_bits() as u64;
+                w.regs[*s as usize][t % 32] = regs[t * per + i].to_bits() as u64;
             }
         }
         for &x in &ws {
