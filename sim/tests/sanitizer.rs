@@ -244,6 +244,28 @@ ret;"
     run(&sim, &wait(32), 32, b, b, 0, vec![]).expect("every thread arrives");
 }
 
+/// A consumer warp polling `mbarrier.test_wait` lets the producer warp run: warp 1 releases
+/// the barrier, so it runs on into its polling loop before warp 0 has arrived.
+#[test]
+fn test_wait_polling_yields_to_other_warps() {
+    let sim = sim();
+    let b = poisoned(&sim, 64);
+    let body = "mov.u32 %r2, sm;
+setp.eq.u32 %p0, %r1, 0;
+@%p0 mbarrier.init.shared::cta.b64 [%r2], 32;
+bar.sync 0;
+setp.lt.u32 %p0, %r1, 32;
+@%p0 bra PRODUCER;
+W:
+mbarrier.test_wait.parity.shared::cta.b64 %p1, [%r2], 0;
+@!%p1 bra W;
+ret;
+PRODUCER:
+mbarrier.arrive.shared::cta.b64 _, [%r2];
+ret;";
+    run(&sim, body, 64, b, b, 0, vec![]).expect("the poll ends once warp 0 arrives");
+}
+
 #[test]
 fn endless_loop_and_trap_are_trap_errors() {
     let sim = Sim::new(SimConfig {

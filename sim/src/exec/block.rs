@@ -162,6 +162,9 @@ pub(crate) enum Flow {
     NextWait,
     /// Not done; the warp waits and runs the instruction again later.
     Retry,
+    /// Done; the warp stays ready but lets the other warps run first (a failed `test_wait`
+    /// polled in a loop).
+    Yield,
 }
 
 pub(crate) struct Block<'a> {
@@ -395,6 +398,10 @@ impl<'a> Block<'a> {
                     }
                 }
                 Flow::Retry => return Ok(()),
+                Flow::Yield => {
+                    w.finish(g, pc, 0, 0);
+                    return Ok(());
+                }
             }
         }
     }

@@ -502,6 +502,9 @@ impl<'a> Block<'a> {
         if let Some(d) = d {
             self.warps[wi].put(d, &result, exec);
         }
+        if op == MbarOp::TestWaitParity && !all_ok {
+            return Ok(Flow::Yield);
+        }
         Ok(Flow::Next)
     }
 }
