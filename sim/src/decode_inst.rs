@@ -238,7 +238,8 @@ fn class_of(base: &str) -> Class {
     match base {
         "bra" | "ret" | "exit" | "trap" => Class::Control,
         "cvt" | "cvta" => Class::Convert,
-        "bar" | "barrier" | "shfl" | "mbarrier" | "fence" | "membar" | "setmaxnreg" => Class::Sync,
+        "bar" | "barrier" | "shfl" | "vote" | "elect" | "activemask" | "mbarrier" | "fence"
+        | "membar" | "setmaxnreg" => Class::Sync,
         "mma" | "ldmatrix" | "wgmma" => Class::Tensor,
         "atom" | "red" => Class::GlobalMem,
         "cp" => Class::AsyncCopy,
@@ -255,6 +256,15 @@ pub(crate) fn decode_instr(ctx: &mut Ctx, ins: &Instr) -> R<Inst> {
     };
     let mut class = class_of(base);
     let mut aligned = false;
+    if let Some(h) = crate::decode_half::half(ctx, ins, base, &mods) {
+        return Ok(Inst {
+            op: h?,
+            guard,
+            class: Class::Fp,
+            aligned: false,
+            line: ins.line,
+        });
+    }
     let op = match base {
         "add" | "sub" | "mul" | "min" | "max" | "div" | "rem" | "and" | "or" | "xor" | "shl"
         | "shr" => {

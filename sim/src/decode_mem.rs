@@ -162,7 +162,23 @@ pub(crate) fn ld_st(ctx: &mut Ctx, ins: &Instr, base: &str, mods: &[&str]) -> R<
             "global" => space = Space::Global,
             "shared" | "shared::cta" => space = Space::Shared,
             "param" | "param::entry" if base == "ld" => space = Space::Param,
-            "ca" | "cg" | "cs" | "lu" | "cv" | "wb" | "wt" | "nc" | "volatile" => {}
+            "ca"
+            | "cg"
+            | "cs"
+            | "lu"
+            | "cv"
+            | "wb"
+            | "wt"
+            | "nc"
+            | "volatile"
+            | "L2::64B"
+            | "L2::128B"
+            | "L2::256B"
+            | "L1::evict_normal"
+            | "L1::evict_unchanged"
+            | "L1::evict_first"
+            | "L1::evict_last"
+            | "L1::no_allocate" => {}
             "v2" => vec = 2,
             "v4" => vec = 4,
             t if i == mods.len() - 1 => ty = parse_ty(t),

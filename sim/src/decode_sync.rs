@@ -189,6 +189,118 @@ pub(crate) fn decode_sync(ctx: &mut Ctx, ins: &Instr, base: &str, mods: &[&str])
         }
         "mbarrier" => mbarrier(ctx, ins, mods).map(|o| (o, false)),
         "atom" | "red" => atom(ctx, ins, base == "atom", mods).map(|o| (o, false)),
+        "vote" => {
+            let mode = match mods {
+                ["sync", "all", "pred"] => VoteMode::All,
+                ["sync", "any", "pred"] => VoteMode::Any,
+                ["sync", "uni", "pred"] => VoteMode::Uni,
+                ["sync", "ballot", "b32"] => VoteMode::Ballot,
+                _ => return Err(bad(ins)),
+            };
+            nops(ins, 3)?;
+            let (neg, a) = match &ins.operands[1] {
+                Operand::Not(p) => (true, ctx.slot(p)?),
+                Operand::Name(p) => (false, ctx.slot(p)?),
+                _ => return Err(parse_err(ins.line, "expected a predicate")),
+            };
+            Ok((
+                Op::Vote {
+                    mode,
+                    d: ctx.dst(&ins.operands[0])?,
+                    a,
+                    neg,
+                    mask: ctx.src(&ins.operands[2], Ty::B(32))?,
+                },
+                false,
+            ))
+        }
+        "elect" => {
+            if mods != ["sync"] {
+                return Err(bad(ins));
+            }
+            nops(ins, 2)?;
+            let (d, p) = match &ins.operands[0] {
+                Operand::Pair(a, b) => (
+                    ctx.dst_opt(&Operand::Name(a.clone()))?,
+                    Some(ctx.dst(&Operand::Name(b.clone()))?),
+                ),
+                o => (ctx.dst_opt(o)?, None),
+            };
+            let mask = ctx.src(&ins.operands[1], Ty::B(32))?;
+            Ok((Op::Elect { d, p, mask }, false))
+        }
+        "activemask" => {
+            if mods != ["b32"] {
+                return Err(bad(ins));
+            }
+            nops(ins, 1)?;
+            Ok((
+                Op::Activemask {
+                    d: ctx.dst(&ins.operands[0])?,
+                },
+                false,
+            ))
+        }
+        "prmt" => {
+            if mods != ["b32"] {
+                return Err(bad(ins));
+            }
+            nops(ins, 4)?;
+            let t = Ty::B(32);
+            Ok((
+                Op::Prmt {
+                    d: ctx.dst(&ins.operands[0])?,
+                    a: ctx.src(&ins.operands[1], t)?,
+                    b: ctx.src(&ins.operands[2], t)?,
+                    c: ctx.src(&ins.operands[3], t)?,
+                },
+                false,
+            ))
+        }
+        "bfe" | "bfi" => {
+            let ty = match mods {
+                [t] => crate::decode::parse_ty(t),
+                _ => None,
+            }
+            .ok_or_else(|| bad(ins))?;
+            let bits = ty.bits() as u8;
+            let u = Ty::U(32);
+            if base == "bfe" {
+                let signed = match ty {
+                    Ty::U(32 | 64) => false,
+                    Ty::S(32 | 64) => true,
+                    _ => return Err(bad(ins)),
+                };
+                nops(ins, 4)?;
+                Ok((
+                    Op::Bfe {
+                        signed,
+                        bits,
+                        d: ctx.dst(&ins.operands[0])?,
+                        a: ctx.src(&ins.operands[1], ty)?,
+                        b: ctx.src(&ins.operands[2], u)?,
+                        c: ctx.src(&ins.operands[3], u)?,
+                    },
+                    false,
+                ))
+            } else {
+                if !matches!(ty, Ty::B(32 | 64)) {
+                    return Err(bad(ins));
+                }
+                nops(ins, 5)?;
+                Ok((
+                    Op::Bfi {
+                        bits,
+                        d: ctx.dst(&ins.operands[0])?,
+                        a: ctx.src(&ins.operands[1], ty)?,
+                        b: ctx.src(&ins.operands[2], ty)?,
+                        c: ctx.src(&ins.operands[3], u)?,
+                        e: ctx.src(&ins.operands[4], u)?,
+                    },
+                    false,
+                ))
+            }
+        }
         "fence" | "membar" => {
             if mods.is_empty() {
                 return Err(bad(ins));

@@ -216,6 +216,28 @@ pub(crate) enum MbarOp {
     Inval,
 }
 
+/// Operations on f16/bf16 values (scalar or packed pairs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum HOp {
+    Add,
+    Sub,
+    Mul,
+    Min,
+    Max,
+    Fma,
+    Neg,
+    Abs,
+}
+
+/// `vote.sync` modes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum VoteMode {
+    All,
+    Any,
+    Uni,
+    Ballot,
+}
+
 /// Read-modify-write operations of `atom` / `red`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum AtomOp {
@@ -443,6 +465,61 @@ pub(crate) enum Op {
         b: Vec<Slot>,
         c: [Src; 4],
     },
+    /// `prmt.b32 d, a, b, c` (default mode): bytes of {b, a} chosen by c's nibbles.
+    Prmt {
+        d: Slot,
+        a: Src,
+        b: Src,
+        c: Src,
+    },
+    /// `bfe.{u,s}{32,64} d, a, pos, len`.
+    Bfe {
+        signed: bool,
+        bits: u8,
+        d: Slot,
+        a: Src,
+        b: Src,
+        c: Src,
+    },
+    /// `bfi.b{32,64} f, a, b, pos, len`: `a`'s low bits inserted into `b`.
+    Bfi {
+        bits: u8,
+        d: Slot,
+        a: Src,
+        b: Src,
+        c: Src,
+        e: Src,
+    },
+    /// f16/bf16 arithmetic, each half computed exactly in f64 and rounded once (`.rn`).
+    Half {
+        op: HOp,
+        bf16: bool,
+        x2: bool,
+        ftz: bool,
+        sat: bool,
+        d: Slot,
+        a: Src,
+        b: Src,
+        c: Src,
+    },
+    /// `elect.sync d|p, membermask`: the lowest member lane is elected.
+    Elect {
+        d: Option<Slot>,
+        p: Option<Slot>,
+        mask: Src,
+    },
+    /// `activemask.b32 d`.
+    Activemask {
+        d: Slot,
+    },
+    /// `vote.sync.{all,any,uni}.pred` / `vote.sync.ballot.b32`.
+    Vote {
+        mode: VoteMode,
+        d: Slot,
+        a: Slot,
+        neg: bool,
+        mask: Src,
+    },
     /// `atom` (with `d`) / `red` (without) on global memory, relaxed.
     Atom {
         op: AtomOp,
@@ -649,6 +726,27 @@ impl Op {
             Op::Mma { d, a, b, c, .. } => {
                 out.extend(d.iter().chain(a.iter()).chain(b.iter()));
                 c.iter().for_each(|x| s(x, out));
+            }
+            Op::Prmt { d, a, b, c } | Op::Bfe { d, a, b, c, .. } => {
+                out.push(*d);
+                [a, b, c].into_iter().for_each(|x| s(x, out));
+            }
+            Op::Bfi { d, a, b, c, e, .. } => {
+                out.push(*d);
+                [a, b, c, e].into_iter().for_each(|x| s(x, out));
+            }
+            Op::Half { d, a, b, c, .. } => {
+                out.push(*d);
+                [a, b, c].into_iter().for_each(|x| s(x, out));
+            }
+            Op::Elect { d, p, mask } => {
+                out.extend(d.iter().chain(p.iter()));
+                s(mask, out);
+            }
+            Op::Activemask { d } => out.push(*d),
+            Op::Vote { d, a, mask, .. } => {
+                out.extend([*d, *a]);
+                s(mask, out);
             }
             Op::Atom { d, addr, b, c, .. } => {
                 out.extend(d.iter());

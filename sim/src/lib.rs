@@ -7,8 +7,30 @@
 //! - [`Counters`]: what one launch did (instructions by class, memory sectors, bank conflicts,
 //!   tensor-core FLOPs). There is no timing model.
 //! - [`tensor_map`]: Lathe's own 128-byte tensor-map encoding for TMA on the simulator.
+//!
+//! How it works:
+//! - `load_module` parses and decodes once: registers become slots, immediates are converted to
+//!   the instruction's type, labels become instruction indices, every instruction keeps its
+//!   PTX line and text. A form the interpreter does not implement is an `Unsupported` error
+//!   naming the line; malformed text is a `Parse` error.
+//! - A launch runs blocks in parallel (rayon, `SimConfig::parallel_blocks`). In a block, warps
+//!   run one at a time until they wait (barrier, mbarrier phase, warpgroup rendezvous, exit).
+//!   A warp keeps a PC per lane and runs the lanes at the lowest PC together, so divergent
+//!   paths run one after the other and reconverge where they meet. One decoded instruction
+//!   runs for all 32 lanes in one loop over structure-of-arrays registers.
+//! - Global memory is words of relaxed atomics with a written-bit per byte: blocks on several
+//!   host threads share it without locks and without undefined behaviour, even when a buggy
+//!   kernel races across blocks. A launch snapshots the allocation table once.
+//! - The sanitizer checks every access (bounds of allocation and launch regions, alignment,
+//!   read-only regions, never-written bytes, shared-memory races through vector clocks over
+//!   barriers and mbarriers, outstanding `cp.async` and TMA bytes), `.sync`/`.aligned`
+//!   instructions reached by part of a warp, barriers that can never complete, deadlocks and
+//!   an instruction budget. Findings are errors with a [`Site`]; the device stays usable.
+//! - Integer division by zero gives all ones (quotient) and the dividend (remainder), as the
+//!   hardware does; `.approx` functions are computed in f64 and rounded once.
 
 mod decode;
+mod decode_half;
 mod decode_hopper;
 mod decode_inst;
 mod decode_mem;
@@ -55,7 +77,7 @@ impl Default for SimConfig {
             compute_capability: (9, 0),
             max_shared_per_block_optin: 227 * 1024,
             parallel_blocks: true,
-            instruction_budget: 1 << 28,
+            instruction_budget: 1 << 24,
         }
     }
 }

@@ -29,13 +29,20 @@ pub(crate) struct Allocation {
 }
 
 impl Allocation {
+    /// `None` when the host cannot hold it (an error for the caller, never an abort).
     fn new(base: u64, len: u64) -> Option<Allocation> {
         let n = usize::try_from(len.div_ceil(4)).ok()?;
+        let mut words = Vec::new();
+        words.try_reserve_exact(n).ok()?;
+        words.extend((0..n).map(|_| AtomicU32::new(0)));
+        let mut shadow = Vec::new();
+        shadow.try_reserve_exact(n).ok()?;
+        shadow.extend((0..n).map(|_| AtomicU8::new(0)));
         Some(Allocation {
             base,
             len,
-            words: (0..n).map(|_| AtomicU32::new(0)).collect(),
-            shadow: (0..n).map(|_| AtomicU8::new(0)).collect(),
+            words: words.into_boxed_slice(),
+            shadow: shadow.into_boxed_slice(),
             wide_lock: Mutex::new(()),
         })
     }
@@ -260,8 +267,17 @@ impl Memory {
 
     pub(crate) fn read(&self, addr: u64, dst: &mut [u8]) -> Result<(), SimError> {
         let (a, o) = self.find("device-to-host copy", addr, dst.len() as u64)?;
-        for (i, d) in dst.iter_mut().enumerate() {
-            *d = a.get_byte(o + i as u64).0;
+        let mut i = 0usize;
+        while i < dst.len() {
+            let off = o + i as u64;
+            if off & 3 == 0 && dst.len() - i >= 4 {
+                let w = a.words[(off >> 2) as usize].load(Relaxed);
+                dst[i..i + 4].copy_from_slice(&w.to_le_bytes());
+                i += 4;
+            } else {
+                dst[i] = a.get_byte(off).0;
+                i += 1;
+            }
         }
         Ok(())
     }

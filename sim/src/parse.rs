@@ -390,3 +390,55 @@ pub(crate) fn parse_float(w: &str) -> Option<f64> {
     };
     Some(if neg { -v } else { v })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn literals() {
+        assert_eq!(parse_int("42"), Some(42));
+        assert_eq!(parse_int("-1"), Some(u64::MAX));
+        assert_eq!(parse_int("0x1F"), Some(31));
+        assert_eq!(parse_int("017"), Some(15));
+        assert_eq!(parse_int("0b101"), Some(5));
+        assert_eq!(parse_int("7U"), Some(7));
+        assert_eq!(parse_int("0x"), None);
+        assert_eq!(parse_float("0f3F800000"), Some(1.0));
+        assert_eq!(parse_float("-0f3F800000"), Some(-1.0));
+        assert_eq!(parse_float("0d3FF0000000000000"), Some(1.0));
+        assert_eq!(parse_float("1.5"), Some(1.5));
+        assert_eq!(parse_float("0f3F80"), None);
+    }
+
+    #[test]
+    fn statements_and_operands() {
+        let src = "@!%p1 ld.global.v2.f32 {%f1, _}, [%rd2+-8]; // c\n/* x */ bra L;";
+        let toks = tokenize(src).unwrap();
+        let mut c = Cursor {
+            toks: &toks,
+            pos: 0,
+            src,
+        };
+        let i = instruction(&mut c).unwrap();
+        assert_eq!(i.guard, Some((true, "%p1".to_string())));
+        assert_eq!(i.opcode, "ld.global.v2.f32");
+        assert_eq!(
+            i.operands[0],
+            Operand::Vec(vec![Operand::Name("%f1".into()), Operand::Sink])
+        );
+        assert_eq!(
+            i.operands[1],
+            Operand::Addr {
+                base: Some("%rd2".into()),
+                offset: -8,
+                coords: vec![]
+            }
+        );
+        assert_eq!(i.text, "@!%p1 ld.global.v2.f32 {%f1, _}, [%rd2+-8];");
+        let j = instruction(&mut c).unwrap();
+        assert_eq!((j.opcode.as_str(), j.line), ("bra", 2));
+        assert!(tokenize("/* open").is_err());
+        assert!(tokenize("add # 1").is_err());
+    }
+}

@@ -184,3 +184,160 @@ fn device_memory_rules() {
         ErrorKind::BadAddress
     );
 }
+
+/// Producer/consumer on a named barrier: warp 0 writes shared memory and arrives, warp 1
+/// waits and reads. Without the barrier the read is a race.
+#[test]
+fn named_barrier_arrive_orders_producer_before_consumer() {
+    let body = |sync: &str| {
+        format!(
+            "{HEADER}.visible .entry k(.param .u64 out)
+{{
+.reg .b32 %r<8>;
+.reg .b64 %rd<4>;
+.reg .pred %p<2>;
+.shared .align 4 .b32 buf[32];
+ld.param.u64 %rd0, [out];
+mov.u32 %r1, %tid.x; and.b32 %r2, %r1, 31; shl.b32 %r3, %r2, 2; mov.u32 %r4, buf; add.u32 %r3, %r3, %r4;
+setp.ge.u32 %p0, %r1, 32;
+@%p0 bra CONSUMER;
+mul.lo.u32 %r5, %r2, 3;
+st.shared.u32 [%r3], %r5;
+{}
+ret;
+CONSUMER:
+{}
+ld.shared.u32 %r5, [%r3];
+mul.wide.u32 %rd1, %r2, 4; add.u64 %rd1, %rd1, %rd0;
+st.global.u32 [%rd1], %r5;
+ret;
+}}
+",
+            if sync.is_empty() { "" } else { "bar.arrive 1, 64;" },
+            sync
+        )
+    };
+    let sim = sim();
+    let out = poisoned(&sim, 32);
+    let go = |src: String| {
+        let m = sim.load_module(&src).unwrap();
+        sim.launch(
+            &m,
+            "k",
+            &Launch {
+                grid: (1, 1, 1),
+                block: (64, 1, 1),
+                params: vec![Param::U64(out)],
+                ..Launch::default()
+            },
+        )
+    };
+    let e = go(body("")).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::SharedRace, "{e}");
+    go(body("bar.sync 1, 64;")).expect("ordered by the named barrier");
+    let got = download_u32(&sim, out, 32);
+    assert_eq!(got, (0..32).map(|i| 3 * i).collect::<Vec<u32>>());
+}
+
+/// Shared-memory bank conflicts: lanes reading words `stride` apart.
+#[test]
+fn bank_conflict_counts() {
+    let sim = sim();
+    let src = |stride: u32, vec: &str, bytes: u32| {
+        format!(
+            "{HEADER}.visible .entry k(.param .u64 out)
+{{
+.reg .b32 %r<8>;
+.reg .f32 %f<4>;
+.shared .align 16 .b8 buf[16384];
+mov.u32 %r1, %tid.x; mul.lo.u32 %r2, %r1, {}; mov.u32 %r3, buf; add.u32 %r2, %r2, %r3;
+mov.f32 %f0, 0f3F800000; mov.f32 %f1, 0f3F800000; mov.f32 %f2, 0f3F800000; mov.f32 %f3, 0f3F800000;
+st.shared{vec} [%r2], {};
+ret;
+}}
+",
+            stride * 4,
+            if bytes == 16 {
+                "{%f0, %f1, %f2, %f3}"
+            } else if bytes == 8 {
+                "{%f0, %f1}"
+            } else {
+                "%f0"
+            }
+        )
+    };
+    let conflicts = |stride: u32, vec: &str, bytes: u32| {
+        let m = sim.load_module(&src(stride, vec, bytes)).unwrap();
+        sim.launch(
+            &m,
+            "k",
+            &Launch {
+                grid: (1, 1, 1),
+                block: (32, 1, 1),
+                params: vec![Param::U64(0)],
+                ..Launch::default()
+            },
+        )
+        .unwrap()
+        .shared_bank_conflicts
+    };
+    assert_eq!(conflicts(1, ".f32", 4), 0);
+    assert_eq!(conflicts(2, ".f32", 4), 1);
+    assert_eq!(conflicts(32, ".f32", 4), 31);
+    assert_eq!(conflicts(33, ".f32", 4), 0);
+    // 8-byte accesses: two phases of 16 lanes, conflict-free when contiguous.
+    assert_eq!(conflicts(2, ".v2.f32", 8), 0);
+    assert_eq!(conflicts(4, ".v2.f32", 8), 2);
+    // 16-byte accesses: four phases of 8 lanes.
+    assert_eq!(conflicts(4, ".v4.f32", 16), 0);
+    assert_eq!(conflicts(8, ".v4.f32", 16), 4);
+}
+
+/// `cp.async.wait_group 1` completes all but the newest group: the newest group's bytes are
+/// still outstanding.
+#[test]
+fn cp_async_wait_group_keeps_the_newest_groups_pending() {
+    let sim = sim();
+    let a = upload_f32(&sim, &[2.0; 256]);
+    let src = |read_second: bool| {
+        format!(
+            "{HEADER}.visible .entry k(.param .u64 pa)
+{{
+.reg .b32 %r<8>;
+.reg .b64 %rd<4>;
+.reg .f32 %f<4>;
+.shared .align 16 .b8 buf[1024];
+ld.param.u64 %rd0, [pa];
+mov.u32 %r1, %tid.x; shl.b32 %r2, %r1, 4; mov.u32 %r3, buf; add.u32 %r2, %r2, %r3;
+mul.wide.u32 %rd1, %r1, 16; add.u64 %rd1, %rd1, %rd0;
+cp.async.ca.shared.global [%r2], [%rd1], 16;
+cp.async.commit_group;
+cp.async.ca.shared.global [%r2+512], [%rd1+512], 16, 8;
+cp.async.commit_group;
+cp.async.wait_group 1;
+ld.shared.f32 %f0, [%r2{}];
+ret;
+}}
+",
+            if read_second { "+512" } else { "" }
+        )
+    };
+    let go = |s: String| {
+        let m = sim.load_module(&s).unwrap();
+        sim.launch(
+            &m,
+            "k",
+            &Launch {
+                grid: (1, 1, 1),
+                block: (32, 1, 1),
+                params: vec![Param::U64(a)],
+                ..Launch::default()
+            },
+        )
+    };
+    let c = go(src(false)).expect("the first group is complete");
+    assert_eq!(c.cp_async_bytes, 32 * 32);
+    let e = go(src(true)).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::SharedRace, "{e}");
+    assert_eq!(e.site.unwrap().line, 18);
+}

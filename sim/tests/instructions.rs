@@ -707,3 +707,193 @@ mov.b64 %rd10, {%f10, %f13};",
         assert_eq!(got[l], want, "lane {l}");
     }
 }
+
+#[test]
+fn byte_and_bit_field_operations() {
+    let x = ints(14);
+    check(
+        "prmt.b32 %r10, %r2, %r3, %r4;\ncvt.u64.u32 %rd10, %r10;",
+        &x,
+        |a, b, c| {
+            let v = a as u64 | (b as u64) << 32;
+            let mut o = 0u32;
+            for i in 0..4 {
+                let n = (c >> (4 * i)) & 0xf;
+                let byte = ((v >> (8 * (n & 7))) & 0xff) as u32;
+                let byte = if n & 8 != 0 {
+                    if byte & 0x80 != 0 { 0xff } else { 0 }
+                } else {
+                    byte
+                };
+                o |= byte << (8 * i);
+            }
+            u(o)
+        },
+    );
+    // Field positions and lengths from b and c (low bytes), including past the msb.
+    let field = |a: u32, pos: u32, len: u32, signed: bool| -> u32 {
+        if len == 0 {
+            return 0;
+        }
+        let sbit = signed && (a >> (pos + len - 1).min(31)) & 1 != 0;
+        (0..32).fold(0, |o, i| {
+            let bit = if i < len && pos + i < 32 {
+                (a >> (pos + i)) & 1 != 0
+            } else {
+                sbit
+            };
+            o | (bit as u32) << i
+        })
+    };
+    check(
+        "bfe.u32 %r10, %r2, %r3, %r4;\ncvt.u64.u32 %rd10, %r10;",
+        &x,
+        move |a, b, c| u(field(a, b & 0xff, c & 0xff, false)),
+    );
+    check(
+        "and.b32 %r5, %r3, 31; and.b32 %r6, %r4, 15;\nbfe.s32 %r10, %r2, %r5, %r6;\ncvt.u64.u32 %rd10, %r10;",
+        &x,
+        move |a, b, c| u(field(a, b & 31, c & 15, true)),
+    );
+    check(
+        "and.b32 %r5, %r4, 31;\nbfi.b32 %r10, %r2, %r3, %r5, 9;\ncvt.u64.u32 %rd10, %r10;",
+        &x,
+        |a, b, c| {
+            let pos = c & 31;
+            let mut o = b;
+            for i in 0..9 {
+                if pos + i < 32 {
+                    o = (o & !(1 << (pos + i))) | (((a >> i) & 1) << (pos + i));
+                }
+            }
+            u(o)
+        },
+    );
+}
+
+#[test]
+fn votes() {
+    let x = ints(15);
+    let p: Vec<bool> = x.iter().map(|v| v[0] & 4 != 0).collect();
+    let ballot = p
+        .iter()
+        .enumerate()
+        .fold(0u32, |m, (l, b)| m | (*b as u32) << l);
+    let setp = "and.b32 %r5, %r2, 4; setp.ne.u32 %p1, %r5, 0;\n";
+    check(
+        &format!("{setp}vote.sync.ballot.b32 %r10, %p1, -1;\ncvt.u64.u32 %rd10, %r10;"),
+        &x,
+        |_, _, _| u(ballot),
+    );
+    check(
+        &format!("{setp}vote.sync.ballot.b32 %r10, !%p1, -1;\ncvt.u64.u32 %rd10, %r10;"),
+        &x,
+        |_, _, _| u(!ballot),
+    );
+    check(
+        &format!("{setp}vote.sync.any.pred %p2, %p1, -1;\nselp.u64 %rd10, 1, 0, %p2;"),
+        &x,
+        |_, _, _| (ballot != 0) as u64,
+    );
+    check(
+        &format!("{setp}vote.sync.all.pred %p2, %p1, -1;\nselp.u64 %rd10, 1, 0, %p2;"),
+        &x,
+        |_, _, _| (ballot == u32::MAX) as u64,
+    );
+    check(
+        "setp.ne.u32 %p1, %r1, 99;\nvote.sync.uni.pred %p2, %p1, -1;\nselp.u64 %rd10, 1, 0, %p2;",
+        &x,
+        |_, _, _| 1,
+    );
+}
+
+#[test]
+fn elect_and_activemask() {
+    let x = ints(16);
+    let got = run(
+        "elect.sync %r10|%p1, -1;\nselp.u32 %r11, 1, 0, %p1;\nmov.b64 %rd10, {%r10, %r11};",
+        &x,
+    );
+    for l in 0..32 {
+        assert_eq!(got[l], ((l == 0) as u64) << 32, "lane {l}");
+    }
+    // Only odd lanes take part: lane 1 is elected, the active mask is 0xaaaaaaaa.
+    let got = run(
+        "mov.u64 %rd10, 0;\nand.b32 %r5, %r1, 1; setp.eq.u32 %p2, %r5, 1;\n@!%p2 bra SKIP;\nelect.sync %r10|%p1, 0xaaaaaaaa;\nactivemask.b32 %r11;\nselp.u32 %r12, 1, 0, %p1; add.u32 %r11, %r11, %r12;\nmov.b64 %rd10, {%r10, %r11};\nSKIP:",
+        &x,
+    );
+    for l in 0..32 {
+        let want = if l % 2 == 1 {
+            1 | ((0xaaaa_aaaau64 + (l == 1) as u64) << 32)
+        } else {
+            0
+        };
+        assert_eq!(got[l], want, "lane {l}");
+    }
+}
+
+/// The device handles cross threads.
+#[test]
+fn sim_and_module_are_send_and_sync() {
+    fn check<T: Send + Sync + Clone>() {}
+    check::<lathe_sim::Sim>();
+    check::<lathe_sim::Module>();
+}
+
+#[test]
+fn half_precision_arithmetic() {
+    let mut r = Rng::new(17);
+    let mut x = [[0u32; 3]; 32];
+    for v in x.iter_mut() {
+        for k in v.iter_mut() {
+            let h = |r: &mut Rng| f16::from_f32(r.f32() * 4.0).to_bits() as u32;
+            *k = h(&mut r) | h(&mut r) << 16;
+        }
+    }
+    let h = |w: u32, hi: bool| f16::from_bits((if hi { w >> 16 } else { w }) as u16).to_f64();
+    let to = |v: f64| f16::from_f64(v).to_bits() as u64;
+    check(
+        "add.f16x2 %r10, %r2, %r3;\ncvt.u64.u32 %rd10, %r10;",
+        &x,
+        |a, b, _| to(h(a, false) + h(b, false)) | to(h(a, true) + h(b, true)) << 16,
+    );
+    check(
+        "fma.rn.f16x2 %r10, %r2, %r3, %r4;\ncvt.u64.u32 %rd10, %r10;",
+        &x,
+        |a, b, c| {
+            to(h(a, false) * h(b, false) + h(c, false))
+                | to(h(a, true) * h(b, true) + h(c, true)) << 16
+        },
+    );
+    check(
+        "mov.b32 {%h0, %h1}, %r2; mov.b32 {%h2, %h3}, %r3; mul.rn.f16 %h4, %h0, %h2;\ncvt.u64.u16 %rd10, %h4;",
+        &x,
+        |a, b, _| to(h(a, false) * h(b, false)),
+    );
+    check(
+        "max.f16x2 %r10, %r2, %r3;\ncvt.u64.u32 %rd10, %r10;",
+        &x,
+        |a, b, _| to(h(a, false).max(h(b, false))) | to(h(a, true).max(h(b, true))) << 16,
+    );
+    check(
+        "neg.f16x2 %r10, %r2;\ncvt.u64.u32 %rd10, %r10;",
+        &x,
+        |a, _, _| u(a ^ 0x8000_8000),
+    );
+    // bf16: the same pairs read as bf16.
+    let g = |w: u32, hi: bool| bf16::from_bits((if hi { w >> 16 } else { w }) as u16).to_f64();
+    let tb = |v: f64| bf16::from_f64(v).to_bits() as u64;
+    check(
+        "sub.rn.bf16x2 %r10, %r2, %r3;\ncvt.u64.u32 %rd10, %r10;",
+        &x,
+        |a, b, _| tb(g(a, false) - g(b, false)) | tb(g(a, true) - g(b, true)) << 16,
+    );
+    check(
+        "fma.rn.bf16x2 %r10, %r2, %r3, %r4;\ncvt.u64.u32 %rd10, %r10;",
+        &x,
+        |a, b, c| {
+            tb(g(a, false) * g(b, false) + g(c, false))
+                | tb(g(a, true) * g(b, true) + g(c, true)) << 16
+        },
+    );
+}

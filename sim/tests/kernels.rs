@@ -94,7 +94,7 @@ fn self_measure_speed() {
     }
 }
 
-fn scale(sim: &Sim, n: usize) -> (lathe_sim::Counters, f64) {
+fn scale(sim: &Sim, n: usize) -> (lathe_sim::Counters, f64, Option<f64>) {
     let m = sim
         .load_module(include_str!("data/elementwise.ptx"))
         .expect("load");
@@ -102,9 +102,8 @@ fn scale(sim: &Sim, n: usize) -> (lathe_sim::Counters, f64) {
     let x: Vec<f32> = (0..n).map(|_| rng.f32()).collect();
     let px = upload_f32(sim, &x);
     let py = poisoned(sim, n);
-    let t = Instant::now();
-    let c = sim
-        .launch(
+    let (c, secs, cpu) = timed(|| {
+        sim.launch(
             &m,
             "lathe_scale_f32",
             &Launch {
@@ -119,18 +118,31 @@ fn scale(sim: &Sim, n: usize) -> (lathe_sim::Counters, f64) {
                 ..Launch::default()
             },
         )
-        .expect("launch");
-    let secs = t.elapsed().as_secs_f64();
+    });
+    let c = c.expect("launch");
     let y = download_f32(sim, py, n);
     for i in 0..n {
         assert_eq!(y[i].to_bits(), (-1.5 * x[i]).to_bits(), "element {i}");
     }
-    (c, secs)
+    (c, secs, cpu)
+}
+
+/// "wall s (on-CPU s): rate" for a speed line.
+fn rate(lanes: u64, wall: f64, cpu: Option<f64>) -> String {
+    let r = |s: f64| lanes as f64 / s / 1e6;
+    match cpu {
+        Some(c) => format!(
+            "{wall:.3} s wall, {c:.3} s on a CPU: {:.1} M lane-instr/s per busy core ({:.1} by the wall clock)",
+            r(c),
+            r(wall)
+        ),
+        None => format!("{wall:.3} s: {:.1} M lane-instr/s", r(wall)),
+    }
 }
 
 #[test]
 fn elementwise_scale_matches_with_tail() {
-    let (c, _) = scale(&sim(), 100_003);
+    let (c, _, _) = scale(&sim(), 100_003);
     // The vector loop moves 16 bytes per lane: 4 sectors per 8 lanes, perfectly coalesced.
     assert_eq!(c.global_load_bytes, 100_003 * 4);
     assert_eq!(c.global_store_bytes, 100_003 * 4);
@@ -140,12 +152,11 @@ fn elementwise_scale_matches_with_tail() {
 #[test]
 fn self_measure_speed_elementwise() {
     let sim = sim();
-    let (c, secs) = scale(&sim, 1 << 21);
+    let (c, secs, cpu) = scale(&sim, 1 << 22);
     println!(
-        "scale_f32 over 2M elements, one host thread: {:.3} s, {} lane instructions, {:.1} M lane-instr/s",
-        secs,
+        "scale_f32 over 4M elements, one host thread, {} lane instructions: {}",
         c.lane_instructions,
-        c.lane_instructions as f64 / secs / 1e6
+        rate(c.lane_instructions, secs, cpu)
     );
 }
 
@@ -186,4 +197,57 @@ fn reductions_two_passes() {
     launch("lathe_max_abs_f32", partial, blocks as u64, out, 1);
     let want = x.iter().fold(0f32, |m, v| m.max(v.abs()));
     assert_eq!(download_f32(&sim, out, 1)[0], want);
+}
+
+/// One 512^3 launch alone (no reference product), for profiling the interpreter.
+#[test]
+fn gemm_launch_only() {
+    let sim = sim();
+    let m = sim
+        .load_module(include_str!("data/gemm_v2_nn_bf16.ptx"))
+        .expect("load");
+    let n = 512u32;
+    let elems = (n * n) as usize;
+    let mut rng = Rng::new(9);
+    let data: Vec<u16> = (0..elems)
+        .map(|_| bf16::from_f32(rng.f32()).to_bits())
+        .collect();
+    let pa = upload_u16(&sim, &data);
+    let pc = upload_u16(&sim, &vec![0x7fc0; elems]);
+    let (c, secs, cpu) = timed(|| {
+        sim.launch(
+            &m,
+            "lathe_gemm_v2_nn_bf16_bf16",
+            &Launch {
+                grid: ((n / 128) * (n / 128), 1, 1),
+                block: (256, 1, 1),
+                shared_bytes: 65536,
+                params: vec![
+                    Param::U64(pa),
+                    Param::U64(pa),
+                    Param::U64(pc),
+                    Param::U64(pc),
+                    Param::U32(n),
+                    Param::U32(n),
+                    Param::U32(n),
+                    Param::U32(n),
+                    Param::U32(n),
+                    Param::U32(n),
+                    Param::F32(1.0),
+                    Param::F32(0.0),
+                    Param::U32(0),
+                ],
+                regions: vec![],
+            },
+        )
+    });
+    let c = c.expect("launch");
+    println!(
+        "gemm_v2 bf16 512^3 launch, one host thread, {} warp instructions, {} lane instructions: {}",
+        c.warp_instructions.total(),
+        c.lane_instructions,
+        rate(c.lane_instructions, secs, cpu)
+    );
+    assert_eq!(c.shared_bank_conflicts, 0);
+    assert_eq!(c.tensor_flops, 2 * 512 * 512 * 512);
 }

@@ -244,6 +244,28 @@ ret;"
     run(&sim, &wait(32), 32, b, b, 0, vec![]).expect("every thread arrives");
 }
 
+/// A consumer warp polling `mbarrier.test_wait` lets the producer warp run: warp 1 releases
+/// the barrier, so it runs on into its polling loop before warp 0 has arrived.
+#[test]
+fn test_wait_polling_yields_to_other_warps() {
+    let sim = sim();
+    let b = poisoned(&sim, 64);
+    let body = "mov.u32 %r2, sm;
+setp.eq.u32 %p0, %r1, 0;
+@%p0 mbarrier.init.shared::cta.b64 [%r2], 32;
+bar.sync 0;
+setp.lt.u32 %p0, %r1, 32;
+@%p0 bra PRODUCER;
+W:
+mbarrier.test_wait.parity.shared::cta.b64 %p1, [%r2], 0;
+@!%p1 bra W;
+ret;
+PRODUCER:
+mbarrier.arrive.shared::cta.b64 _, [%r2];
+ret;";
+    run(&sim, body, 64, b, b, 0, vec![]).expect("the poll ends once warp 0 arrives");
+}
+
 #[test]
 fn endless_loop_and_trap_are_trap_errors() {
     let sim = Sim::new(SimConfig {
@@ -354,4 +376,73 @@ fn bad_launches() {
         ErrorKind::BadLaunch
     );
     sim.launch(&m, "k", &l((32, 1, 1), p)).expect("good launch");
+}
+
+/// Truncated and corrupted PTX never panics the loader: every variant loads or is an error.
+#[test]
+fn mangled_ptx_is_an_error_not_a_panic() {
+    let sim = sim();
+    let src = include_str!("data/reduce.ptx");
+    let mut rng = Rng::new(99);
+    let bytes = src.as_bytes();
+    for cut in (0..bytes.len()).step_by(97) {
+        let _ = sim.load_module(&String::from_utf8_lossy(&bytes[..cut]));
+    }
+    let junk = b"{}[]()<>;,.%@!|+-0x0f0d_:9 ";
+    for _ in 0..2000 {
+        let mut b = bytes.to_vec();
+        for _ in 0..4 {
+            let i = (rng.u32() as usize) % b.len();
+            b[i] = junk[(rng.u32() as usize) % junk.len()];
+        }
+        if let Ok(m) = sim.load_module(&String::from_utf8_lossy(&b)) {
+            // Whatever still decodes must launch or fail cleanly.
+            for e in m.entries() {
+                let x = upload_f32(&sim, &[1.0; 64]);
+                let out = poisoned(&sim, 64);
+                let _ = sim.launch(
+                    &m,
+                    e,
+                    &Launch {
+                        grid: (2, 1, 1),
+                        block: (64, 1, 1),
+                        params: vec![Param::U64(x), Param::U64(64), Param::U64(out)],
+                        ..Launch::default()
+                    },
+                );
+            }
+        }
+    }
+    // The device still works.
+    let a = upload_f32(&sim, &[1.5; 16]);
+    let b = poisoned(&sim, 32);
+    run(&sim, COPY_GUARDED, 32, a, b, 16, vec![]).expect("a good launch after all that");
+}
+
+/// Two threads read a word, then one of them writes it with no barrier: the write races with
+/// the other thread's read even though the writer read last.
+#[test]
+fn write_after_two_readers_races() {
+    let sim = sim();
+    let b = poisoned(&sim, 64);
+    let body = |sync: &str| {
+        format!(
+            "mov.u32 %r5, sm; setp.eq.u32 %p1, %r1, 0;
+@%p1 st.shared.u32 [%r5], 7;
+bar.sync 0;
+setp.eq.u32 %p2, %r1, 33;
+setp.eq.u32 %p3, %r1, 32;
+or.pred %p2, %p2, %p3;
+@%p2 ld.shared.u32 %r6, [%r5];
+{sync}
+setp.eq.u32 %p4, %r1, 33;
+@%p4 st.shared.u32 [%r5], %r1;
+ret;"
+        )
+    };
+    let e = run(&sim, &body(""), 64, b, b, 0, vec![]).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::SharedRace, "{e}");
+    assert_eq!(site(&e), (BODY_LINE + 9, (33, 0, 0), Some(0)));
+    assert!(e.message.contains("thread 32"), "{e}");
+    run(&sim, &body("bar.sync 0;"), 64, b, b, 0, vec![]).expect("ordered");
 }

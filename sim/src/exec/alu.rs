@@ -53,8 +53,8 @@ pub(crate) fn sx(x: u64, bits: u32) -> i64 {
 pub(crate) fn int_op(op: IntOp, bits: u8, signed: bool, a: &Lanes, b: &Lanes) -> Lanes {
     let w = bits as u32;
     let m = mask_of(w);
-    let min_s = -(1i64 << (w - 1)) as i128;
-    let max_s = ((1i64 << (w - 1)) - 1) as i128;
+    let min_s = -(1i128 << (w - 1));
+    let max_s = (1i128 << (w - 1)) - 1;
     match op {
         IntOp::Add => map2(a, b, |x, y| x.wrapping_add(y) & m),
         IntOp::Sub => map2(a, b, |x, y| x.wrapping_sub(y) & m),

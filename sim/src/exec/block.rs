@@ -33,7 +33,7 @@ pub(crate) struct PendingCopy {
 }
 
 pub(crate) struct Warp {
-    pub(crate) regs: Vec<u64>,
+    pub(crate) regs: Vec<Lanes>,
     pc: [u32; 32],
     uniform: bool,
     upc: u32,
@@ -115,29 +115,23 @@ impl Warp {
     }
 
     #[inline]
-    pub(crate) fn lanes(&self, s: Slot) -> &[u64] {
-        let i = s as usize * 32;
-        &self.regs[i..i + 32]
+    pub(crate) fn lanes(&self, s: Slot) -> &Lanes {
+        &self.regs[s as usize]
     }
 
     #[inline]
     pub(crate) fn get(&self, s: Src) -> Lanes {
         match s {
-            Src::Reg(r) => {
-                let mut o = [0u64; 32];
-                o.copy_from_slice(self.lanes(r));
-                o
-            }
+            Src::Reg(r) => self.regs[r as usize],
             Src::Imm(v) => [v; 32],
         }
     }
 
     #[inline]
     pub(crate) fn put(&mut self, d: Slot, v: &Lanes, mask: u32) {
-        let i = d as usize * 32;
-        let dst = &mut self.regs[i..i + 32];
+        let dst = &mut self.regs[d as usize];
         if mask == u32::MAX {
-            dst.copy_from_slice(v);
+            *dst = *v;
         } else {
             let mut m = mask;
             while m != 0 {
@@ -168,6 +162,9 @@ pub(crate) enum Flow {
     NextWait,
     /// Not done; the warp waits and runs the instruction again later.
     Retry,
+    /// Done; the warp stays ready but lets the other warps run first (a failed `test_wait`
+    /// polled in a loop).
+    Yield,
 }
 
 pub(crate) struct Block<'a> {
@@ -200,7 +197,7 @@ impl<'a> Block<'a> {
         for w in 0..nwarps {
             let n = (l.nthreads - w as u32 * 32).min(32);
             let exists = if n == 32 { u32::MAX } else { (1u32 << n) - 1 };
-            let mut regs = vec![0u64; k.nslots as usize * 32];
+            let mut regs = vec![[0u64; 32]; k.nslots as usize];
             for &(s, sp) in &k.specials {
                 for lane in 0..32u32 {
                     let t = w as u32 * 32 + lane;
@@ -226,7 +223,7 @@ impl<'a> Block<'a> {
                         Special::LaneMaskGt => (u32::MAX as u64) & !((2u64 << lane) - 1),
                         Special::LaneMaskGe => (u32::MAX as u64) & !((1u64 << lane) - 1),
                     };
-                    regs[s as usize * 32 + lane as usize] = v;
+                    regs[s as usize][lane as usize] = v;
                 }
             }
             warps.push(Warp {
@@ -401,6 +398,10 @@ impl<'a> Block<'a> {
                     }
                 }
                 Flow::Retry => return Ok(()),
+                Flow::Yield => {
+                    w.finish(g, pc, 0, 0);
+                    return Ok(());
+                }
             }
         }
     }
@@ -426,12 +427,20 @@ impl<'a> Block<'a> {
     /// After a warp exits: a barrier its threads can no longer reach is an error.
     fn after_exit(&mut self, wi: usize) -> Result<(), SimError> {
         for (id, b) in self.bars.iter().enumerate() {
-            if b.arrived > 0 && b.expected == self.l.nthreads {
+            // Threads that can still arrive: those of live warps not already counted.
+            let could: u32 = self
+                .warps
+                .iter()
+                .enumerate()
+                .filter(|(i, w)| w.state != WState::Done && !b.counted(*i))
+                .map(|(_, w)| w.exists.count_ones())
+                .sum();
+            if b.arrived > 0 && b.arrived + could < b.expected {
                 return Err(self.fault(
                     wi,
                     0,
                     ErrorKind::Barrier,
-                    format!("warp {wi} exited while other warps wait at block-wide barrier {id}, which can now never complete"),
+                    format!("warp {wi} exited while other warps wait at barrier {id}, which can now never complete"),
                     None,
                 ));
             }

@@ -7,10 +7,25 @@ use super::cvt;
 use crate::error::{ErrorKind, SimError};
 use crate::ir::*;
 
+/// A source operand's lanes by reference: a register's own lanes (no copy), or an immediate
+/// splatted into the caller's deferred-initialised temporary `$t`.
+macro_rules! sref {
+    ($w:expr, $s:expr, $t:ident) => {
+        match $s {
+            Src::Reg(r) => $w.lanes(r),
+            Src::Imm(v) => {
+                $t = [v; 32];
+                &$t
+            }
+        }
+    };
+}
+
 impl<'a> Block<'a> {
     /// Executes one instruction for the lanes in `exec`.
     pub(crate) fn exec(&mut self, wi: usize, op: &Op, exec: u32) -> Result<Flow, SimError> {
         let w = &mut self.warps[wi];
+        let (ta, tb, tc): (alu::Lanes, alu::Lanes, alu::Lanes);
         match op {
             Op::Int {
                 op,
@@ -20,11 +35,11 @@ impl<'a> Block<'a> {
                 a,
                 b,
             } => {
-                let r = alu::int_op(*op, *bits, *signed, &w.get(*a), &w.get(*b));
+                let r = alu::int_op(*op, *bits, *signed, sref!(w, *a, ta), sref!(w, *b, tb));
                 w.put(*d, &r, exec);
             }
             Op::IntUn { op, bits, d, a } => {
-                let r = alu::int_un(*op, *bits, &w.get(*a));
+                let r = alu::int_un(*op, *bits, sref!(w, *a, ta));
                 w.put(*d, &r, exec);
             }
             Op::MulWide {
@@ -34,7 +49,7 @@ impl<'a> Block<'a> {
                 a,
                 b,
             } => {
-                let r = alu::mul_wide(*signed, *bits, &w.get(*a), &w.get(*b));
+                let r = alu::mul_wide(*signed, *bits, sref!(w, *a, ta), sref!(w, *b, tb));
                 w.put(*d, &r, exec);
             }
             Op::Mad {
@@ -52,9 +67,9 @@ impl<'a> Block<'a> {
                     *wide,
                     *signed,
                     *bits,
-                    &w.get(*a),
-                    &w.get(*b),
-                    &w.get(*c),
+                    sref!(w, *a, ta),
+                    sref!(w, *b, tb),
+                    sref!(w, *c, tc),
                 );
                 w.put(*d, &r, exec);
             }
@@ -76,7 +91,7 @@ impl<'a> Block<'a> {
                 a,
                 b,
             } => {
-                let r = alu::fbin(*op, *ty, *ftz, *sat, &w.get(*a), &w.get(*b));
+                let r = alu::fbin(*op, *ty, *ftz, *sat, sref!(w, *a, ta), sref!(w, *b, tb));
                 w.put(*d, &r, exec);
             }
             Op::Fma {
@@ -88,11 +103,18 @@ impl<'a> Block<'a> {
                 b,
                 c,
             } => {
-                let r = alu::fma(*ty, *ftz, *sat, &w.get(*a), &w.get(*b), &w.get(*c));
+                let r = alu::fma(
+                    *ty,
+                    *ftz,
+                    *sat,
+                    sref!(w, *a, ta),
+                    sref!(w, *b, tb),
+                    sref!(w, *c, tc),
+                );
                 w.put(*d, &r, exec);
             }
             Op::FUn { op, ty, ftz, d, a } => {
-                let r = alu::fun(*op, *ty, *ftz, &w.get(*a));
+                let r = alu::fun(*op, *ty, *ftz, sref!(w, *a, ta));
                 w.put(*d, &r, exec);
             }
             Op::Setp {
@@ -105,7 +127,7 @@ impl<'a> Block<'a> {
                 b,
                 comb,
             } => {
-                let r = alu::setp(*cmp, *ty, *ftz, &w.get(*a), &w.get(*b));
+                let r = alu::setp(*cmp, *ty, *ftz, sref!(w, *a, ta), sref!(w, *b, tb));
                 let (r, r2) = match comb {
                     None => (r, alu::map1(&r, |x| x ^ 1)),
                     Some((op, c, neg)) => {
@@ -132,18 +154,23 @@ impl<'a> Block<'a> {
                 }
             }
             Op::Selp { d, a, b, c } => {
-                let r = alu::map3(&w.get(*a), &w.get(*b), &w.get(Src::Reg(*c)), |x, y, p| {
-                    if p & 1 != 0 { x } else { y }
-                });
+                let r = alu::map3(
+                    sref!(w, *a, ta),
+                    sref!(w, *b, tb),
+                    &w.get(Src::Reg(*c)),
+                    |x, y, p| {
+                        if p & 1 != 0 { x } else { y }
+                    },
+                );
                 w.put(*d, &r, exec);
             }
             Op::Testp { p, ty, d, a } => {
-                let r = alu::testp(*p, *ty, &w.get(*a));
+                let r = alu::testp(*p, *ty, sref!(w, *a, ta));
                 w.put(*d, &r, exec);
             }
             Op::Mov { d, a } => {
                 let m = alu::mask_of(self.l.k.slot_bits[*d as usize] as u32);
-                let r = alu::map1(&w.get(*a), |x| x & m);
+                let r = alu::map1(sref!(w, *a, ta), |x| x & m);
                 w.put(*d, &r, exec);
             }
             Op::Pack { d, parts, part } => {
@@ -177,7 +204,7 @@ impl<'a> Block<'a> {
                 d,
                 a,
             } => {
-                let r = cvt::cvt(*dty, *sty, *rnd, *int_rnd, *sat, *ftz, &w.get(*a));
+                let r = cvt::cvt(*dty, *sty, *rnd, *int_rnd, *sat, *ftz, sref!(w, *a, ta));
                 // Signed results sign-extend into a wider register.
                 let db = self.l.k.slot_bits[*d as usize] as u32;
                 let r = if matches!(dty, Ty::S(_)) && db > dty.bits() {
@@ -195,7 +222,7 @@ impl<'a> Block<'a> {
                 a,
                 b,
             } => {
-                let r = cvt::cvt_pack(*bf16, *relu, &w.get(*a), &w.get(*b));
+                let r = cvt::cvt_pack(*bf16, *relu, sref!(w, *a, ta), sref!(w, *b, tb));
                 w.put(*d, &r, exec);
             }
             Op::Cvta {
@@ -241,6 +268,109 @@ impl<'a> Block<'a> {
             | Op::Mbar { .. }
             | Op::Setmaxnreg { .. } => return self.sync_op(wi, op, exec),
             Op::Atom { .. } => return self.atomic(wi, op, exec),
+            Op::Prmt { d, a, b, c } => {
+                let (x, y) = (w.get(*a), w.get(*b));
+                let lo = alu::map2(&x, &y, |p, q| (p & 0xffff_ffff) | (q << 32));
+                let r = alu::map2(&lo, sref!(w, *c, tc), |v, s| {
+                    let mut o = 0u64;
+                    for i in 0..4 {
+                        let n = (s >> (4 * i)) & 0xf;
+                        let byte = (v >> (8 * (n & 7))) & 0xff;
+                        let byte = if n & 8 != 0 {
+                            if byte & 0x80 != 0 { 0xff } else { 0 }
+                        } else {
+                            byte
+                        };
+                        o |= byte << (8 * i);
+                    }
+                    o
+                });
+                w.put(*d, &r, exec);
+            }
+            Op::Bfe {
+                signed,
+                bits,
+                d,
+                a,
+                b,
+                c,
+            } => {
+                let w_ = *bits as u64;
+                let sg = *signed;
+                let pl = alu::map2(sref!(w, *b, tb), sref!(w, *c, tc), |p, l| {
+                    (p & 0xff) | (l & 0xff) << 8
+                });
+                let r = alu::map2(sref!(w, *a, ta), &pl, |x, pl| {
+                    let (pos, len) = (pl & 0xff, pl >> 8);
+                    if len == 0 {
+                        return 0;
+                    }
+                    let sbit = sg && (x >> (pos + len - 1).min(w_ - 1)) & 1 != 0;
+                    let mut o = 0u64;
+                    for i in 0..w_ {
+                        let bit = if i < len && pos + i < w_ {
+                            (x >> (pos + i)) & 1 != 0
+                        } else {
+                            sbit
+                        };
+                        o |= u64::from(bit) << i;
+                    }
+                    o
+                });
+                w.put(*d, &r, exec);
+            }
+            Op::Bfi {
+                bits,
+                d,
+                a,
+                b,
+                c,
+                e,
+            } => {
+                let w_ = *bits as u64;
+                let pl = alu::map2(sref!(w, *c, tc), &w.get(*e), |p, l| {
+                    (p & 0xff) | (l & 0xff) << 8
+                });
+                let ab = alu::map2(sref!(w, *a, ta), sref!(w, *b, tb), |x, y| x ^ y);
+                let bv = w.get(*b);
+                let r = alu::map3(&ab, &bv, &pl, |xy, y, pl| {
+                    let x = xy ^ y;
+                    let (pos, len) = (pl & 0xff, pl >> 8);
+                    let mut o = y;
+                    for i in 0..len {
+                        if pos + i < w_ {
+                            o = (o & !(1 << (pos + i))) | (((x >> i) & 1) << (pos + i));
+                        }
+                    }
+                    o
+                });
+                w.put(*d, &r, exec);
+            }
+            Op::Vote { .. } | Op::Elect { .. } => return self.sync_op(wi, op, exec),
+            Op::Half {
+                op,
+                bf16,
+                x2,
+                ftz,
+                sat,
+                d,
+                a,
+                b,
+                c,
+            } => {
+                let r = super::half::half(
+                    *op,
+                    *bf16,
+                    *x2,
+                    *ftz,
+                    *sat,
+                    sref!(w, *a, ta),
+                    sref!(w, *b, tb),
+                    sref!(w, *c, tc),
+                );
+                w.put(*d, &r, exec);
+            }
+            Op::Activemask { d } => w.put(*d, &[exec as u64; 32], exec),
             Op::WgmmaFence
             | Op::WgmmaCommit
             | Op::WgmmaWait { .. }

@@ -39,7 +39,10 @@ impl<'a> Block<'a> {
             }
             Op::Wgmma { .. } => self.wgmma(wi, op),
             Op::TmaLoad { .. } => self.tma(wi, op, exec),
-            _ => Ok(Flow::Next),
+            _ => Err(SimError::new(
+                ErrorKind::Unsupported,
+                format!("internal: {op:?} reached the wrong executor"),
+            )),
         }
     }
 
@@ -203,8 +206,7 @@ impl<'a> Block<'a> {
         for t in 0..128usize {
             let w = &mut self.warps[4 * g + t / 32];
             for (i, s) in d.iter().enumerate() {
-                let k = *s as usize * 32 + t % 32;
-                w.regs[k] = regs[t * per + i].to_bits() as u64;
+                w.regs[*s as usize][t % 32] = regs[t * per + i].to_bits() as u64;
             }
         }
         for &x in &ws {
@@ -256,7 +258,7 @@ impl<'a> Block<'a> {
                 blob.copy_from_slice(&p[o..o + 128]);
             } else {
                 for i in 0..8u64 {
-                    let (al, off) = self.locate(wi, l, a + 16 * i, 16, false)?;
+                    let (al, off) = self.locate(wi, l, a.wrapping_add(16 * i), 16, false)?;
                     let mut v = [0u32; 4];
                     if !al.load(off, 16, &mut v) {
                         return Err(self.fault(

@@ -125,7 +125,7 @@ impl<'a> Block<'a> {
         if !self.l.regions.is_empty() {
             // A buffer may be passed twice (read-only and writable, e.g. in place): a store
             // is allowed when any region holding it is writable.
-            let holds = |r: &&crate::Region| a >= r.addr && a + len as u64 <= r.addr + r.bytes;
+            let holds = |r: &&crate::Region| a >= r.addr && a + len as u64 <= r.addr.saturating_add(r.bytes);
             let mut inside = self.l.regions.iter().filter(holds);
             let r = if write {
                 let first = inside.clone().next();
@@ -170,9 +170,40 @@ impl<'a> Block<'a> {
     ) -> R<()> {
         let mut sectors = [0u64; 32];
         let mut ns = 0;
+        // Fast path: every lane aligned and inside one allocation (and one region): the
+        // checks run once per warp instruction instead of once per lane.
+        let (mut lo, mut hi, mut or) = (u64::MAX, 0u64, 0u64);
+        let mut contiguous = exec == u32::MAX;
         for l in lanes(exec) {
             let a = addrs[l as usize];
-            let (al, off) = self.locate(wi, l, a, len, write)?;
+            lo = lo.min(a);
+            hi = hi.max(a);
+            or |= a;
+            contiguous &= a == addrs[0].wrapping_add(l as u64 * len as u64);
+        }
+        let end = hi.saturating_add(len as u64);
+        let whole: Option<&'a crate::memory::Allocation> = if or & (len as u64 - 1) == 0 {
+            let mem: &'a crate::memory::Snapshot = &self.l.mem;
+            mem.find(lo)
+                .map(|a| &**a)
+                .filter(|al| end <= al.base + al.len)
+                .filter(|_| {
+                    self.l.regions.is_empty()
+                        || self.l.regions.iter().any(|r| {
+                            lo >= r.addr
+                                && end <= r.addr.saturating_add(r.bytes)
+                                && (r.writable || !write)
+                        })
+                })
+        } else {
+            None
+        };
+        for l in lanes(exec) {
+            let a = addrs[l as usize];
+            let (al, off) = match whole {
+                Some(al) => (al, a - al.base),
+                None => self.locate(wi, l, a, len, write)?,
+            };
             let d = &mut data[l as usize];
             if write {
                 let mut v = [0u32; 4];
@@ -198,14 +229,19 @@ impl<'a> Block<'a> {
             sectors[ns] = a >> 5;
             ns += 1;
         }
-        let s = &mut sectors[..ns];
-        s.sort_unstable();
-        let mut distinct = 0u64;
-        for i in 0..s.len() {
-            if i == 0 || s[i] != s[i - 1] {
-                distinct += 1;
+        let distinct = if contiguous {
+            ((end - 1) >> 5) - (lo >> 5) + 1
+        } else {
+            let s = &mut sectors[..ns];
+            s.sort_unstable();
+            let mut distinct = 0u64;
+            for i in 0..s.len() {
+                if i == 0 || s[i] != s[i - 1] {
+                    distinct += 1;
+                }
             }
-        }
+            distinct
+        };
         let bytes = ns as u64 * len as u64;
         if write {
             self.c.global_store_requests += 1;
@@ -220,7 +256,9 @@ impl<'a> Block<'a> {
     }
 
     /// Checks a shared access of `len` bytes per lane at shared offsets `offs` (bounds,
-    /// alignment, uninitialised reads, races, pending `cp.async`) and records it.
+    /// alignment, uninitialised reads, races, pending `cp.async`) and records it. `data`: a
+    /// store's bytes, so that stores leaving memory unchanged are exempt from race checks.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn shared_check(
         &mut self,
         wi: usize,
@@ -229,9 +267,12 @@ impl<'a> Block<'a> {
         len: u32,
         align: u32,
         write: bool,
+        data: Option<&Bytes>,
     ) -> R<()> {
         let size = self.smem.len() as u64;
         let what = if write { "store" } else { "load" };
+        // Lanes whose store leaves written bytes unchanged (no one can observe it).
+        let mut silent = 0u32;
         for l in lanes(exec) {
             let a = offs[l as usize];
             if a.checked_add(len as u64).is_none_or(|e| e > size) {
@@ -253,6 +294,14 @@ impl<'a> Block<'a> {
                     ),
                     Some(a),
                 ));
+            }
+            let unchanged = |d: &Bytes| {
+                self.smem
+                    .unchanged(a as usize, &d[l as usize][..len as usize])
+            };
+            if data.is_some_and(unchanged) {
+                silent |= 1 << l;
+                continue;
             }
             let tid = (wi * 32 + l as usize) as u16;
             if let Some((h, b)) =
@@ -290,10 +339,15 @@ impl<'a> Block<'a> {
             }
         }
         let epoch = self.clocks.own(wi);
-        for l in lanes(exec) {
+        for l in lanes(exec & !silent) {
             let tid = (wi * 32 + l as usize) as u16;
-            self.smem
-                .record(offs[l as usize] as usize, len as usize, tid, epoch, write);
+            let off = offs[l as usize] as usize;
+            if write {
+                self.smem.record(off, len as usize, tid, epoch, true);
+            } else {
+                self.smem
+                    .record_read(&self.clocks, off, len as usize, tid, wi);
+            }
         }
         if write {
             self.c.shared_store_requests += 1;
@@ -376,7 +430,7 @@ impl<'a> Block<'a> {
             self.global(wi, g, &addrs, len, write, &mut data)?;
         }
         if s != 0 {
-            self.shared_check(wi, s, &addrs, len, len, write)?;
+            self.shared_check(wi, s, &addrs, len, len, write, write.then_some(&data))?;
             let sm = &mut self.smem.data;
             for l in lanes(s) {
                 let a = addrs[l as usize] as usize;
@@ -438,7 +492,6 @@ impl<'a> Block<'a> {
                 // Source bytes actually read per lane (the rest of the copy is zero filled).
                 let mut data: Bytes = [[0u8; 16]; 32];
                 let mut rmask = 0u32;
-                let mut rlen = size;
                 for l in lanes(exec) {
                     let n = ss.map_or(size as u64, |v| v[l as usize] & 0xffff_ffff);
                     if n > size as u64 {
@@ -450,14 +503,11 @@ impl<'a> Block<'a> {
                             None,
                         ));
                     }
+                    // Partial sources are read byte by byte below.
                     if n == size as u64 {
                         rmask |= 1 << l;
-                    } else if n > 0 {
-                        // Partial sources are read byte by byte below.
-                        rlen = rlen.min(n as u32);
                     }
                 }
-                let _ = rlen;
                 if rmask != 0 {
                     self.global(wi, rmask, &sa, size, false, &mut data)?;
                 }
@@ -466,7 +516,7 @@ impl<'a> Block<'a> {
                     for i in 0..n {
                         let mut one: Bytes = [[0u8; 16]; 32];
                         let mut a1 = [0u64; 32];
-                        a1[l as usize] = sa[l as usize] + i as u64;
+                        a1[l as usize] = sa[l as usize].wrapping_add(i as u64);
                         self.global(wi, 1 << l, &a1, 1, false, &mut one)?;
                         data[l as usize][i as usize] = one[l as usize][0];
                     }
@@ -521,7 +571,15 @@ impl<'a> Block<'a> {
                     self.smem.set_pending(c.dst as usize, c.len as usize, false);
                     let mut offs = [0u64; 32];
                     offs[c.lane as usize] = c.dst as u64;
-                    self.shared_check(wi, 1 << c.lane, &offs, c.len as u32, c.len as u32, true)?;
+                    self.shared_check(
+                        wi,
+                        1 << c.lane,
+                        &offs,
+                        c.len as u32,
+                        c.len as u32,
+                        true,
+                        None,
+                    )?;
                     self.c.shared_store_requests -= 1;
                     let d = c.dst as usize;
                     self.smem.data[d..d + c.len as usize]
@@ -541,7 +599,7 @@ impl<'a> Block<'a> {
                     (1u32 << rows) - 1
                 };
                 let offs = self.addrs(wi, addr);
-                self.shared_check(wi, rmask, &offs, 16, 16, false)?;
+                self.shared_check(wi, rmask, &offs, 16, 16, false, None)?;
                 let sm = &self.smem.data;
                 // m[j][r][c]: matrix j, row r, column c (b16 elements).
                 let mut m = [[[0u16; 8]; 8]; 4];

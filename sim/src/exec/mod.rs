@@ -11,6 +11,7 @@ mod atomic;
 mod block;
 mod cvt;
 mod dispatch;
+mod half;
 mod hopper;
 mod hopper_hooks;
 mod launch;

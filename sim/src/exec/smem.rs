@@ -3,12 +3,13 @@
 //!
 //! Ordering: each warp has a clock; a barrier (or an mbarrier arrive/wait pair) merges the
 //! views of the warps it synchronises, as vector clocks do. Every shared byte remembers its
-//! last write and last read (thread and the writer's clock then). An access by thread `t` of
-//! warp `w` conflicts with a recorded access by another thread `u` when `u`'s clock at that
-//! access is not below what `w` knows of `u`'s warp, i.e. no barrier chain orders them. Two
-//! lanes of one warp instruction never conflict (checks run before any lane records). Only the
-//! last reader of a byte is remembered, so a race between a write and an earlier one of several
-//! readers can go unseen; the ones reported are always real.
+//! last write and up to two concurrent reads (thread, and that thread's clock then). An access
+//! by thread `t` of warp `w` conflicts with a recorded access by another thread `u` when `u`'s
+//! clock at that access is not below what `w` knows of `u`'s warp, i.e. no barrier chain
+//! orders them. Two lanes of one warp instruction never conflict (checks run before any lane
+//! records). A race between a write and a third concurrent reader can go unseen; the races
+//! reported are always real. A store that leaves already written bytes as they are cannot be
+//! observed and takes part in no race (many threads setting the same flag).
 
 /// The thread id recorded for bytes written by the async proxy (TMA).
 pub(crate) const ASYNC_TID: u16 = 0xffff;
@@ -102,6 +103,13 @@ impl Clocks {
     }
 }
 
+/// Whether every record of a (non-empty) run is the same; branch-free so it vectorises.
+#[inline(always)]
+fn same(r: &[u64]) -> bool {
+    let f = r[0];
+    r.iter().fold(0u64, |a, &x| a | (x ^ f)) == 0
+}
+
 /// What is wrong with a shared access.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Hazard {
@@ -119,6 +127,9 @@ pub(crate) struct Smem {
     pub(crate) data: Vec<u8>,
     wr: Vec<u64>,
     rd: Vec<u64>,
+    /// An earlier reader concurrent with the one in `rd` (so that a writer that is itself the
+    /// latest reader still meets the other one).
+    rd2: Vec<u64>,
     pending: Vec<u8>,
     pub(crate) npending: usize,
 }
@@ -129,6 +140,7 @@ impl Smem {
             data: vec![0; bytes],
             wr: vec![0; bytes],
             rd: vec![0; bytes],
+            rd2: vec![0; bytes],
             pending: Vec::new(),
             npending: 0,
         }
@@ -150,45 +162,54 @@ impl Smem {
         w: usize,
         write: bool,
     ) -> Option<(Hazard, usize)> {
-        // Consecutive bytes usually share one record: check each distinct record once.
-        let (mut last_w, mut last_r) = (u64::MAX, u64::MAX);
-        for b in off..off + len {
-            if self.npending > 0 && self.pending[b] > 0 {
+        if self.npending > 0 {
+            let p = &self.pending[off..off + len];
+            if p.iter().fold(0u8, |a, &x| a | x) != 0 {
+                let b = off + p.iter().position(|&x| x > 0).unwrap_or(0);
                 return Some((Hazard::Pending, b));
             }
-            let r = self.wr[b];
-            if r != last_w {
-                last_w = r;
-                if r == 0 {
-                    if !write {
-                        return Some((Hazard::Uninit, b));
-                    }
-                } else {
-                    let (t, e) = (r as u16, (r >> 16) as u32);
-                    if !cl.ordered(t, e, tid, w) {
-                        return Some((
-                            Hazard::Race {
-                                tid: t,
-                                write: true,
-                            },
-                            b,
-                        ));
-                    }
+        }
+        let one = |r: u64, b: usize, is_write_rec: bool| -> Option<(Hazard, usize)> {
+            if r == 0 {
+                return (is_write_rec && !write).then_some((Hazard::Uninit, b));
+            }
+            let (t, e) = (r as u16, (r >> 16) as u32);
+            (!cl.ordered(t, e, tid, w)).then_some((
+                Hazard::Race {
+                    tid: t,
+                    write: is_write_rec,
+                },
+                b,
+            ))
+        };
+        // Usually every byte of an access has the same record: check it once.
+        let wr = &self.wr[off..off + len];
+        if same(wr) {
+            if let Some(h) = one(wr[0], off, true) {
+                return Some(h);
+            }
+        } else {
+            for (i, &r) in wr.iter().enumerate() {
+                if let Some(h) = one(r, off + i, true) {
+                    return Some(h);
                 }
             }
-            if write {
-                let r = self.rd[b];
-                if r != 0 && r != last_r {
-                    last_r = r;
-                    let (t, e) = (r as u16, (r >> 16) as u32);
-                    if !cl.ordered(t, e, tid, w) {
-                        return Some((
-                            Hazard::Race {
-                                tid: t,
-                                write: false,
-                            },
-                            b,
-                        ));
+        }
+        if write {
+            for readers in [&self.rd, &self.rd2] {
+                let rd = &readers[off..off + len];
+                if same(rd) {
+                    let h = Some(rd[0])
+                        .filter(|&r| r != 0)
+                        .and_then(|r| one(r, off, false));
+                    if h.is_some() {
+                        return h;
+                    }
+                } else {
+                    for (i, &r) in rd.iter().enumerate().filter(|x| *x.1 != 0) {
+                        if let Some(h) = one(r, off + i, false) {
+                            return Some(h);
+                        }
                     }
                 }
             }
@@ -196,12 +217,49 @@ impl Smem {
         None
     }
 
-    /// Records an access (after every lane of the instruction was checked).
+    /// Whether storing `bytes` at `off` would leave written memory as it is.
+    pub(crate) fn unchanged(&self, off: usize, bytes: &[u8]) -> bool {
+        let n = bytes.len();
+        self.wr[off..off + n].iter().all(|&r| r != 0)
+            && self.data[off..off + n] == *bytes
+            && (self.npending == 0 || self.pending[off..off + n].iter().all(|&p| p == 0))
+    }
+
+    /// Records a read by thread `tid` of warp `w` (after every lane was checked): a previous
+    /// reader that is another thread and not ordered before this one moves to `rd2`.
+    #[inline]
+    pub(crate) fn record_read(&mut self, cl: &Clocks, off: usize, len: usize, tid: u16, w: usize) {
+        let v = PRESENT | ((cl.own(w) as u64) << 16) | tid as u64;
+        let mut last = (0u64, false);
+        for b in off..off + len {
+            let r = self.rd[b];
+            if r != 0 && r != v && r as u16 != tid {
+                let concurrent = if r == last.0 {
+                    last.1
+                } else {
+                    let c = !cl.ordered(r as u16, (r >> 16) as u32, tid, w);
+                    last = (r, c);
+                    c
+                };
+                if concurrent {
+                    self.rd2[b] = r;
+                }
+            }
+            self.rd[b] = v;
+        }
+    }
+
+    /// Records a write (after every lane of the instruction was checked).
     #[inline]
     pub(crate) fn record(&mut self, off: usize, len: usize, tid: u16, epoch: u32, write: bool) {
         let v = PRESENT | ((epoch as u64) << 16) | tid as u64;
         let t = if write { &mut self.wr } else { &mut self.rd };
-        t[off..off + len].fill(v);
+        match len {
+            4 => t[off..off + 4].fill(v),
+            8 => t[off..off + 8].fill(v),
+            16 => t[off..off + 16].fill(v),
+            _ => t[off..off + len].fill(v),
+        }
     }
 
     /// Marks bytes as the destination of an outstanding `cp.async` (or unmarks them).
@@ -235,33 +293,58 @@ pub(crate) fn bank_conflicts(exec: u32, offs: &[u64; 32], len: u32) -> u64 {
     };
     let mut extra = 0u64;
     for p in 0..(32 / per) {
-        // Aligned accesses of at most 16 bytes: at most 32 words per phase.
-        let mut words = [0u64; 64];
-        let mut n = 0;
-        for (l, &a) in offs.iter().enumerate().take((p + 1) * per).skip(p * per) {
+        // Fast path: no bank holds two different words (the usual conflict-free access).
+        let mut seen = 0u32;
+        let mut word = [0u64; 32];
+        let mut clash = false;
+        let mut any = false;
+        'lanes: for (l, &a) in offs.iter().enumerate().take((p + 1) * per).skip(p * per) {
             if exec >> l & 1 == 0 {
                 continue;
             }
+            any = true;
             for wd in (a >> 2)..=((a + len.max(1) as u64 - 1) >> 2) {
-                if n < words.len() {
-                    words[n] = wd;
-                    n += 1;
+                let b = (wd % 32) as usize;
+                if seen >> b & 1 == 0 {
+                    seen |= 1 << b;
+                    word[b] = wd;
+                } else if word[b] != wd {
+                    clash = true;
+                    break 'lanes;
                 }
             }
         }
-        if n == 0 {
+        if !any || !clash {
             continue;
         }
-        let words = &mut words[..n];
-        words.sort_unstable();
-        let mut per_bank = [0u32; 32];
-        for i in 0..n {
-            if i == 0 || words[i] != words[i - 1] {
-                per_bank[(words[i] % 32) as usize] += 1;
-            }
-        }
-        let wave = per_bank.iter().copied().max().unwrap_or(1) as u64;
-        extra += wave.saturating_sub(1);
+        extra += phase_conflicts(exec, offs, len, p * per, (p + 1) * per);
     }
     extra
+}
+
+/// Extra wavefronts of one phase (lanes `lo..hi`) with at least one conflict.
+fn phase_conflicts(exec: u32, offs: &[u64; 32], len: u32, lo: usize, hi: usize) -> u64 {
+    // Aligned accesses of at most 16 bytes: at most 32 words per phase.
+    let mut words = [0u64; 64];
+    let mut n = 0;
+    for (l, &a) in offs.iter().enumerate().take(hi).skip(lo) {
+        if exec >> l & 1 == 0 {
+            continue;
+        }
+        for wd in (a >> 2)..=((a + len.max(1) as u64 - 1) >> 2) {
+            if n < words.len() {
+                words[n] = wd;
+                n += 1;
+            }
+        }
+    }
+    let words = &mut words[..n];
+    words.sort_unstable();
+    let mut per_bank = [0u32; 32];
+    for i in 0..n {
+        if i == 0 || words[i] != words[i - 1] {
+            per_bank[(words[i] % 32) as usize] += 1;
+        }
+    }
+    (per_bank.iter().copied().max().unwrap_or(1) as u64).saturating_sub(1)
 }

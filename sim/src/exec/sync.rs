@@ -17,6 +17,13 @@ pub(crate) struct BarState {
     arrivers: Vec<usize>,
 }
 
+impl BarState {
+    /// Whether warp `w` already arrived in the barrier's current phase.
+    pub(crate) fn counted(&self, w: usize) -> bool {
+        self.waiting.contains(&w) || self.arrivers.contains(&w)
+    }
+}
+
 /// An mbarrier object in shared memory.
 pub(crate) struct Mbar {
     expected: u32,
@@ -132,6 +139,61 @@ impl<'a> Block<'a> {
                 }
                 Ok(Flow::Next)
             }
+            Op::Elect { d, p, mask } => {
+                let m = self.warps[wi].get(*mask)[first(exec) as usize] as u32;
+                if exec & !m != 0 || m & !exec != 0 {
+                    return Err(self.fault(
+                        wi,
+                        first(exec),
+                        ErrorKind::Barrier,
+                        format!(
+                            "elect.sync with member mask {m:#010x} executed by lanes {exec:#010x}"
+                        ),
+                        None,
+                    ));
+                }
+                let leader = first(exec) as u64;
+                let w = &mut self.warps[wi];
+                if let Some(d) = d {
+                    w.put(*d, &[leader; 32], exec);
+                }
+                if let Some(p) = p {
+                    let mut v = [0u64; 32];
+                    v[leader as usize] = 1;
+                    w.put(*p, &v, exec);
+                }
+                Ok(Flow::Next)
+            }
+            Op::Vote {
+                mode,
+                d,
+                a,
+                neg,
+                mask,
+            } => {
+                let w = &self.warps[wi];
+                let m = w.get(*mask)[first(exec) as usize] as u32;
+                if exec & !m != 0 || m & !exec != 0 {
+                    return Err(self.fault(
+                        wi,
+                        first(exec),
+                        ErrorKind::Barrier,
+                        format!(
+                            "vote.sync with member mask {m:#010x} executed by lanes {exec:#010x}"
+                        ),
+                        None,
+                    ));
+                }
+                let p = (w.pred_mask(*a) ^ if *neg { u32::MAX } else { 0 }) & exec;
+                let v = match mode {
+                    VoteMode::All => u64::from(p == exec),
+                    VoteMode::Any => u64::from(p != 0),
+                    VoteMode::Uni => u64::from(p == exec || p == 0),
+                    VoteMode::Ballot => p as u64,
+                };
+                self.warps[wi].put(*d, &[v; 32], exec);
+                Ok(Flow::Next)
+            }
             Op::Mma {
                 k,
                 bf16,
@@ -171,7 +233,10 @@ impl<'a> Block<'a> {
                 }
                 Ok(Flow::Next)
             }
-            _ => Ok(Flow::Next),
+            _ => Err(SimError::new(
+                ErrorKind::Unsupported,
+                format!("internal: {op:?} reached the wrong executor"),
+            )),
         }
     }
 
@@ -250,50 +315,28 @@ impl<'a> Block<'a> {
         c: &[Src; 4],
     ) {
         let w = &self.warps[wi];
-        // bf16 widens by a shift; f16 through half. Both are exact in f64.
-        let cvt = |x: u64| -> f64 {
-            if bf {
-                f32::from_bits((x as u32 & 0xffff) << 16) as f64
-            } else {
-                f16::from_bits(x as u16).to_f64()
-            }
-        };
         // A: 16 x k (row-major fragments), B: k x 8, C/D: 16 x 8.
         let mut am = [[0f64; 16]; 16];
         let mut bm = [[0f64; 8]; 16];
         let mut dm = [[0f64; 8]; 16];
-        for lane in 0..32 {
-            let (g, t) = (lane / 4, lane % 4);
-            for (r, s) in a.iter().enumerate() {
-                let v = w.lanes(*s)[lane];
-                let row = g + 8 * (r % 2);
-                let col = 2 * t + 8 * (r / 2);
-                am[row][col] = cvt(v);
-                am[row][col + 1] = cvt(v >> 16);
-            }
-            for (r, s) in b.iter().enumerate() {
-                let v = w.lanes(*s)[lane];
-                let kk = 2 * t + 8 * r;
-                bm[kk][g] = cvt(v);
-                bm[kk + 1][g] = cvt(v >> 16);
-            }
-            for (i, s) in c.iter().enumerate() {
-                let v = match s {
-                    Src::Reg(r) => w.lanes(*r)[lane],
-                    Src::Imm(x) => *x,
-                };
-                dm[g + 8 * (i / 2)][2 * t + (i % 2)] = f32::from_bits(v as u32) as f64;
+        if bf {
+            gather::<true>(w, a, b, &mut am, &mut bm);
+        } else {
+            gather::<false>(w, a, b, &mut am, &mut bm);
+        }
+        for (i, s) in c.iter().enumerate() {
+            let v = w.get(*s);
+            for (lane, x) in v.iter().enumerate() {
+                let (g, t) = (lane / 4, lane % 4);
+                dm[g + 8 * (i / 2)][2 * t + (i % 2)] = f32::from_bits(*x as u32) as f64;
             }
         }
         // Products of f16/bf16 values are exact in f64 and the k-term sum rounds far below
         // f32 precision; one final rounding to f32.
-        for (row, arow) in dm.iter_mut().zip(am.iter()) {
-            for (kk, brow) in bm.iter().enumerate().take(k) {
-                let x = arow[kk];
-                for j in 0..8 {
-                    row[j] += x * brow[j];
-                }
-            }
+        if k == 16 {
+            product::<16>(&am, &bm, &mut dm);
+        } else {
+            product::<8>(&am, &bm, &mut dm);
         }
         let mut out = [[0u64; 32]; 4];
         for lane in 0..32 {
@@ -315,7 +358,7 @@ impl<'a> Block<'a> {
         } else {
             a
         };
-        if a % 8 != 0 || a + 8 > self.smem.len() as u64 {
+        if !a.is_multiple_of(8) || a.saturating_add(8) > self.smem.len() as u64 {
             return Err(self.fault(
                 wi,
                 l,
@@ -461,7 +504,66 @@ impl<'a> Block<'a> {
         if let Some(d) = d {
             self.warps[wi].put(d, &result, exec);
         }
+        if op == MbarOp::TestWaitParity && !all_ok {
+            return Ok(Flow::Yield);
+        }
         Ok(Flow::Next)
+    }
+}
+
+/// A 16-bit float (bf16 when `BF`, else f16) widened exactly to f64.
+#[inline(always)]
+fn widen<const BF: bool>(x: u64) -> f64 {
+    if BF {
+        f32::from_bits((x as u32 & 0xffff) << 16) as f64
+    } else {
+        f16::from_bits(x as u16).to_f64()
+    }
+}
+
+/// The A and B fragments of a warp as matrices (A row-major 16 x k, B k x 8).
+#[inline(always)]
+fn gather<const BF: bool>(
+    w: &super::block::Warp,
+    a: &[Slot],
+    b: &[Slot],
+    am: &mut [[f64; 16]; 16],
+    bm: &mut [[f64; 8]; 16],
+) {
+    for (r, s) in a.iter().enumerate() {
+        let rv = w.lanes(*s);
+        for (lane, &v) in rv.iter().enumerate().take(32) {
+            let (g, t) = (lane / 4, lane % 4);
+            let row = g + 8 * (r % 2);
+            let col = 2 * t + 8 * (r / 2);
+            am[row][col] = widen::<BF>(v);
+            am[row][col + 1] = widen::<BF>(v >> 16);
+        }
+    }
+    for (r, s) in b.iter().enumerate() {
+        let rv = w.lanes(*s);
+        for (lane, &v) in rv.iter().enumerate().take(32) {
+            let (g, t) = (lane / 4, lane % 4);
+            let kk = 2 * t + 8 * r;
+            bm[kk][g] = widen::<BF>(v);
+            bm[kk + 1][g] = widen::<BF>(v >> 16);
+        }
+    }
+}
+
+/// `d += a[.., ..K] * b[..K, ..]` with each row's 8 sums held in registers.
+#[inline(always)]
+fn product<const K: usize>(a: &[[f64; 16]; 16], b: &[[f64; 8]; 16], d: &mut [[f64; 8]; 16]) {
+    for (row, arow) in d.iter_mut().zip(a.iter()) {
+        let mut acc = *row;
+        for kk in 0..K {
+            let x = arow[kk];
+            let brow = &b[kk];
+            for j in 0..8 {
+                acc[j] += x * brow[j];
+            }
+        }
+        *row = acc;
     }
 }
 

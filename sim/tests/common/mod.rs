@@ -83,3 +83,27 @@ pub fn download_u16(sim: &Sim, a: u64, n: usize) -> Vec<u16> {
         .map(|c| u16::from_le_bytes([c[0], c[1]]))
         .collect()
 }
+
+/// Nanoseconds this thread has run on a CPU (Linux `schedstat`), so that speed figures on a
+/// shared machine leave out time spent waiting for a core. `None` elsewhere.
+pub fn thread_cpu_ns() -> Option<u64> {
+    std::fs::read_to_string("/proc/thread-self/schedstat")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// Runs `f` and returns its result with (wall seconds, on-CPU seconds of this thread).
+pub fn timed<R>(f: impl FnOnce() -> R) -> (R, f64, Option<f64>) {
+    let c0 = thread_cpu_ns();
+    let t = std::time::Instant::now();
+    let r = f();
+    let wall = t.elapsed().as_secs_f64();
+    let cpu = match (c0, thread_cpu_ns()) {
+        (Some(a), Some(b)) => Some((b - a) as f64 * 1e-9),
+        _ => None,
+    };
+    (r, wall, cpu)
+}
