@@ -306,6 +306,9 @@ pub(crate) fn decode_sync(ctx: &mut Ctx, ins: &Instr, base: &str, mods: &[&str])
                 return Err(bad(ins));
             }
             nops(ins, 0)?;
+            if mods.contains(&"proxy") && mods.contains(&"async") {
+                return Ok((Op::FenceProxyAsync, false));
+            }
             Ok((Op::Fence, false))
         }
         "wgmma" => crate::decode_hopper::wgmma(ctx, ins, mods),

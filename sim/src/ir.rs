@@ -539,6 +539,9 @@ pub(crate) enum Op {
     },
     /// Fences that have no effect in the simulator's memory model.
     Fence,
+    /// `fence.proxy.async`: the thread's earlier generic shared-memory stores become visible
+    /// to the async proxy (wgmma operand reads, TMA).
+    FenceProxyAsync,
     WgmmaFence,
     WgmmaCommit,
     WgmmaWait {
@@ -790,6 +793,7 @@ impl Op {
             | Op::CpAsyncCommit
             | Op::CpAsyncWait { .. }
             | Op::Fence
+            | Op::FenceProxyAsync
             | Op::WgmmaFence
             | Op::WgmmaCommit
             | Op::WgmmaWait { .. }

@@ -209,3 +209,30 @@ fn tma_through_a_corrupted_tensor_map_is_an_error() {
     assert_eq!(e.kind, ErrorKind::TensorMap, "{e}");
     assert!(e.site.is_some(), "the error names where: {e}");
 }
+
+#[test]
+fn wgmma_reading_ordinary_stores_without_a_proxy_fence_is_an_error() {
+    // wg_swz128 with its `fence.proxy.async` removed: the H100 may read stale shared memory
+    // through the async proxy; the simulator refuses the launch.
+    let ptx = include_str!("probes/wgmma.ptx");
+    assert!(ptx.contains("fence.proxy.async.shared::cta;"));
+    let unfenced = ptx.replace("\tfence.proxy.async.shared::cta;\n", "");
+    let sim = Sim::new(SimConfig::default());
+    let m = sim.load_module(&unfenced).expect("load");
+    let x = inputs(99);
+    let (pa, pb, pd) = (upload(&sim, &x.a), upload(&sim, &x.b), poisoned_d(&sim));
+    let e = sim
+        .launch(
+            &m,
+            "wg_swz128",
+            &Launch {
+                grid: (1, 1, 1),
+                block: (128, 1, 1),
+                params: vec![Param::U64(pa), Param::U64(pb), Param::U64(pd)],
+                ..Launch::default()
+            },
+        )
+        .expect_err("no fence.proxy.async: must not launch cleanly");
+    assert_eq!(e.kind, ErrorKind::AsyncProxy, "{e}");
+    assert!(e.to_string().contains("fence.proxy.async"), "{e}");
+}

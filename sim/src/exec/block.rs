@@ -180,6 +180,8 @@ pub(crate) struct Block<'a> {
     pub(crate) c: Counters,
     pub(crate) cur_pc: u32,
     pub(crate) exited_threads: u32,
+    /// `fence.proxy.async` executed per warp (see `Smem::generic`).
+    pub(crate) proxy_fences: Vec<u32>,
     executed: u64,
 }
 
@@ -254,6 +256,7 @@ impl<'a> Block<'a> {
             c: Counters::default(),
             cur_pc: 0,
             exited_threads: 0,
+            proxy_fences: vec![0; nwarps],
             executed: 0,
         }
     }

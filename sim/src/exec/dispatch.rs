@@ -4,6 +4,7 @@
 use super::alu;
 use super::block::{Block, Flow};
 use super::cvt;
+use super::smem::GENERIC_COUNT;
 use crate::error::{ErrorKind, SimError};
 use crate::ir::*;
 
@@ -256,6 +257,9 @@ impl<'a> Block<'a> {
                 ));
             }
             Op::Fence => {}
+            Op::FenceProxyAsync => {
+                self.proxy_fences[wi] = self.proxy_fences[wi].wrapping_add(1) & GENERIC_COUNT;
+            }
             Op::Ld { .. } | Op::St { .. } => return self.ld_st(wi, op, exec),
             Op::CpAsync { .. }
             | Op::CpAsyncCommit

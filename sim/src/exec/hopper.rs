@@ -155,7 +155,7 @@ impl<'a> Block<'a> {
         let me = (4 * g * 32) as u16;
         let size = self.smem.len();
         let r = {
-            let (smem, clocks) = (&self.smem, &self.clocks);
+            let (smem, clocks, fences) = (&self.smem, &self.clocks, &self.proxy_fences);
             let mut fail: Option<(ErrorKind, String, u64)> = None;
             let mut load = |addr: u32| -> R<[u8; 16]> {
                 let a = addr as usize;
@@ -191,6 +191,17 @@ impl<'a> Block<'a> {
                     };
                     fail = Some((kind, msg, b as u64));
                     return Err(SimError::new(kind, "wgmma operand"));
+                }
+                if let Some((b, w)) = smem.unfenced(a, 16, fences) {
+                    fail = Some((
+                        ErrorKind::AsyncProxy,
+                        format!(
+                            "wgmma reads shared byte {b:#x}, stored by warp {w} with an ordinary \
+                             store and no fence.proxy.async since: the async proxy may not see it"
+                        ),
+                        b as u64,
+                    ));
+                    return Err(SimError::new(ErrorKind::AsyncProxy, "wgmma operand"));
                 }
                 let mut c = [0u8; 16];
                 c.copy_from_slice(&smem.data[a..a + 16]);
@@ -311,6 +322,7 @@ impl<'a> Block<'a> {
             self.smem.data[o..o + n].copy_from_slice(&bytes);
             let epoch = self.clocks.async_clock;
             self.smem.record(o, n, ASYNC_TID, epoch, true);
+            self.smem.mark_generic(o, n, None, 0);
             self.c.tma_bytes += n as u64;
             let mb = ba[li];
             let mb = if mb.wrapping_sub(super::SHARED_WINDOW) < super::WINDOW_BYTES {

@@ -125,7 +125,9 @@ impl<'a> Block<'a> {
         if !self.l.regions.is_empty() {
             // A buffer may be passed twice (read-only and writable, e.g. in place): a store
             // is allowed when any region holding it is writable.
-            let holds = |r: &&crate::Region| a >= r.addr && a + len as u64 <= r.addr.saturating_add(r.bytes);
+            let holds = |r: &&crate::Region| {
+                a >= r.addr && a + len as u64 <= r.addr.saturating_add(r.bytes)
+            };
             let mut inside = self.l.regions.iter().filter(holds);
             let r = if write {
                 let first = inside.clone().next();
@@ -344,6 +346,8 @@ impl<'a> Block<'a> {
             let off = offs[l as usize] as usize;
             if write {
                 self.smem.record(off, len as usize, tid, epoch, true);
+                let fences = self.proxy_fences[wi];
+                self.smem.mark_generic(off, len as usize, Some(wi), fences);
             } else {
                 self.smem
                     .record_read(&self.clocks, off, len as usize, tid, wi);

@@ -14,6 +14,9 @@
 /// The thread id recorded for bytes written by the async proxy (TMA).
 pub(crate) const ASYNC_TID: u16 = 0xffff;
 
+/// The low bits of a generic-store mark: the writing warp's `fence.proxy.async` count (wraps).
+pub(crate) const GENERIC_COUNT: u32 = 0x00ff_ffff;
+
 const PRESENT: u64 = 1 << 63;
 
 pub(crate) struct Clocks {
@@ -132,6 +135,11 @@ pub(crate) struct Smem {
     rd2: Vec<u64>,
     pending: Vec<u8>,
     pub(crate) npending: usize,
+    /// Per byte, the last generic (ordinary `st.shared`) store not yet made visible to the
+    /// async proxy: `(warp + 1) << 24 | that warp's fence.proxy.async count at the store`, or 0
+    /// (never stored generically, or last written by the async proxy). wgmma operand reads
+    /// require the writer's count to have moved on since: a `fence.proxy.async` after the store.
+    generic: Vec<u32>,
 }
 
 impl Smem {
@@ -143,6 +151,7 @@ impl Smem {
             rd2: vec![0; bytes],
             pending: Vec::new(),
             npending: 0,
+            generic: vec![0; bytes],
         }
     }
 
@@ -260,6 +269,33 @@ impl Smem {
             16 => t[off..off + 16].fill(v),
             _ => t[off..off + len].fill(v),
         }
+    }
+
+    /// Marks `[off, off + len)` as stored generically by warp `w` after its `fences`-th
+    /// `fence.proxy.async` (or as written by the async proxy, with `w == None`).
+    pub(crate) fn mark_generic(&mut self, off: usize, len: usize, w: Option<usize>, fences: u32) {
+        let v = w.map_or(0, |w| ((w as u32 + 1) << 24) | (fences & GENERIC_COUNT));
+        self.generic[off..off + len].fill(v);
+    }
+
+    /// The first byte of `[off, off + len)` stored generically and not fenced for the async
+    /// proxy since, with the warp that stored it.
+    pub(crate) fn unfenced(
+        &self,
+        off: usize,
+        len: usize,
+        fences: &[u32],
+    ) -> Option<(usize, usize)> {
+        for b in off..off + len {
+            let g = self.generic[b];
+            if g != 0 {
+                let w = (g >> 24) as usize - 1;
+                if fences.get(w).copied() == Some(g & GENERIC_COUNT) {
+                    return Some((b, w));
+                }
+            }
+        }
+        None
     }
 
     /// Marks bytes as the destination of an outstanding `cp.async` (or unmarks them).
