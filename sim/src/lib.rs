@@ -7,6 +7,9 @@
 //! - [`Counters`]: what one launch did (instructions by class, memory sectors, bank conflicts,
 //!   tensor-core FLOPs). There is no timing model.
 //! - [`tensor_map`]: Lathe's own 128-byte tensor-map encoding for TMA on the simulator.
+//! - [`hopper`]: the sm_90a pieces as functions: TMA box copies with swizzle and out-of-bounds
+//!   fill, wgmma shared-memory descriptors and operand addressing (every swizzle mode, both
+//!   operand majors), the m64nNk16 product and its register layouts.
 //!
 //! How it works:
 //! - `load_module` parses and decodes once: registers become slots, immediates are converted to
@@ -23,7 +26,9 @@
 //!   kernel races across blocks. A launch snapshots the allocation table once.
 //! - The sanitizer checks every access (bounds of allocation and launch regions, alignment,
 //!   read-only regions, never-written bytes, shared-memory races through vector clocks over
-//!   barriers and mbarriers, outstanding `cp.async` and TMA bytes), `.sync`/`.aligned`
+//!   barriers and mbarriers, outstanding `cp.async` and TMA bytes, ordinary stores read by
+//!   wgmma without a `fence.proxy.async` after them, wgmma accumulators touched before their
+//!   `wgmma.wait_group`), `.sync`/`.aligned`
 //!   instructions reached by part of a warp, barriers that can never complete, deadlocks and
 //!   an instruction budget. Findings are errors with a [`Site`]; the device stays usable.
 //! - Integer division by zero gives all ones (quotient) and the dividend (remainder), as the
