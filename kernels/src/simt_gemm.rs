@@ -105,12 +105,12 @@ fn setup(a: &mut Asm, o: &Operand, size: usize) {
     emit!(a, "mov.u32 %sh, s_{x};");
     for q in 0..4u32 {
         if o.k_contig {
-            a.l("shr.u32 %outer, %tid, 4;");
+            a.l("shr.u32 %outer, %thr, 4;");
             emit!(a, "add.u32 %outer, %outer, {};", 16 * q);
-            emit!(a, "and.b32 %kk{x}{q}, %tid, 15;");
+            emit!(a, "and.b32 %kk{x}{q}, %thr, 15;");
         } else {
-            a.l("and.b32 %outer, %tid, 63;");
-            emit!(a, "shr.u32 %kk{x}{q}, %tid, 6;");
+            a.l("and.b32 %outer, %thr, 63;");
+            emit!(a, "shr.u32 %kk{x}{q}, %thr, 6;");
             emit!(a, "add.u32 %kk{x}{q}, %kk{x}{q}, {};", 4 * q);
         }
         emit!(a, "add.u32 %row, {}, %outer;", o.origin);
@@ -181,7 +181,7 @@ fn kernel(s: &Spec) -> String {
     emit!(a, ".shared .align 16 .f32 s_b[{}];", BK * PITCH);
     a.l(".reg .b64 %pa, %pb, %pc, %pbias, %t64, %u64, %xa<4>, %xb<4>, %stepa, %stepb;");
     a.l(".reg .b64 %crow<4>, %ccol<4>;");
-    a.l(".reg .b32 %m, %n, %k, %lda, %ldb, %ldc, %flags, %tid, %tx, %ty, %bm0, %bn0, %k0;");
+    a.l(".reg .b32 %m, %n, %k, %lda, %ldb, %ldc, %flags, %thr, %tx, %ty, %bm0, %bn0, %k0;");
     a.l(".reg .b32 %row, %outer, %sh, %wd, %rda, %rdb, %kka<4>, %kkb<4>, %sta<4>, %stb<4>;");
     a.l(".reg .f32 %alpha, %beta, %va<4>, %vb<4>, %fa<4>, %fb<4>, %acc<16>, %w, %g;");
     a.l(".reg .b16 %h;");
@@ -203,9 +203,9 @@ fn kernel(s: &Spec) -> String {
         emit!(a, "shl.b64 %t64, %t64, {};", size.trailing_zeros());
         emit!(a, "add.u64 %p{x}, %p{x}, %t64;");
     }
-    a.l("mov.u32 %tid, %tid.x;");
-    a.l("and.b32 %tx, %tid, 15;");
-    a.l("shr.u32 %ty, %tid, 4;");
+    a.l("mov.u32 %thr, %tid.x;");
+    a.l("and.b32 %tx, %thr, 15;");
+    a.l("shr.u32 %ty, %thr, 4;");
     a.l("mov.u32 %bn0, %ctaid.x;");
     emit!(a, "shl.b32 %bn0, %bn0, {};", BN.trailing_zeros());
     a.l("mov.u32 %bm0, %ctaid.y;");
