@@ -258,9 +258,12 @@ fn batched_gemm_with_gaps_between_batches_and_tiles() {
             ..packed
         };
         let e = EPILOGUES[i];
+        // Every layout x every operand / output type: each kernel of the family runs here.
         run::<f32, f32>(&dev, &mut rng, bg, e);
+        run::<bf16, bf16>(&dev, &mut rng, bg, e);
         run::<bf16, f32>(&dev, &mut rng, bg, e);
         run::<f16, f16>(&dev, &mut rng, bg, e);
+        run::<f16, f32>(&dev, &mut rng, bg, e);
     }
     // A shared operand (stride 0): one weight for every batch.
     let g = Gemm::new(9, 17, 5);
