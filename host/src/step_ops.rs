@@ -228,9 +228,8 @@ impl Device {
         if !Self::heads_check(s, packed.len(), &lens)? {
             return Ok(());
         }
-        let k = heads::split_for(T::ELEM).ok_or_else(|| {
-            invalid(format!("heads split has no kernel for {}", T::ELEM.name()))
-        })?;
+        let k = heads::split_for(T::ELEM)
+            .ok_or_else(|| invalid(format!("heads split has no kernel for {}", T::ELEM.name())))?;
         let mut ptrs = [null::<T>(true), null::<T>(true), null::<T>(true)];
         for (p, b) in out.iter_mut().enumerate() {
             ptrs[p] = b.arg_mut();
@@ -254,9 +253,8 @@ impl Device {
         if !Self::heads_check(s, packed.len(), &lens)? {
             return Ok(());
         }
-        let k = heads::merge_for(T::ELEM).ok_or_else(|| {
-            invalid(format!("heads merge has no kernel for {}", T::ELEM.name()))
-        })?;
+        let k = heads::merge_for(T::ELEM)
+            .ok_or_else(|| invalid(format!("heads merge has no kernel for {}", T::ELEM.name())))?;
         let mut ptrs = [null::<T>(false), null::<T>(false), null::<T>(false)];
         for (p, b) in src.iter().enumerate() {
             ptrs[p] = b.arg();

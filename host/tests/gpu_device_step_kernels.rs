@@ -174,7 +174,12 @@ fn gemm_f32_every_layout_epilogue_and_tail() {
         let (op_a, op_b) = OPS[i];
         let g = Gemm::new(37, 70, 23).with_ops(op_a, op_b);
         let (ac, bc) = (g.a_stored().1, g.b_stored().1);
-        run::<f32, f32>(&dev, &mut rng, Batched::single(g.with_ld(ac + 3, bc + 1, 75)), e);
+        run::<f32, f32>(
+            &dev,
+            &mut rng,
+            Batched::single(g.with_ld(ac + 3, bc + 1, 75)),
+            e,
+        );
     }
 }
 
@@ -194,11 +199,19 @@ fn gemm_f32_wrapper_matches_batched_single() {
         .expect("gemm_f32");
     let got: Vec<f64> = dc.to_vec().unwrap().iter().map(|&x| x as f64).collect();
     let want = twin::reference(&Batched::single(g), &a, &b, Some(&bias), &[f32::NAN][..0]);
-    check_close("gemm_f32 TN bias", &got, &want, rel_tolerance(lathe_kernels::Elem::F32))
-        .unwrap_or_else(|e| panic!("{e}"));
+    check_close(
+        "gemm_f32 TN bias",
+        &got,
+        &want,
+        rel_tolerance(lathe_kernels::Elem::F32),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
     // A wrong output type is refused before launch.
     let mut wrong = dev.htod(&vec![bf16::ZERO; g.c_len()]).unwrap();
-    assert!(dev.gemm_batched(&Batched::single(g), &da, &db, None, &mut wrong).is_err());
+    assert!(
+        dev.gemm_batched(&Batched::single(g), &da, &db, None, &mut wrong)
+            .is_err()
+    );
 }
 
 /// The six attention products of one layer for `bh` heads of `(t, hs)`, in one launch each,
@@ -233,7 +246,11 @@ fn attention_products_bf16_f16_f32_batched() {
     let dev = test_device("attention_products_bf16_f16_f32_batched");
     let mut rng = Rng::new(0x5E3);
     // (B n_head, T, hs): odd head size and T around the tile edge; GPU: GPT-2 small heads.
-    let (bh, t, hs) = if dev.is_sim() { (6, 19, 13) } else { (48, 256, 64) };
+    let (bh, t, hs) = if dev.is_sim() {
+        (6, 19, 13)
+    } else {
+        (48, 256, 64)
+    };
     attention_products::<bf16, bf16>(&dev, &mut rng, bh, t, hs);
     attention_products::<bf16, f32>(&dev, &mut rng, bh, t, hs);
     attention_products::<f16, f16>(&dev, &mut rng, bh, t, hs);
@@ -287,17 +304,29 @@ fn bias_grad_case<T: DeviceElem + Float>(dev: &Device, rng: &mut Rng, rows: usiz
     let mut twin_out = before.clone();
     colsum::twin::colsum_acc(&dy, rows, c, c, &mut twin_out);
     for (j, (g, w)) in got.iter().zip(&twin_out).enumerate() {
-        assert_eq!(g.to_bits(), w.to_bits(), "{what}: column {j}: {g} vs twin {w}");
+        assert_eq!(
+            g.to_bits(),
+            w.to_bits(),
+            "{what}: column {j}: {g} vs twin {w}"
+        );
     }
     // And close to the exact sum.
     let exact: Vec<f64> = (0..c)
         .map(|j| {
-            before[j] as f64 + (0..rows).map(|r| dy[r * c + j].to_f32() as f64).sum::<f64>()
+            before[j] as f64
+                + (0..rows)
+                    .map(|r| dy[r * c + j].to_f32() as f64)
+                    .sum::<f64>()
         })
         .collect();
     let got64: Vec<f64> = got.iter().map(|&x| x as f64).collect();
-    check_close(&what, &got64, &exact, rel_tolerance(lathe_kernels::Elem::F32))
-        .unwrap_or_else(|e| panic!("{e}"));
+    check_close(
+        &what,
+        &got64,
+        &exact,
+        rel_tolerance(lathe_kernels::Elem::F32),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
 }
 
 #[test]
@@ -403,6 +432,10 @@ fn heads_split_merge_every_dtype_and_part_count() {
     let packed = dev.htod(&vec![0f32; s.packed_len()]).unwrap();
     let mut one = dev.htod(&vec![0f32; s.head_len()]).unwrap();
     assert!(dev.heads_split(&s, &packed, &mut [&mut one]).is_err());
-    let s2 = Heads { parts: 1, t: 3, ..s };
+    let s2 = Heads {
+        parts: 1,
+        t: 3,
+        ..s
+    };
     assert!(dev.heads_split(&s2, &packed, &mut [&mut one]).is_err());
 }

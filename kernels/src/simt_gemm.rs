@@ -134,7 +134,12 @@ fn setup(a: &mut Asm, o: &Operand, size: usize) {
     if o.k_contig {
         emit!(a, "mov.u64 %step{x}, {};", BK as usize * size);
     } else {
-        emit!(a, "mul.wide.u32 %step{x}, {}, {};", o.ld, BK as usize * size);
+        emit!(
+            a,
+            "mul.wide.u32 %step{x}, {}, {};",
+            o.ld,
+            BK as usize * size
+        );
     }
 }
 
@@ -262,14 +267,27 @@ fn kernel(s: &Spec) -> String {
     a.label("$COMPUTE");
     for kk in 0..BK {
         for i in 0..4 {
-            emit!(a, "ld.shared.f32 %fa{i}, [%rda+{}];", 4 * (kk * PITCH + 16 * i));
+            emit!(
+                a,
+                "ld.shared.f32 %fa{i}, [%rda+{}];",
+                4 * (kk * PITCH + 16 * i)
+            );
         }
         for j in 0..4 {
-            emit!(a, "ld.shared.f32 %fb{j}, [%rdb+{}];", 4 * (kk * PITCH + 16 * j));
+            emit!(
+                a,
+                "ld.shared.f32 %fb{j}, [%rdb+{}];",
+                4 * (kk * PITCH + 16 * j)
+            );
         }
         for i in 0..4 {
             for j in 0..4 {
-                emit!(a, "fma.rn.f32 %acc{}, %fa{i}, %fb{j}, %acc{};", 4 * i + j, 4 * i + j);
+                emit!(
+                    a,
+                    "fma.rn.f32 %acc{}, %fa{i}, %fb{j}, %acc{};",
+                    4 * i + j,
+                    4 * i + j
+                );
             }
         }
     }
@@ -306,7 +324,12 @@ fn kernel(s: &Spec) -> String {
         for j in 0..4 {
             elem_pred(&mut a, i, j);
             ld_pred(&mut a, s.output, "%pe", "%t64", "%w");
-            emit!(a, "fma.rn.f32 %acc{}, %beta, %w, %acc{};", 4 * i + j, 4 * i + j);
+            emit!(
+                a,
+                "fma.rn.f32 %acc{}, %beta, %w, %acc{};",
+                4 * i + j,
+                4 * i + j
+            );
         }
     }
     a.label("$NO_BETA");
@@ -319,9 +342,20 @@ fn kernel(s: &Spec) -> String {
         emit!(a, "add.u32 %row, %row, {};", 16 * j);
         emit!(a, "mul.wide.u32 %t64, %row, {isz};");
         a.l("add.u64 %t64, %t64, %pbias;");
-        ld_pred(&mut a, s.input, &format!("%pcol{j}"), "%t64", &format!("%fb{j}"));
+        ld_pred(
+            &mut a,
+            s.input,
+            &format!("%pcol{j}"),
+            "%t64",
+            &format!("%fb{j}"),
+        );
         for i in 0..4 {
-            emit!(a, "add.rn.f32 %acc{}, %acc{}, %fb{j};", 4 * i + j, 4 * i + j);
+            emit!(
+                a,
+                "add.rn.f32 %acc{}, %acc{}, %fb{j};",
+                4 * i + j,
+                4 * i + j
+            );
         }
     }
     a.label("$NO_BIAS");
@@ -332,7 +366,12 @@ fn kernel(s: &Spec) -> String {
     let scale = (-2.0 * (2.0f64 / std::f64::consts::PI).sqrt() * std::f64::consts::LOG2_E) as f32;
     for i in 0..16 {
         emit!(a, "mul.rn.f32 %w, %acc{i}, %acc{i};");
-        emit!(a, "fma.rn.f32 %w, %w, {}, {};", f32_imm(0.044715), f32_imm(1.0));
+        emit!(
+            a,
+            "fma.rn.f32 %w, %w, {}, {};",
+            f32_imm(0.044715),
+            f32_imm(1.0)
+        );
         emit!(a, "mul.rn.f32 %w, %w, %acc{i};");
         emit!(a, "mul.rn.f32 %w, %w, {};", f32_imm(scale));
         a.l("ex2.approx.f32 %w, %w;");
@@ -603,9 +642,7 @@ impl Batched {
     /// `dK[z] (t, hs) = scale dS[z]^T Q[z]`: `T N`.
     pub fn attention_dkeys(bh: usize, t: usize, hs: usize, scale: f32) -> Self {
         Self::packed(
-            Gemm::new(t, hs, t)
-                .with_ops(Op::T, Op::N)
-                .with_alpha(scale),
+            Gemm::new(t, hs, t).with_ops(Op::T, Op::N).with_alpha(scale),
             bh,
         )
     }
@@ -701,7 +738,12 @@ mod tests {
 
     #[test]
     fn table_is_complete_and_names_follow_the_convention() {
-        for (a, b) in [(Op::N, Op::N), (Op::N, Op::T), (Op::T, Op::N), (Op::T, Op::T)] {
+        for (a, b) in [
+            (Op::N, Op::N),
+            (Op::N, Op::T),
+            (Op::T, Op::N),
+            (Op::T, Op::T),
+        ] {
             for (i, o) in [
                 (Elem::F32, Elem::F32),
                 (Elem::BF16, Elem::BF16),
@@ -733,6 +775,10 @@ mod tests {
         let v = Batched::attention_dvalues(3, 7, 4);
         assert_eq!((v.gemm.m, v.gemm.n, v.gemm.k), (7, 4, 7));
         assert_eq!((v.stride_a, v.stride_b, v.stride_c), (49, 28, 28));
-        assert!(Batched::packed(Gemm::new(1, 1, 1), MAX_BATCH + 1).validate().is_err());
+        assert!(
+            Batched::packed(Gemm::new(1, 1, 1), MAX_BATCH + 1)
+                .validate()
+                .is_err()
+        );
     }
 }

@@ -131,7 +131,11 @@ fn module_ptx() -> Cow<'static, str> {
     let mut s = crate::ptx::header(Target::Sm80);
     for (dt, split, merge) in [
         (Elem::F32, "lathe_heads_split_f32", "lathe_heads_merge_f32"),
-        (Elem::BF16, "lathe_heads_split_bf16", "lathe_heads_merge_bf16"),
+        (
+            Elem::BF16,
+            "lathe_heads_split_bf16",
+            "lathe_heads_merge_bf16",
+        ),
         (Elem::F16, "lathe_heads_split_f16", "lathe_heads_merge_f16"),
     ] {
         s.push_str(&kernel(split, dt, true));
