@@ -1,9 +1,11 @@
 //! Typed launches of the kernels the device training step adds around the tensor-core GEMM:
 //!
-//! - [`Device::gemm_f32`], [`Device::gemm_batched`]: the SIMT f32-FMA GEMM
-//!   ([`lathe_kernels::simt_gemm`]), for `--precision fp32` linear layers (batch 1) and the
-//!   strided-batched attention products (one launch for every `(batch, head)`), with f32, bf16
-//!   or f16 operands and f32 accumulation;
+//! - [`Device::gemm_f32`]: the SIMT f32-FMA GEMM ([`lathe_kernels::simt_gemm`]) for
+//!   `--precision fp32` linear layers;
+//! - [`Device::gemm_batched`]: strided-batched products (one launch for every
+//!   `(batch, head)` of attention) — bf16 / f16 operands on the tensor-core kernel
+//!   ([`lathe_kernels::gemm::batched`]), f32 operands on the SIMT kernel; f32 accumulation.
+//!   [`Device::gemm_batched_simt`] runs 16-bit operands on the SIMT kernel instead;
 //! - [`Device::bias_grad`]: `dbias[c] += sum_r dy[r][c]` from f32 / bf16 / f16 gradients,
 //!   deterministic (fixed summation order);
 //! - [`Device::heads_split`], [`Device::heads_merge`]: the attention head permutes
@@ -16,9 +18,10 @@ use crate::buffer::{DeviceBuffer, DeviceElem};
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::module::KernelArg;
-use lathe_kernels::Problem;
+use lathe_kernels::gemm;
 use lathe_kernels::nn::{colsum, heads};
 use lathe_kernels::simt_gemm;
+use lathe_kernels::{Elem, KernelDesc, Problem};
 
 pub use lathe_kernels::nn::heads::Heads;
 pub use lathe_kernels::simt_gemm::Batched;
@@ -57,9 +60,9 @@ impl Device {
 
     /// A strided batch of GEMMs in one launch: for `z < batch`,
     /// `C[z] = act(alpha op(A[z]) op(B[z]) + beta C[z] + bias)`, `X[z]` starting
-    /// `z * stride_x` elements into its buffer, on the SIMT kernel (f32 FMA). `I` is f32 (then
-    /// `O` is f32) or bf16 / f16 (`O` the same type or f32). The bias (length `n`, type `I`)
-    /// is shared by every batch.
+    /// `z * stride_x` elements into its buffer. `I` is f32 (then `O` is f32; SIMT kernel, f32
+    /// FMA) or bf16 / f16 (`O` the same type or f32; tensor cores). The bias (length `n`,
+    /// type `I`) is shared by every batch.
     pub fn gemm_batched<I: DeviceElem, O: DeviceElem>(
         &self,
         bg: &Batched,
@@ -68,9 +71,41 @@ impl Device {
         bias: Option<&DeviceBuffer<I>>,
         c: &mut DeviceBuffer<O>,
     ) -> Result<()> {
+        let g = &bg.gemm;
+        let k = match I::ELEM {
+            Elem::F32 => simt_gemm::kernel_for(g.op_a, g.op_b, I::ELEM, O::ELEM),
+            _ => gemm::batched::kernel_for(g.op_a, g.op_b, I::ELEM, O::ELEM),
+        };
+        self.gemm_batched_on(k, bg, a, b, bias, c)
+    }
+
+    /// [`Device::gemm_batched`] on the SIMT kernel for every operand type (f32 FMA on the
+    /// widened 16-bit values).
+    pub fn gemm_batched_simt<I: DeviceElem, O: DeviceElem>(
+        &self,
+        bg: &Batched,
+        a: &DeviceBuffer<I>,
+        b: &DeviceBuffer<I>,
+        bias: Option<&DeviceBuffer<I>>,
+        c: &mut DeviceBuffer<O>,
+    ) -> Result<()> {
+        let g = &bg.gemm;
+        let k = simt_gemm::kernel_for(g.op_a, g.op_b, I::ELEM, O::ELEM);
+        self.gemm_batched_on(k, bg, a, b, bias, c)
+    }
+
+    fn gemm_batched_on<I: DeviceElem, O: DeviceElem>(
+        &self,
+        k: Option<&'static KernelDesc>,
+        bg: &Batched,
+        a: &DeviceBuffer<I>,
+        b: &DeviceBuffer<I>,
+        bias: Option<&DeviceBuffer<I>>,
+        c: &mut DeviceBuffer<O>,
+    ) -> Result<()> {
         bg.validate().map_err(|e| invalid(e.to_string()))?;
         let g = &bg.gemm;
-        let k = simt_gemm::kernel_for(g.op_a, g.op_b, I::ELEM, O::ELEM).ok_or_else(|| {
+        let k = k.ok_or_else(|| {
             invalid(format!(
                 "batched gemm has no kernel for {} operands with {} output (f32 -> f32; bf16 or \
                  f16 -> the same type or f32)",
@@ -102,6 +137,13 @@ impl Device {
         }
         if g.m == 0 || g.n == 0 || bg.batch == 0 {
             return Ok(());
+        }
+        let grid = (k.geometry)(&bg.problem()).grid;
+        if grid.0 >= i32::MAX as u32 {
+            return Err(invalid(format!(
+                "batched gemm: {} x {} needs more tiles than one launch allows",
+                g.m, g.n
+            )));
         }
         // validate() bounded every dimension by MAX_DIM (< 2^31).
         let u = |x: usize| KernelArg::U32(x as u32);

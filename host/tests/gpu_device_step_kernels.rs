@@ -1,6 +1,6 @@
 //! The kernels of the device training step against their CPU twins: the SIMT f32-FMA GEMM
-//! (every layout and epilogue, batch 1 and strided batches), the attention products in one
-//! batched launch, the bias gradient from f32 / bf16 / f16 gradients, and the head split /
+//! (every layout and epilogue, batch 1 and strided batches), the strided-batched tensor-core
+//! GEMM, the attention products in one batched launch (both kernels), the bias gradient from f32 / bf16 / f16 gradients, and the head split /
 //! merge permutes. Inputs are fresh random values (never zeros); outputs are poisoned with NaN
 //! before each launch (unless the kernel reads them), and the gaps between batches and rows
 //! are NaN that must stay untouched. Shapes are ragged around the 64 x 64 x 16 tile, batch
@@ -42,6 +42,14 @@ const EPILOGUES: [Epilogue; 4] = [
     Epilogue::Scaled,
 ];
 
+/// Which kernel runs a batched product: the default (tensor cores for bf16 / f16 operands,
+/// SIMT for f32) or the SIMT kernel for every type.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Path {
+    Default,
+    Simt,
+}
+
 fn random<T: Float>(rng: &mut Rng, n: usize) -> Vec<T> {
     (0..n)
         .map(|_| {
@@ -76,7 +84,7 @@ fn batched_matrix<T: Float>(
 
 /// Runs one batched GEMM and compares every element of every C with the twin; elements of the
 /// C buffer outside the `m x n` blocks must keep their NaN / old bits.
-fn run<I, O>(dev: &Device, rng: &mut Rng, bg: Batched, epilogue: Epilogue)
+fn run<I, O>(dev: &Device, rng: &mut Rng, bg: Batched, epilogue: Epilogue, path: Path)
 where
     I: DeviceElem + Float,
     O: DeviceElem + Float,
@@ -120,8 +128,11 @@ where
         bg.stride_b,
         bg.stride_c
     );
-    dev.gemm_batched(&bg, &da, &db, bias.then_some(&dbias), &mut dc)
-        .unwrap_or_else(|e| panic!("{what}: launch: {e}"));
+    let launched = match path {
+        Path::Default => dev.gemm_batched(&bg, &da, &db, bias.then_some(&dbias), &mut dc),
+        Path::Simt => dev.gemm_batched_simt(&bg, &da, &db, bias.then_some(&dbias), &mut dc),
+    };
+    launched.unwrap_or_else(|e| panic!("{what} {path:?}: launch: {e}"));
     let out = dc.to_vec().unwrap_or_else(|e| panic!("{what}: {e}"));
     let inside = |i: usize| {
         (0..bg.batch).any(|z| {
@@ -166,7 +177,7 @@ fn gemm_f32_every_layout_epilogue_and_tail() {
         for (o, (op_a, op_b)) in OPS.into_iter().enumerate() {
             let e = EPILOGUES[(s + o) % EPILOGUES.len()];
             let g = Gemm::new(m, n, k).with_ops(op_a, op_b);
-            run::<f32, f32>(&dev, &mut rng, Batched::single(g), e);
+            run::<f32, f32>(&dev, &mut rng, Batched::single(g), e, Path::Default);
         }
     }
     // Padded leading dimensions with every epilogue, and the linear-layer wrapper path.
@@ -179,6 +190,7 @@ fn gemm_f32_every_layout_epilogue_and_tail() {
             &mut rng,
             Batched::single(g.with_ld(ac + 3, bc + 1, 75)),
             e,
+            Path::Default,
         );
     }
 }
@@ -216,7 +228,7 @@ fn gemm_f32_wrapper_matches_batched_single() {
 
 /// The six attention products of one layer for `bh` heads of `(t, hs)`, in one launch each,
 /// with operands `I` and C in `O`.
-fn attention_products<I, O>(dev: &Device, rng: &mut Rng, bh: usize, t: usize, hs: usize)
+fn attention_products<I, O>(dev: &Device, rng: &mut Rng, bh: usize, t: usize, hs: usize, path: Path)
 where
     I: DeviceElem + Float,
     O: DeviceElem + Float,
@@ -237,7 +249,7 @@ where
         } else {
             Epilogue::Plain
         };
-        run::<I, O>(dev, rng, bg, e);
+        run::<I, O>(dev, rng, bg, e, path);
     }
 }
 
@@ -251,11 +263,21 @@ fn attention_products_bf16_f16_f32_batched() {
     } else {
         (48, 256, 64)
     };
-    attention_products::<bf16, bf16>(&dev, &mut rng, bh, t, hs);
-    attention_products::<bf16, f32>(&dev, &mut rng, bh, t, hs);
-    attention_products::<f16, f16>(&dev, &mut rng, bh, t, hs);
-    attention_products::<f16, f32>(&dev, &mut rng, bh, t, hs);
-    attention_products::<f32, f32>(&dev, &mut rng, bh, t, hs);
+    for path in [Path::Default, Path::Simt] {
+        attention_products::<bf16, bf16>(&dev, &mut rng, bh, t, hs, path);
+        attention_products::<bf16, f32>(&dev, &mut rng, bh, t, hs, path);
+        attention_products::<f16, f16>(&dev, &mut rng, bh, t, hs, path);
+        attention_products::<f16, f32>(&dev, &mut rng, bh, t, hs, path);
+    }
+    attention_products::<f32, f32>(&dev, &mut rng, bh, t, hs, Path::Default);
+    // hs and T multiples of 8: every batch keeps 16-byte alignment (the cp.async path).
+    let (bh, t, hs) = if dev.is_sim() {
+        (4, 24, 16)
+    } else {
+        (24, 512, 64)
+    };
+    attention_products::<bf16, f32>(&dev, &mut rng, bh, t, hs, Path::Default);
+    attention_products::<f16, f16>(&dev, &mut rng, bh, t, hs, Path::Default);
 }
 
 #[test]
@@ -276,11 +298,13 @@ fn batched_gemm_with_gaps_between_batches_and_tiles() {
         };
         let e = EPILOGUES[i];
         // Every layout x every operand / output type: each kernel of the family runs here.
-        run::<f32, f32>(&dev, &mut rng, bg, e);
-        run::<bf16, bf16>(&dev, &mut rng, bg, e);
-        run::<bf16, f32>(&dev, &mut rng, bg, e);
-        run::<f16, f16>(&dev, &mut rng, bg, e);
-        run::<f16, f32>(&dev, &mut rng, bg, e);
+        for path in [Path::Default, Path::Simt] {
+            run::<f32, f32>(&dev, &mut rng, bg, e, path);
+            run::<bf16, bf16>(&dev, &mut rng, bg, e, path);
+            run::<bf16, f32>(&dev, &mut rng, bg, e, path);
+            run::<f16, f16>(&dev, &mut rng, bg, e, path);
+            run::<f16, f32>(&dev, &mut rng, bg, e, path);
+        }
     }
     // A shared operand (stride 0): one weight for every batch.
     let g = Gemm::new(9, 17, 5);
@@ -288,7 +312,8 @@ fn batched_gemm_with_gaps_between_batches_and_tiles() {
         stride_b: 0,
         ..Batched::packed(g, 4)
     };
-    run::<f32, f32>(&dev, &mut rng, bg, Epilogue::Scaled);
+    run::<f32, f32>(&dev, &mut rng, bg, Epilogue::Scaled, Path::Default);
+    run::<bf16, bf16>(&dev, &mut rng, bg, Epilogue::BiasGelu, Path::Default);
 }
 
 fn bias_grad_case<T: DeviceElem + Float>(dev: &Device, rng: &mut Rng, rows: usize, c: usize) {

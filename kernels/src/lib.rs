@@ -35,6 +35,7 @@ pub mod registry {
         v.extend(nn::modules());
         v.extend(gemm::modules());
         v.extend(hopper::modules());
+        v.extend(gemm::batched::modules());
         v.extend(simt_gemm::modules());
         v
     }
@@ -47,6 +48,7 @@ pub mod registry {
         v.extend(nn::kernels());
         v.extend(gemm::kernels());
         v.extend(hopper::kernels());
+        v.extend(gemm::batched::kernels());
         v.extend(simt_gemm::kernels());
         v
     }

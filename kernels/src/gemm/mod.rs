@@ -27,6 +27,7 @@
 //! - v2 (shipped): 128x128x32, 8 warps of 64x32, 4-stage `cp.async` pipeline (64 KiB shared),
 //!   at most 128 registers so that two blocks share an SM.
 
+pub mod batched;
 pub mod epilogue;
 pub mod ptx;
 pub mod tile;
@@ -385,6 +386,7 @@ fn specs(v: Version, op_a: Op, op_b: Op, input: Elem) -> Vec<ptx::Spec> {
             op_b,
             input,
             output,
+            batched: false,
         })
         .collect()
 }
