@@ -15,14 +15,15 @@
 //! # Tiling
 //! - Block tile 64 x 64 of C, K in steps of 16; 256 threads; grid `(ceil(N/64), ceil(M/64),
 //!   batch)`, no dynamic shared memory.
-//! - Thread `(tx, ty) = (tid % 16, tid / 16)` owns the 4 x 4 micro-tile at rows
-//!   `ty + 16 i`, columns `tx + 16 j` (strided so that shared reads are broadcasts or
-//!   consecutive words: conflict-free; C stores are 16-column runs).
-//! - Shared staging, f32, k-major: `s_a[16][66]` (A^T of the tile), `s_b[16][66]`. Each thread
-//!   loads 4 elements of each operand per K step: along K when the operand is stored with K
-//!   contiguous (`A: N`, `B: T`; 16 lanes cover 16 consecutive k), along M/N otherwise (64
-//!   consecutive columns). The row pitch 66 makes both store patterns conflict-free
-//!   (`bank = 2 k + m mod 32` covers 32 banks when 16 k meet 2 m).
+//! - Thread `(tx, ty) = (tid % 16, tid / 16)` owns the 4 x 4 micro-tile at rows `4 ty + i`,
+//!   columns `4 tx + j`: per k it reads its 4 A values and 4 B values with two 128-bit shared
+//!   loads (16 FMAs per 2 loads). A warp's A reads hit 2 addresses (broadcast), its B reads 16
+//!   consecutive 16-byte words (one 128-byte row per quarter warp): conflict-free.
+//! - Shared staging, f32, k-major: `s_a[16][68]` (A^T of the tile), `s_b[16][68]`; the pitch of
+//!   68 words keeps rows 16-byte aligned. Each thread loads 4 elements of each operand per K
+//!   step. An operand stored with K contiguous (`A: N`, `B: T`) is read 8 consecutive k by 4
+//!   rows per warp, stored at bank `4 k + row mod 32`: 32 distinct banks. An operand stored
+//!   with M / N contiguous is read 32 consecutive columns of one k per warp: consecutive words.
 //! - Register prefetch: the next K step's global loads are issued before the current step's
 //!   16 x 16 FMAs, one shared stage, two barriers per step.
 //! - Tails: every global load is predicated (rows past M/N, k past K read as 0); rows and
@@ -31,9 +32,9 @@
 //! # Cost
 //! `2 M N K batch` FLOPs. Bytes at least `batch (s_in (M K + K N) + s_out M N)` (+ `s_out M N`
 //! when `beta != 0`); the 64 x 64 tile re-reads A `ceil(N / 64)` times and B `ceil(M / 64)`
-//! times, mostly from L2. Per K step a thread does 8 shared loads for 16 FMAs (4 x 4
-//! micro-tile), so shared bandwidth, not DRAM, bounds it: a first cut, well below the f32 FMA
-//! peak and far from tensor-core rates (bf16 / f16 training products stay on [`crate::gemm`]).
+//! times, mostly from L2. Per k a thread issues 2 shared loads for 16 FMAs; with a 4 x 4
+//! micro-tile the shared traffic (2 x 16 bytes per 16 FMAs) still caps it below the f32 FMA
+//! peak (an 8 x 8 micro-tile halves it); bf16 / f16 products belong on [`crate::gemm`].
 
 use crate::desc::{Arg, ArgKind, Cost, Elem, Geometry, KernelDesc, Module, Problem, Target, arg};
 use crate::gemm::{Gemm, GemmError, Op};
@@ -49,7 +50,7 @@ pub const BK: u32 = 16;
 /// Threads per block.
 pub const THREADS: u32 = 256;
 /// Row pitch (f32 words) of the shared staging arrays.
-const PITCH: u32 = 66;
+const PITCH: u32 = 68;
 
 /// One kernel of the family.
 struct Spec {
@@ -105,9 +106,11 @@ fn setup(a: &mut Asm, o: &Operand, size: usize) {
     emit!(a, "mov.u32 %sh, s_{x};");
     for q in 0..4u32 {
         if o.k_contig {
-            a.l("shr.u32 %outer, %thr, 4;");
-            emit!(a, "add.u32 %outer, %outer, {};", 16 * q);
-            emit!(a, "and.b32 %kk{x}{q}, %thr, 15;");
+            // 8 consecutive k x 4 consecutive rows per warp row group.
+            a.l("shr.u32 %outer, %thr, 3;");
+            emit!(a, "add.u32 %outer, %outer, {};", 32 * (q >> 1));
+            emit!(a, "and.b32 %kk{x}{q}, %thr, 7;");
+            emit!(a, "add.u32 %kk{x}{q}, %kk{x}{q}, {};", 8 * (q & 1));
         } else {
             a.l("and.b32 %outer, %thr, 63;");
             emit!(a, "shr.u32 %kk{x}{q}, %thr, 6;");
@@ -238,10 +241,10 @@ fn kernel(s: &Spec) -> String {
     setup(&mut a, &ob, isz);
     a.c("shared read bases: s_a + 4 ty, s_b + 4 tx");
     a.l("mov.u32 %sh, s_a;");
-    a.l("shl.b32 %rda, %ty, 2;");
+    a.l("shl.b32 %rda, %ty, 4;");
     a.l("add.u32 %rda, %rda, %sh;");
     a.l("mov.u32 %sh, s_b;");
-    a.l("shl.b32 %rdb, %tx, 2;");
+    a.l("shl.b32 %rdb, %tx, 4;");
     a.l("add.u32 %rdb, %rdb, %sh;");
 
     a.l("mov.u32 %k0, 0;");
@@ -266,20 +269,16 @@ fn kernel(s: &Spec) -> String {
     load_step(&mut a, &ob, s.input);
     a.label("$COMPUTE");
     for kk in 0..BK {
-        for i in 0..4 {
-            emit!(
-                a,
-                "ld.shared.f32 %fa{i}, [%rda+{}];",
-                4 * (kk * PITCH + 16 * i)
-            );
-        }
-        for j in 0..4 {
-            emit!(
-                a,
-                "ld.shared.f32 %fb{j}, [%rdb+{}];",
-                4 * (kk * PITCH + 16 * j)
-            );
-        }
+        emit!(
+            a,
+            "ld.shared.v4.f32 {{%fa0, %fa1, %fa2, %fa3}}, [%rda+{}];",
+            4 * kk * PITCH
+        );
+        emit!(
+            a,
+            "ld.shared.v4.f32 {{%fb0, %fb1, %fb2, %fb3}}, [%rdb+{}];",
+            4 * kk * PITCH
+        );
         for i in 0..4 {
             for j in 0..4 {
                 emit!(
@@ -294,10 +293,12 @@ fn kernel(s: &Spec) -> String {
     a.l("@%pu bra.uni $KSTEP;");
 
     a.label("$EPILOGUE");
-    a.c("rows bm0 + ty + 16 i, columns bn0 + tx + 16 j");
+    a.c("rows bm0 + 4 ty + i, columns bn0 + 4 tx + j");
+    a.l("shl.b32 %ty, %ty, 2;");
+    a.l("shl.b32 %tx, %tx, 2;");
     for i in 0..4 {
         emit!(a, "add.u32 %row, %bm0, %ty;");
-        emit!(a, "add.u32 %row, %row, {};", 16 * i);
+        emit!(a, "add.u32 %row, %row, {i};");
         emit!(a, "setp.lt.u32 %pr{i}, %row, %m;");
         emit!(a, "mul.wide.u32 %crow{i}, %row, %ldc;");
         emit!(a, "shl.b64 %crow{i}, %crow{i}, {};", osz.trailing_zeros());
@@ -305,7 +306,7 @@ fn kernel(s: &Spec) -> String {
     }
     for j in 0..4 {
         emit!(a, "add.u32 %row, %bn0, %tx;");
-        emit!(a, "add.u32 %row, %row, {};", 16 * j);
+        emit!(a, "add.u32 %row, %row, {j};");
         emit!(a, "setp.lt.u32 %pcol{j}, %row, %n;");
         emit!(a, "mul.wide.u32 %ccol{j}, %row, {osz};");
     }
@@ -339,7 +340,7 @@ fn kernel(s: &Spec) -> String {
     a.l("@%pu bra.uni $NO_BIAS;");
     for j in 0..4 {
         emit!(a, "add.u32 %row, %bn0, %tx;");
-        emit!(a, "add.u32 %row, %row, {};", 16 * j);
+        emit!(a, "add.u32 %row, %row, {j};");
         emit!(a, "mul.wide.u32 %t64, %row, {isz};");
         a.l("add.u64 %t64, %t64, %pbias;");
         ld_pred(
@@ -764,6 +765,73 @@ mod tests {
             }
         }
         assert!(kernel_for(Op::N, Op::N, Elem::F32, Elem::BF16).is_none());
+    }
+
+    /// Every layout and operand width on whole tiles (64 x 64, K = 32, two batches) on the
+    /// simulated device: the result matches the twin and shared memory has no bank conflict.
+    #[test]
+    fn whole_tiles_are_bank_conflict_free_on_the_simulator() {
+        use crate::rng::Rng;
+        use crate::simtest::{Arg as A, Gpu};
+        use crate::tolerance::{check_close, rel_tolerance};
+        use half::bf16;
+        let mut rng = Rng::new(0x51);
+        for (op_a, op_b) in [
+            (Op::N, Op::N),
+            (Op::N, Op::T),
+            (Op::T, Op::N),
+            (Op::T, Op::T),
+        ] {
+            let bg = Batched::packed(Gemm::new(64, 64, 32).with_ops(op_a, op_b), 2);
+            let a = rng.vec_f32(bg.a_len(), -1.0, 1.0);
+            let b = rng.vec_f32(bg.b_len(), -1.0, 1.0);
+            let a16: Vec<bf16> = a.iter().map(|&x| bf16::from_f32(x)).collect();
+            let b16: Vec<bf16> = b.iter().map(|&x| bf16::from_f32(x)).collect();
+            for input in [Elem::F32, Elem::BF16] {
+                let mut gpu = Gpu::new();
+                let (pa, pb) = match input {
+                    Elem::F32 => (gpu.upload(&a), gpu.upload(&b)),
+                    _ => (gpu.upload(&a16), gpu.upload(&b16)),
+                };
+                let pc = gpu.alloc_bytes(4 * bg.c_len());
+                let k = kernel_for(op_a, op_b, input, Elem::F32).unwrap();
+                let g = &bg.gemm;
+                let u = |x: usize| A::U32(x as u32);
+                let args = [
+                    A::Ptr(pa),
+                    A::Ptr(pb),
+                    A::Ptr(pc),
+                    A::Ptr(0),
+                    u(g.m),
+                    u(g.n),
+                    u(g.k),
+                    u(g.lda()),
+                    u(g.ldb()),
+                    u(g.ldc()),
+                    A::F32(1.0),
+                    A::F32(0.0),
+                    A::U32(0),
+                    A::U64(bg.stride_a as u64),
+                    A::U64(bg.stride_b as u64),
+                    A::U64(bg.stride_c as u64),
+                ];
+                let counters = gpu
+                    .launch(k, &bg.problem(), &args)
+                    .unwrap_or_else(|e| panic!("{e}"));
+                assert_eq!(counters.shared_bank_conflicts, 0, "{}", k.entry);
+                let got: Vec<f64> = gpu
+                    .read::<f32>(pc, bg.c_len())
+                    .iter()
+                    .map(|&x| x as f64)
+                    .collect();
+                let want = match input {
+                    Elem::F32 => twin::reference::<f32, f32>(&bg, &a, &b, None, &[]),
+                    _ => twin::reference::<bf16, f32>(&bg, &a16, &b16, None, &[]),
+                };
+                check_close(k.entry, &got, &want, rel_tolerance(input))
+                    .unwrap_or_else(|e| panic!("{e}"));
+            }
+        }
     }
 
     #[test]
