@@ -70,7 +70,7 @@ fn batched_matrix<T: Float>(
     cols: usize,
     ld: usize,
 ) -> Vec<T> {
-    let len = (batch - 1) * stride + (rows - 1) * ld + cols + 3;
+    let len = (batch - 1) * stride + rows * ld + cols + 3;
     let mut v = vec![T::from_f32(f32::NAN); len];
     for z in 0..batch {
         for r in 0..rows {
@@ -313,6 +313,12 @@ fn batched_gemm_with_gaps_between_batches_and_tiles() {
         ..Batched::packed(g, 4)
     };
     run::<f32, f32>(&dev, &mut rng, bg, Epilogue::Scaled, Path::Default);
+    // K = 0: C = beta C + bias on both kernels.
+    let bg = Batched::packed(Gemm::new(9, 17, 0), 2);
+    for path in [Path::Default, Path::Simt] {
+        run::<f32, f32>(&dev, &mut rng, bg, Epilogue::Scaled, path);
+        run::<bf16, f32>(&dev, &mut rng, bg, Epilogue::Scaled, path);
+    }
     run::<bf16, bf16>(&dev, &mut rng, bg, Epilogue::BiasGelu, Path::Default);
 }
 
