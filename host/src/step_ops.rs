@@ -201,22 +201,54 @@ impl Device {
         if c == 0 {
             return Ok(());
         }
+        let g = colsum::bias_grad_interleave(rows, c);
+        if g == 1 {
+            return self.colsum_launch(k, dy, 0, rows, c, c, dbias);
+        }
+        // Narrow layer: interleave the rows g ways first (see bias_grad_interleave).
+        let mut part = self.alloc::<f32>(g * c)?;
+        self.fill(&mut part, 0.0)?;
+        let body = rows / g;
+        self.colsum_launch(k, dy, 0, body, g * c, g * c, &mut part)?;
+        if rows % g != 0 {
+            // The last rows % g rows into part[0 .. c].
+            self.colsum_launch(k, dy, body * g * c, rows % g, c, c, &mut part)?;
+        }
+        self.colsum_launch(&colsum::COLSUM_ACC_F32, &part, 0, g, c, c, dbias)
+    }
+
+    /// One column-sum launch: `out[j] += sum_{i < groups} src[first + i stride + j]`, `j < width`.
+    #[allow(clippy::too_many_arguments)]
+    fn colsum_launch<T: DeviceElem>(
+        &self,
+        k: &'static KernelDesc,
+        src: &DeviceBuffer<T>,
+        first: usize,
+        groups: usize,
+        width: usize,
+        stride: usize,
+        out: &mut DeviceBuffer<f32>,
+    ) -> Result<()> {
         let args = [
-            dy.arg(),
-            KernelArg::U32(to_u32("rows", rows)?),
-            KernelArg::U32(to_u32("c", c)?),
-            KernelArg::U32(to_u32("c", c)?),
-            dbias.arg_mut(),
+            KernelArg::Ptr {
+                addr: src.addr() + (first * size_of::<T>()) as u64,
+                elem: T::ELEM,
+                len: src.len() - first,
+                writable: false,
+            },
+            KernelArg::U32(to_u32("groups", groups)?),
+            KernelArg::U32(to_u32("width", width)?),
+            KernelArg::U32(to_u32("stride", stride)?),
+            out.arg_mut(),
         ];
         let p = Problem {
-            batch: rows as u64,
-            n: c as u64,
+            batch: groups as u64,
+            n: width as u64,
             ..Problem::default()
         };
         self.launch(k, &p, &args, self.compute_stream())
     }
 
-    /// Checks a permute's shape and buffer lengths; `false` when there is nothing to move.
     fn heads_check(s: &Heads, packed: usize, parts: &[usize]) -> Result<bool> {
         if s.parts == 0 || s.parts > heads::MAX_PARTS || parts.len() != s.parts {
             return Err(invalid(format!(

@@ -331,9 +331,10 @@ fn bias_grad_case<T: DeviceElem + Float>(dev: &Device, rng: &mut Rng, rows: usiz
     dev.bias_grad(&d_dy, rows, c, &mut d_db)
         .unwrap_or_else(|e| panic!("{what}: {e}"));
     let got = d_db.to_vec().unwrap();
-    // Same summation order as the kernel: the same bits.
+    // Same summation order as the kernels (one pass, or interleaved rows then their sum):
+    // the same bits.
     let mut twin_out = before.clone();
-    colsum::twin::colsum_acc(&dy, rows, c, c, &mut twin_out);
+    colsum::twin::bias_grad(&dy, rows, c, &mut twin_out);
     for (j, (g, w)) in got.iter().zip(&twin_out).enumerate() {
         assert_eq!(
             g.to_bits(),
@@ -365,9 +366,17 @@ fn bias_grad_f32_bf16_f16_deterministic() {
     let dev = test_device("bias_grad_f32_bf16_f16_deterministic");
     let mut rng = Rng::new(0x5E5);
     let shapes: &[(usize, usize)] = if dev.is_sim() {
-        &[(1, 1), (37, 33), (300, 70)]
+        // One pass; interleaved 8 ways with 7 tail rows; interleaved 16 ways exactly.
+        &[(1, 1), (37, 33), (303, 70), (512, 5)]
     } else {
-        &[(1, 1), (37, 33), (300, 70), (8192, 2304)]
+        &[
+            (1, 1),
+            (37, 33),
+            (303, 70),
+            (512, 5),
+            (16384, 768),
+            (8191, 2304),
+        ]
     };
     for &(rows, c) in shapes {
         bias_grad_case::<f32>(&dev, &mut rng, rows, c);

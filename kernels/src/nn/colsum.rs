@@ -244,6 +244,34 @@ pub fn colsum_for(e: Elem) -> Option<&'static KernelDesc> {
     )
 }
 
+/// Blocks a bias-gradient launch should have at least (a few per SM of a large GPU).
+const BIAS_GRAD_MIN_BLOCKS: usize = 256;
+/// Rows each group of the first pass sums at least.
+const BIAS_GRAD_MIN_ROWS: usize = 32;
+
+/// The row interleave `g` of a bias gradient `dbias[c] += sum_r dy[r][c]` over `(rows, c)`.
+/// With `g == 1` it is one launch (`groups = rows`, one block per 32 columns). With `g > 1`
+/// (narrow layers: `c / 32` blocks would leave most SMs idle) it is three launches of these
+/// kernels, in this order:
+/// 1. the first `rows - rows % g` rows viewed as `(rows / g, g c)`: `part[j] += sum` over
+///    `rows / g` groups, `j < g c` (row `r` lands in `part[(r % g) c + col]`): `g` times the
+///    blocks;
+/// 2. the last `rows % g` rows (if any) into `part[0 .. c]`;
+/// 3. `dbias[col] += sum_{i < g} part[i c + col]` (the f32 entry).
+///
+/// `part` is a zeroed f32 scratch of `g c`. Every sum keeps a fixed order, so the result is the
+/// same bits every run ([`twin::bias_grad`] composes the twins the same way).
+pub fn bias_grad_interleave(rows: usize, c: usize) -> usize {
+    let mut g = 1;
+    while g < 64
+        && c.div_ceil(32) * g < BIAS_GRAD_MIN_BLOCKS
+        && rows / (2 * g) >= BIAS_GRAD_MIN_ROWS
+    {
+        g *= 2;
+    }
+    g
+}
+
 /// CPU twins.
 pub mod twin {
     use super::SEGMENTS;
@@ -273,12 +301,50 @@ pub mod twin {
             *o += total;
         }
     }
+
+    /// The bias gradient in the kernels' order ([`super::bias_grad_interleave`]):
+    /// `out[col] += sum_r dy[r * c + col]`.
+    pub fn bias_grad<T: Float>(dy: &[T], rows: usize, c: usize, out: &mut [f32]) {
+        let g = super::bias_grad_interleave(rows, c);
+        if g == 1 {
+            colsum_acc(dy, rows, c, c, out);
+            return;
+        }
+        let body = rows / g;
+        let mut part = vec![0f32; g * c];
+        colsum_acc(dy, body, g * c, g * c, &mut part);
+        if rows % g != 0 {
+            colsum_acc(&dy[body * g * c..], rows % g, c, c, &mut part[..c]);
+        }
+        colsum_acc(&part, g, c, c, out);
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::rng::Rng;
+
+    #[test]
+    fn bias_grad_interleave_fills_the_gpu_and_sums_every_row_once() {
+        assert_eq!(bias_grad_interleave(16384, 768), 16);
+        assert_eq!(bias_grad_interleave(16384, 50304), 1);
+        assert_eq!(bias_grad_interleave(40, 768), 1);
+        assert_eq!(bias_grad_interleave(300, 70), 8);
+        let mut rng = Rng::new(4);
+        for (rows, c) in [(300, 70), (301, 5), (1, 3), (4099, 33)] {
+            let dy = rng.vec_f32(rows * c, -1.0, 1.0);
+            let mut out = vec![0.5f32; c];
+            twin::bias_grad(&dy, rows, c, &mut out);
+            for col in 0..c {
+                let want: f64 = 0.5 + (0..rows).map(|r| dy[r * c + col] as f64).sum::<f64>();
+                assert!(
+                    (out[col] as f64 - want).abs() < 1e-3,
+                    "({rows}, {c}) column {col}"
+                );
+            }
+        }
+    }
 
     #[test]
     fn twin_sums_every_group_once() {
