@@ -480,6 +480,13 @@ pub fn kernel(spec: &Spec) -> String {
         super::FLAG_BIAS,
         super::FLAG_GELU
     );
+    if spec.batched {
+        let _ = writeln!(
+            s,
+            "// p_stride_a, p_stride_b, p_stride_c: elements between the problems of the batch \
+             (problem %ctaid.z)"
+        );
+    }
     let _ = writeln!(s, ".visible .entry {}(", spec.entry);
     let list: Vec<String> = params
         .iter()
