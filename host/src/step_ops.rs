@@ -1,7 +1,7 @@
 //! Typed launches of the kernels the device training step adds around the tensor-core GEMM:
 //!
 //! - [`Device::gemm_f32`]: the SIMT f32-FMA GEMM ([`lathe_kernels::simt_gemm`]) for
-//!   `--precision fp32` linear layers;
+//!   `--precision fp32` linear layers (128 x 128 tiles when they fill the GPU, else 64 x 64);
 //! - [`Device::gemm_batched`]: strided-batched products (one launch for every
 //!   `(batch, head)` of attention) — bf16 / f16 operands on the tensor-core kernel
 //!   ([`lathe_kernels::gemm::batched`]), f32 operands on the SIMT kernel; f32 accumulation.
@@ -24,7 +24,7 @@ use lathe_kernels::simt_gemm;
 use lathe_kernels::{Elem, KernelDesc, Problem};
 
 pub use lathe_kernels::nn::heads::Heads;
-pub use lathe_kernels::simt_gemm::Batched;
+pub use lathe_kernels::simt_gemm::{Batched, SimtTile};
 
 fn invalid(msg: String) -> Error {
     Error::Invalid(msg)
@@ -73,9 +73,28 @@ impl Device {
     ) -> Result<()> {
         let g = &bg.gemm;
         let k = match I::ELEM {
-            Elem::F32 => simt_gemm::kernel_for(g.op_a, g.op_b, I::ELEM, O::ELEM),
+            Elem::F32 => {
+                let tile = simt_gemm::pick_tile(&bg.problem(), self.sm_count());
+                simt_gemm::kernel_for_tile(tile, g.op_a, g.op_b, I::ELEM, O::ELEM)
+            }
             _ => gemm::batched::kernel_for(g.op_a, g.op_b, I::ELEM, O::ELEM),
         };
+        self.gemm_batched_on(k, bg, a, b, bias, c)
+    }
+
+    /// [`Device::gemm_batched`] on the SIMT kernel of an explicit tile
+    /// ([`simt_gemm::LARGE`] has f32 operands and output only).
+    pub fn gemm_batched_simt_tile<I: DeviceElem, O: DeviceElem>(
+        &self,
+        tile: SimtTile,
+        bg: &Batched,
+        a: &DeviceBuffer<I>,
+        b: &DeviceBuffer<I>,
+        bias: Option<&DeviceBuffer<I>>,
+        c: &mut DeviceBuffer<O>,
+    ) -> Result<()> {
+        let g = &bg.gemm;
+        let k = simt_gemm::kernel_for_tile(tile, g.op_a, g.op_b, I::ELEM, O::ELEM);
         self.gemm_batched_on(k, bg, a, b, bias, c)
     }
 

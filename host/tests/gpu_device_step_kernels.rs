@@ -16,7 +16,7 @@ use lathe_kernels::elementwise::twin::Float;
 use lathe_kernels::gemm::{Gemm, Op};
 use lathe_kernels::nn::{colsum, heads};
 use lathe_kernels::rng::Rng;
-use lathe_kernels::simt_gemm::twin;
+use lathe_kernels::simt_gemm::{self, twin};
 use lathe_kernels::tolerance::{check_close, rel_tolerance};
 
 const OPS: [(Op, Op); 4] = [
@@ -48,6 +48,8 @@ const EPILOGUES: [Epilogue; 4] = [
 enum Path {
     Default,
     Simt,
+    /// The SIMT kernel's 128 x 128 tile (f32 only).
+    SimtLarge,
 }
 
 fn random<T: Float>(rng: &mut Rng, n: usize) -> Vec<T> {
@@ -131,6 +133,14 @@ where
     let launched = match path {
         Path::Default => dev.gemm_batched(&bg, &da, &db, bias.then_some(&dbias), &mut dc),
         Path::Simt => dev.gemm_batched_simt(&bg, &da, &db, bias.then_some(&dbias), &mut dc),
+        Path::SimtLarge => dev.gemm_batched_simt_tile(
+            simt_gemm::LARGE,
+            &bg,
+            &da,
+            &db,
+            bias.then_some(&dbias),
+            &mut dc,
+        ),
     };
     launched.unwrap_or_else(|e| panic!("{what} {path:?}: launch: {e}"));
     let out = dc.to_vec().unwrap_or_else(|e| panic!("{what}: {e}"));
@@ -167,31 +177,48 @@ where
 fn gemm_f32_every_layout_epilogue_and_tail() {
     let dev = test_device("gemm_f32_every_layout_epilogue_and_tail");
     let mut rng = Rng::new(0x5E1);
-    // (m, n, k): one element, ragged on every axis around the 64 x 64 x 16 tile, several tiles.
+    // (m, n, k): one element, ragged on every axis around the 64 x 64 x 16 and 128 x 128 x 8
+    // tiles, several tiles; both tiles run every shape.
     let shapes: &[(usize, usize, usize)] = if dev.is_sim() {
-        &[(1, 1, 1), (67, 33, 17), (20, 130, 45)]
+        &[(1, 1, 1), (67, 33, 17), (20, 130, 45), (131, 129, 9)]
     } else {
-        &[(1, 1, 1), (67, 33, 17), (20, 130, 45), (333, 257, 769)]
+        &[
+            (1, 1, 1),
+            (67, 33, 17),
+            (20, 130, 45),
+            (131, 129, 9),
+            (333, 257, 769),
+        ]
     };
     for (s, &(m, n, k)) in shapes.iter().enumerate() {
         for (o, (op_a, op_b)) in OPS.into_iter().enumerate() {
             let e = EPILOGUES[(s + o) % EPILOGUES.len()];
             let g = Gemm::new(m, n, k).with_ops(op_a, op_b);
-            run::<f32, f32>(&dev, &mut rng, Batched::single(g), e, Path::Default);
+            for path in [Path::Simt, Path::SimtLarge] {
+                run::<f32, f32>(&dev, &mut rng, Batched::single(g), e, path);
+            }
         }
+    }
+    if !dev.is_sim() {
+        // A GPT-2-sized fp32 product through the default choice (the 128 x 128 tile).
+        let g = Gemm::new(2048, 2304, 768);
+        run::<f32, f32>(
+            &dev,
+            &mut rng,
+            Batched::single(g),
+            Epilogue::BiasGelu,
+            Path::Default,
+        );
     }
     // Padded leading dimensions with every epilogue, and the linear-layer wrapper path.
     for (i, e) in EPILOGUES.into_iter().enumerate() {
         let (op_a, op_b) = OPS[i];
         let g = Gemm::new(37, 70, 23).with_ops(op_a, op_b);
         let (ac, bc) = (g.a_stored().1, g.b_stored().1);
-        run::<f32, f32>(
-            &dev,
-            &mut rng,
-            Batched::single(g.with_ld(ac + 3, bc + 1, 75)),
-            e,
-            Path::Default,
-        );
+        let bg = Batched::single(g.with_ld(ac + 3, bc + 1, 75));
+        for path in [Path::Simt, Path::SimtLarge] {
+            run::<f32, f32>(&dev, &mut rng, bg, e, path);
+        }
     }
 }
 
@@ -305,6 +332,7 @@ fn batched_gemm_with_gaps_between_batches_and_tiles() {
             run::<f16, f16>(&dev, &mut rng, bg, e, path);
             run::<f16, f32>(&dev, &mut rng, bg, e, path);
         }
+        run::<f32, f32>(&dev, &mut rng, bg, e, Path::SimtLarge);
     }
     // A shared operand (stride 0): one weight for every batch.
     let g = Gemm::new(9, 17, 5);
@@ -313,12 +341,14 @@ fn batched_gemm_with_gaps_between_batches_and_tiles() {
         ..Batched::packed(g, 4)
     };
     run::<f32, f32>(&dev, &mut rng, bg, Epilogue::Scaled, Path::Default);
+    run::<f32, f32>(&dev, &mut rng, bg, Epilogue::Scaled, Path::SimtLarge);
     // K = 0: C = beta C + bias on both kernels.
     let bg = Batched::packed(Gemm::new(9, 17, 0), 2);
     for path in [Path::Default, Path::Simt] {
         run::<f32, f32>(&dev, &mut rng, bg, Epilogue::Scaled, path);
         run::<bf16, f32>(&dev, &mut rng, bg, Epilogue::Scaled, path);
     }
+    run::<f32, f32>(&dev, &mut rng, bg, Epilogue::Scaled, Path::SimtLarge);
     run::<bf16, bf16>(&dev, &mut rng, bg, Epilogue::BiasGelu, Path::Default);
 }
 

@@ -13,48 +13,89 @@
 //! (`FLAG_GELU`, `v / (1 + 2^(-2 sqrt(2/pi) log2(e) (v + 0.044715 v^3)))`), round and store.
 //!
 //! # Tiling
-//! - Block tile 64 x 64 of C, K in steps of 16; 256 threads; grid `(ceil(N/64), ceil(M/64),
-//!   batch)`, no dynamic shared memory.
-//! - Thread `(tx, ty) = (tid % 16, tid / 16)` owns the 4 x 4 micro-tile at rows `4 ty + i`,
-//!   columns `4 tx + j`: per k it reads its 4 A values and 4 B values with two 128-bit shared
-//!   loads (16 FMAs per 2 loads). A warp's A reads hit 2 addresses (broadcast), its B reads 16
-//!   consecutive 16-byte words (one 128-byte row per quarter warp): conflict-free.
-//! - Shared staging, f32, k-major: `s_a[16][68]` (A^T of the tile), `s_b[16][68]`; the pitch of
-//!   68 words keeps rows 16-byte aligned. Each thread loads 4 elements of each operand per K
-//!   step. An operand stored with K contiguous (`A: N`, `B: T`) is read 8 consecutive k by 4
-//!   rows per warp, stored at bank `4 k + row mod 32`: 32 distinct banks. An operand stored
-//!   with M / N contiguous is read 32 consecutive columns of one k per warp: consecutive words.
+//! Two block tiles ([`SimtTile`]), 256 threads as 16 x 16, grid
+//! `(ceil(N / bn), ceil(M / bm), batch)`, no dynamic shared memory:
+//! - [`SMALL`] 64 x 64 x 16, 4 x 4 per thread (`lathe_gemm_simt_*`, every operand type);
+//! - [`LARGE`] 128 x 128 x 8, 8 x 8 per thread (`lathe_gemm_simt128_*`, f32), picked by
+//!   [`pick_tile`] when it still gives every SM two blocks.
+//!
+//! - Thread `(tx, ty) = (tid % 16, tid / 16)` owns rows `64 bi + 4 ty + i` and columns
+//!   `64 bj + 4 tx + j` (`i, j < 4`; `bi < bm / 64`, `bj < bn / 64`): per k it reads each 4-run
+//!   with one 128-bit shared load (SMALL: 2 loads per 16 FMAs; LARGE: 4 per 64). A warp's A
+//!   reads hit 2 addresses (broadcast), its B reads 16 consecutive 16-byte words (one 128-byte
+//!   row per quarter warp): conflict-free.
+//! - Shared staging, f32, k-major: `s_a[bk][bm + 4]` (A^T of the tile), `s_b[bk][bn + 4]`; the
+//!   pitch keeps rows 16-byte aligned and is 4 mod 32 banks. Each thread loads 4 elements of
+//!   each operand per K step. An operand stored with K contiguous (`A: N`, `B: T`) is read
+//!   8 consecutive k by 4 rows per warp, stored at bank `4 k + row mod 32`: 32 distinct banks.
+//!   An operand stored with M / N contiguous is read 32 consecutive columns of one k per warp.
+//!   (The simulator's bank counters check both tiles: zero conflicts.)
 //! - Register prefetch: the next K step's global loads are issued before the current step's
-//!   16 x 16 FMAs, one shared stage, two barriers per step.
+//!   FMAs; one shared stage, two barriers per step.
 //! - Tails: every global load is predicated (rows past M/N, k past K read as 0); rows and
 //!   columns past C are never written. Any M, N, K >= 0, any alignment, any leading dimension.
 //!
 //! # Cost
 //! `2 M N K batch` FLOPs. Bytes at least `batch (s_in (M K + K N) + s_out M N)` (+ `s_out M N`
-//! when `beta != 0`); the 64 x 64 tile re-reads A `ceil(N / 64)` times and B `ceil(M / 64)`
-//! times, mostly from L2. Per k a thread issues 2 shared loads for 16 FMAs; with a 4 x 4
-//! micro-tile the shared traffic (2 x 16 bytes per 16 FMAs) still caps it below the f32 FMA
-//! peak (an 8 x 8 micro-tile halves it); bf16 / f16 products belong on [`crate::gemm`].
+//! when `beta != 0`); the tile re-reads A `ceil(N / bn)` times and B `ceil(M / bm)` times,
+//! mostly from L2 (LARGE halves both). Shared traffic per FMA: SMALL 2 bytes, LARGE 1 byte;
+//! the 8 x 8 tile is the one meant to approach the f32 FMA peak on large products. bf16 / f16
+//! products belong on the tensor cores ([`crate::gemm`], [`crate::gemm::batched`]).
 
 use crate::desc::{Arg, ArgKind, Cost, Elem, Geometry, KernelDesc, Module, Problem, Target, arg};
 use crate::gemm::{Gemm, GemmError, Op};
 use crate::nn::ptxgen::{Asm, emit, entry, f32_imm, ld_ptr};
 use std::borrow::Cow;
 
-/// Block tile rows (M).
-pub const BM: u32 = 64;
-/// Block tile columns (N).
-pub const BN: u32 = 64;
-/// K step.
-pub const BK: u32 = 16;
-/// Threads per block.
+/// Threads per block (16 x 16).
 pub const THREADS: u32 = 256;
-/// Row pitch (f32 words) of the shared staging arrays.
-const PITCH: u32 = 68;
+
+/// A block tile: `bm x bn` of C, K in steps of `bk`; thread `(tx, ty)` owns
+/// `(bm / 16) x (bn / 16)` elements in 4 x 4 blocks 64 rows / columns apart. Shared arrays are
+/// `s_a[bk][bm + 4]`, `s_b[bk][bn + 4]` f32 (rows 16-byte aligned, pitch = 4 mod 32 banks).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SimtTile {
+    pub bm: u32,
+    pub bn: u32,
+    pub bk: u32,
+}
+
+impl SimtTile {
+    /// Rows of C per thread.
+    pub fn tm(&self) -> u32 {
+        self.bm / 16
+    }
+    /// Columns of C per thread.
+    pub fn tn(&self) -> u32 {
+        self.bn / 16
+    }
+    /// Blocks of a problem: `(ceil(n / bn), ceil(m / bm), batch)`.
+    pub fn grid(&self, p: &Problem) -> (u32, u32, u32) {
+        (
+            p.n.div_ceil(self.bn as u64).max(1) as u32,
+            p.m.div_ceil(self.bm as u64).max(1) as u32,
+            p.batch.max(1) as u32,
+        )
+    }
+}
+
+/// 64 x 64 x 16, 4 x 4 per thread: small problems and attention heads.
+pub const SMALL: SimtTile = SimtTile {
+    bm: 64,
+    bn: 64,
+    bk: 16,
+};
+/// 128 x 128 x 8, 8 x 8 per thread (4 shared loads per 64 FMAs): large f32 products.
+pub const LARGE: SimtTile = SimtTile {
+    bm: 128,
+    bn: 128,
+    bk: 8,
+};
 
 /// One kernel of the family.
 struct Spec {
     entry: &'static str,
+    tile: SimtTile,
     op_a: Op,
     op_b: Op,
     input: Elem,
@@ -98,23 +139,30 @@ struct Operand {
     ld: &'static str,
     origin: &'static str,
     limit: &'static str,
+    /// Rows of the tile along M (A) or N (B).
+    extent: u32,
 }
 
 /// Per-thread load setup: pointers at k = 0, predicates on the row, shared store addresses.
-fn setup(a: &mut Asm, o: &Operand, size: usize) {
+/// Each thread moves 4 elements of each operand per K step (`extent x bk = 1024`).
+fn setup(a: &mut Asm, o: &Operand, size: usize, bk: u32) {
     let x = o.x;
+    let (ext, pitch) = (o.extent, o.extent + 4);
+    assert_eq!(ext * bk, 4 * THREADS, "4 elements per thread and operand");
     emit!(a, "mov.u32 %sh, s_{x};");
     for q in 0..4u32 {
         if o.k_contig {
-            // 8 consecutive k x 4 consecutive rows per warp row group.
+            // 8 consecutive k x 4 consecutive rows per warp: banks 4 k + row, all distinct.
+            let kgroups = bk / 8;
             a.l("shr.u32 %outer, %thr, 3;");
-            emit!(a, "add.u32 %outer, %outer, {};", 32 * (q >> 1));
+            emit!(a, "add.u32 %outer, %outer, {};", 32 * (q / kgroups));
             emit!(a, "and.b32 %kk{x}{q}, %thr, 7;");
-            emit!(a, "add.u32 %kk{x}{q}, %kk{x}{q}, {};", 8 * (q & 1));
+            emit!(a, "add.u32 %kk{x}{q}, %kk{x}{q}, {};", 8 * (q % kgroups));
         } else {
-            a.l("and.b32 %outer, %thr, 63;");
-            emit!(a, "shr.u32 %kk{x}{q}, %thr, 6;");
-            emit!(a, "add.u32 %kk{x}{q}, %kk{x}{q}, {};", 4 * q);
+            // A warp reads 32 consecutive columns of one k.
+            emit!(a, "and.b32 %outer, %thr, {};", ext - 1);
+            emit!(a, "shr.u32 %kk{x}{q}, %thr, {};", ext.trailing_zeros());
+            emit!(a, "add.u32 %kk{x}{q}, %kk{x}{q}, {};", (THREADS / ext) * q);
         }
         emit!(a, "add.u32 %row, {}, %outer;", o.origin);
         emit!(a, "setp.lt.u32 %po{x}{q}, %row, {};", o.limit);
@@ -130,18 +178,18 @@ fn setup(a: &mut Asm, o: &Operand, size: usize) {
         a.l("add.u64 %t64, %t64, %u64;");
         emit!(a, "shl.b64 %t64, %t64, {};", size.trailing_zeros());
         emit!(a, "add.u64 %x{x}{q}, %p{x}, %t64;");
-        emit!(a, "mad.lo.u32 %st{x}{q}, %kk{x}{q}, {PITCH}, %outer;");
+        emit!(a, "mad.lo.u32 %st{x}{q}, %kk{x}{q}, {pitch}, %outer;");
         emit!(a, "shl.b32 %st{x}{q}, %st{x}{q}, 2;");
         emit!(a, "add.u32 %st{x}{q}, %st{x}{q}, %sh;");
     }
     if o.k_contig {
-        emit!(a, "mov.u64 %step{x}, {};", BK as usize * size);
+        emit!(a, "mov.u64 %step{x}, {};", bk as usize * size);
     } else {
         emit!(
             a,
             "mul.wide.u32 %step{x}, {}, {};",
             o.ld,
-            BK as usize * size
+            bk as usize * size
         );
     }
 }
@@ -160,6 +208,9 @@ fn load_step(a: &mut Asm, o: &Operand, e: Elem) {
 }
 
 fn kernel(s: &Spec) -> String {
+    let t = s.tile;
+    let (tm, tn) = (t.tm() as usize, t.tn() as usize);
+    let (pa_, pb_) = (t.bm + 4, t.bn + 4);
     let (isz, osz) = (s.input.size(), s.output.size());
     let mut a = Asm::default();
     entry(
@@ -184,16 +235,21 @@ fn kernel(s: &Spec) -> String {
             ("stride_c", "u64"),
         ],
     );
-    a.c("k-major f32 staging of the tile: s_a[k][m], s_b[k][n], pitch 66 words");
-    emit!(a, ".shared .align 16 .f32 s_a[{}];", BK * PITCH);
-    emit!(a, ".shared .align 16 .f32 s_b[{}];", BK * PITCH);
+    a.c(&format!(
+        "k-major f32 staging of the {}x{}x{} tile: s_a[k][m] pitch {pa_}, s_b[k][n] pitch {pb_}",
+        t.bm, t.bn, t.bk
+    ));
+    emit!(a, ".shared .align 16 .f32 s_a[{}];", t.bk * pa_);
+    emit!(a, ".shared .align 16 .f32 s_b[{}];", t.bk * pb_);
     a.l(".reg .b64 %pa, %pb, %pc, %pbias, %t64, %u64, %xa<4>, %xb<4>, %stepa, %stepb;");
-    a.l(".reg .b64 %crow<4>, %ccol<4>;");
+    emit!(a, ".reg .b64 %crow<{tm}>, %ccol<{tn}>;");
     a.l(".reg .b32 %m, %n, %k, %lda, %ldb, %ldc, %flags, %thr, %tx, %ty, %bm0, %bn0, %k0;");
     a.l(".reg .b32 %row, %outer, %sh, %wd, %rda, %rdb, %kka<4>, %kkb<4>, %sta<4>, %stb<4>;");
-    a.l(".reg .f32 %alpha, %beta, %va<4>, %vb<4>, %fa<4>, %fb<4>, %acc<16>, %w, %g;");
+    a.l(".reg .f32 %alpha, %beta, %va<4>, %vb<4>, %w;");
+    emit!(a, ".reg .f32 %fa<{tm}>, %fb<{tn}>, %acc<{}>;", tm * tn);
     a.l(".reg .b16 %h;");
-    a.l(".reg .pred %poa<4>, %pob<4>, %pk, %pr<4>, %pcol<4>, %pe, %pu;");
+    a.l(".reg .pred %poa<4>, %pob<4>, %pk, %pe, %pu;");
+    emit!(a, ".reg .pred %pr<{tm}>, %pcol<{tn}>;");
     for (r, p) in [("%pa", "a"), ("%pb", "b"), ("%pc", "c"), ("%pbias", "bias")] {
         ld_ptr(&mut a, r, p);
     }
@@ -215,10 +271,10 @@ fn kernel(s: &Spec) -> String {
     a.l("and.b32 %tx, %thr, 15;");
     a.l("shr.u32 %ty, %thr, 4;");
     a.l("mov.u32 %bn0, %ctaid.x;");
-    emit!(a, "shl.b32 %bn0, %bn0, {};", BN.trailing_zeros());
+    emit!(a, "shl.b32 %bn0, %bn0, {};", t.bn.trailing_zeros());
     a.l("mov.u32 %bm0, %ctaid.y;");
-    emit!(a, "shl.b32 %bm0, %bm0, {};", BM.trailing_zeros());
-    for i in 0..16 {
+    emit!(a, "shl.b32 %bm0, %bm0, {};", t.bm.trailing_zeros());
+    for i in 0..tm * tn {
         emit!(a, "mov.f32 %acc{i}, 0f00000000;");
     }
     let oa = Operand {
@@ -227,6 +283,7 @@ fn kernel(s: &Spec) -> String {
         ld: "%lda",
         origin: "%bm0",
         limit: "%m",
+        extent: t.bm,
     };
     let ob = Operand {
         x: "b",
@@ -234,12 +291,13 @@ fn kernel(s: &Spec) -> String {
         ld: "%ldb",
         origin: "%bn0",
         limit: "%n",
+        extent: t.bn,
     };
     a.c("A loads");
-    setup(&mut a, &oa, isz);
+    setup(&mut a, &oa, isz, t.bk);
     a.c("B loads");
-    setup(&mut a, &ob, isz);
-    a.c("shared read bases: s_a + 4 ty, s_b + 4 tx");
+    setup(&mut a, &ob, isz, t.bk);
+    a.c("shared read bases: s_a + 4 ty, s_b + 4 tx (words)");
     a.l("mov.u32 %sh, s_a;");
     a.l("shl.b32 %rda, %ty, 4;");
     a.l("add.u32 %rda, %rda, %sh;");
@@ -261,52 +319,63 @@ fn kernel(s: &Spec) -> String {
         }
     }
     a.l("bar.sync 0;");
-    emit!(a, "add.u32 %k0, %k0, {BK};");
+    emit!(a, "add.u32 %k0, %k0, {};", t.bk);
     a.l("setp.lt.u32 %pu, %k0, %k;");
     a.l("@!%pu bra.uni $COMPUTE;");
     a.c("prefetch the next step into registers");
     load_step(&mut a, &oa, s.input);
     load_step(&mut a, &ob, s.input);
     a.label("$COMPUTE");
-    for kk in 0..BK {
-        emit!(
-            a,
-            "ld.shared.v4.f32 {{%fa0, %fa1, %fa2, %fa3}}, [%rda+{}];",
-            4 * kk * PITCH
-        );
-        emit!(
-            a,
-            "ld.shared.v4.f32 {{%fb0, %fb1, %fb2, %fb3}}, [%rdb+{}];",
-            4 * kk * PITCH
-        );
-        for i in 0..4 {
-            for j in 0..4 {
-                emit!(
-                    a,
-                    "fma.rn.f32 %acc{}, %fa{i}, %fb{j}, %acc{};",
-                    4 * i + j,
-                    4 * i + j
-                );
+    for kk in 0..t.bk {
+        for blk in 0..tm / 4 {
+            let f = |q: usize| format!("%fa{}", 4 * blk + q);
+            emit!(
+                a,
+                "ld.shared.v4.f32 {{{}, {}, {}, {}}}, [%rda+{}];",
+                f(0),
+                f(1),
+                f(2),
+                f(3),
+                4 * (kk * pa_ + 64 * blk as u32)
+            );
+        }
+        for blk in 0..tn / 4 {
+            let f = |q: usize| format!("%fb{}", 4 * blk + q);
+            emit!(
+                a,
+                "ld.shared.v4.f32 {{{}, {}, {}, {}}}, [%rdb+{}];",
+                f(0),
+                f(1),
+                f(2),
+                f(3),
+                4 * (kk * pb_ + 64 * blk as u32)
+            );
+        }
+        for i in 0..tm {
+            for j in 0..tn {
+                let c = tn * i + j;
+                emit!(a, "fma.rn.f32 %acc{c}, %fa{i}, %fb{j}, %acc{c};");
             }
         }
     }
     a.l("@%pu bra.uni $KSTEP;");
 
     a.label("$EPILOGUE");
-    a.c("rows bm0 + 4 ty + i, columns bn0 + 4 tx + j");
+    a.c("row i: bm0 + 64 (i / 4) + 4 ty + i % 4; column j likewise with bn0 and tx");
     a.l("shl.b32 %ty, %ty, 2;");
     a.l("shl.b32 %tx, %tx, 2;");
-    for i in 0..4 {
+    let off = |i: usize| 64 * (i / 4) + i % 4;
+    for i in 0..tm {
         emit!(a, "add.u32 %row, %bm0, %ty;");
-        emit!(a, "add.u32 %row, %row, {i};");
+        emit!(a, "add.u32 %row, %row, {};", off(i));
         emit!(a, "setp.lt.u32 %pr{i}, %row, %m;");
         emit!(a, "mul.wide.u32 %crow{i}, %row, %ldc;");
         emit!(a, "shl.b64 %crow{i}, %crow{i}, {};", osz.trailing_zeros());
         emit!(a, "add.u64 %crow{i}, %crow{i}, %pc;");
     }
-    for j in 0..4 {
+    for j in 0..tn {
         emit!(a, "add.u32 %row, %bn0, %tx;");
-        emit!(a, "add.u32 %row, %row, {j};");
+        emit!(a, "add.u32 %row, %row, {};", off(j));
         emit!(a, "setp.lt.u32 %pcol{j}, %row, %n;");
         emit!(a, "mul.wide.u32 %ccol{j}, %row, {osz};");
     }
@@ -315,22 +384,18 @@ fn kernel(s: &Spec) -> String {
         emit!(a, "add.u64 %t64, %crow{i}, %ccol{j};");
     };
     a.c("1. v = alpha acc");
-    for i in 0..16 {
+    for i in 0..tm * tn {
         emit!(a, "mul.rn.f32 %acc{i}, %acc{i}, %alpha;");
     }
     a.c("2. v += beta C, only when beta != 0");
     a.l("setp.eq.f32 %pu, %beta, 0f00000000;");
     a.l("@%pu bra.uni $NO_BETA;");
-    for i in 0..4 {
-        for j in 0..4 {
+    for i in 0..tm {
+        for j in 0..tn {
             elem_pred(&mut a, i, j);
             ld_pred(&mut a, s.output, "%pe", "%t64", "%w");
-            emit!(
-                a,
-                "fma.rn.f32 %acc{}, %beta, %w, %acc{};",
-                4 * i + j,
-                4 * i + j
-            );
+            let c = tn * i + j;
+            emit!(a, "fma.rn.f32 %acc{c}, %beta, %w, %acc{c};");
         }
     }
     a.label("$NO_BETA");
@@ -338,9 +403,9 @@ fn kernel(s: &Spec) -> String {
     emit!(a, "and.b32 %row, %flags, {};", crate::gemm::FLAG_BIAS);
     a.l("setp.eq.u32 %pu, %row, 0;");
     a.l("@%pu bra.uni $NO_BIAS;");
-    for j in 0..4 {
+    for j in 0..tn {
         emit!(a, "add.u32 %row, %bn0, %tx;");
-        emit!(a, "add.u32 %row, %row, {j};");
+        emit!(a, "add.u32 %row, %row, {};", off(j));
         emit!(a, "mul.wide.u32 %t64, %row, {isz};");
         a.l("add.u64 %t64, %t64, %pbias;");
         ld_pred(
@@ -350,13 +415,9 @@ fn kernel(s: &Spec) -> String {
             "%t64",
             &format!("%fb{j}"),
         );
-        for i in 0..4 {
-            emit!(
-                a,
-                "add.rn.f32 %acc{}, %acc{}, %fb{j};",
-                4 * i + j,
-                4 * i + j
-            );
+        for i in 0..tm {
+            let c = tn * i + j;
+            emit!(a, "add.rn.f32 %acc{c}, %acc{c}, %fb{j};");
         }
     }
     a.label("$NO_BIAS");
@@ -365,7 +426,7 @@ fn kernel(s: &Spec) -> String {
     a.l("setp.eq.u32 %pu, %row, 0;");
     a.l("@%pu bra.uni $NO_GELU;");
     let scale = (-2.0 * (2.0f64 / std::f64::consts::PI).sqrt() * std::f64::consts::LOG2_E) as f32;
-    for i in 0..16 {
+    for i in 0..tm * tn {
         emit!(a, "mul.rn.f32 %w, %acc{i}, %acc{i};");
         emit!(
             a,
@@ -381,10 +442,10 @@ fn kernel(s: &Spec) -> String {
     }
     a.label("$NO_GELU");
     a.c("5. round to the output type and store inside C");
-    for i in 0..4 {
-        for j in 0..4 {
+    for i in 0..tm {
+        for j in 0..tn {
             elem_pred(&mut a, i, j);
-            let v = format!("%acc{}", 4 * i + j);
+            let v = format!("%acc{}", tn * i + j);
             match s.output {
                 Elem::F32 => emit!(a, "@%pe st.global.f32 [%t64], {v};"),
                 Elem::BF16 => {
@@ -412,17 +473,20 @@ fn module_ptx(specs: &[&Spec]) -> Cow<'static, str> {
     Cow::Owned(s)
 }
 
-/// Grid `(ceil(n / 64), ceil(m / 64), batch)`, 256 threads.
-pub fn geometry(p: &Problem) -> Geometry {
+fn geometry_of(t: &SimtTile, p: &Problem) -> Geometry {
     Geometry {
-        grid: (
-            p.n.div_ceil(BN as u64).max(1) as u32,
-            p.m.div_ceil(BM as u64).max(1) as u32,
-            p.batch.max(1) as u32,
-        ),
+        grid: t.grid(p),
         block: (THREADS, 1, 1),
         shared_bytes: 0,
     }
+}
+/// [`SMALL`]: grid `(ceil(n / 64), ceil(m / 64), batch)`, 256 threads.
+pub fn geometry(p: &Problem) -> Geometry {
+    geometry_of(&SMALL, p)
+}
+/// [`LARGE`]: grid `(ceil(n / 128), ceil(m / 128), batch)`, 256 threads.
+pub fn geometry_large(p: &Problem) -> Geometry {
+    geometry_of(&LARGE, p)
 }
 
 fn cost(p: &Problem, isz: u64, osz: u64) -> Cost {
@@ -470,13 +534,14 @@ const ARGS_F16_F32: [Arg; 16] = args(Elem::F16, Elem::F32);
 
 /// Declares the modules (one per operand type) and their kernels.
 macro_rules! family {
-    ($( $module:ident, $mname:literal, $ptx_fn:ident: [
+    ($( $module:ident, $mname:literal, $ptx_fn:ident, $tile:ident, $geom:ident: [
         $( $kd:ident, $spec:ident = $entry:literal, $a:ident, $b:ident, $in:ident, $out:ident,
            $args:ident, $cost:ident; )* ] )*) => {
         $(
             $(
                 static $spec: Spec = Spec {
                     entry: $entry,
+                    tile: $tile,
                     op_a: Op::$a,
                     op_b: Op::$b,
                     input: Elem::$in,
@@ -498,7 +563,7 @@ macro_rules! family {
                     entry: $entry,
                     module: &$module,
                     args: &$args,
-                    geometry,
+                    geometry: $geom,
                     cost: $cost,
                     summary: "C[z] = act(alpha op(A[z]) op(B[z]) + beta C[z] + bias), f32 FMA, batched",
                 };
@@ -506,21 +571,21 @@ macro_rules! family {
         )*
         /// Every module of this family.
         pub static MODULES: &[&Module] = &[$(&$module),*];
-        /// Every kernel with its (op_a, op_b, input, output).
-        pub static TABLE: &[(Op, Op, Elem, Elem, &KernelDesc)] = &[
-            $( $( (Op::$a, Op::$b, Elem::$in, Elem::$out, &$kd), )* )*
+        /// Every kernel with its (tile, op_a, op_b, input, output).
+        pub static TABLE: &[(SimtTile, Op, Op, Elem, Elem, &KernelDesc)] = &[
+            $( $( ($tile, Op::$a, Op::$b, Elem::$in, Elem::$out, &$kd), )* )*
         ];
     };
 }
 
 family! {
-    SIMT_F32, "gemm_simt_f32", ptx_f32: [
+    SIMT_F32, "gemm_simt_f32", ptx_f32, SMALL, geometry: [
         NN_F32, S_NN_F32 = "lathe_gemm_simt_nn_f32_f32", N, N, F32, F32, ARGS_F32, cost_f32;
         NT_F32, S_NT_F32 = "lathe_gemm_simt_nt_f32_f32", N, T, F32, F32, ARGS_F32, cost_f32;
         TN_F32, S_TN_F32 = "lathe_gemm_simt_tn_f32_f32", T, N, F32, F32, ARGS_F32, cost_f32;
         TT_F32, S_TT_F32 = "lathe_gemm_simt_tt_f32_f32", T, T, F32, F32, ARGS_F32, cost_f32;
     ]
-    SIMT_BF16, "gemm_simt_bf16", ptx_bf16: [
+    SIMT_BF16, "gemm_simt_bf16", ptx_bf16, SMALL, geometry: [
         NN_BF16_BF16, S_NN_BF16_BF16 = "lathe_gemm_simt_nn_bf16_bf16", N, N, BF16, BF16,
             ARGS_BF16_BF16, cost_16_16;
         NT_BF16_BF16, S_NT_BF16_BF16 = "lathe_gemm_simt_nt_bf16_bf16", N, T, BF16, BF16,
@@ -538,7 +603,7 @@ family! {
         TT_BF16_F32, S_TT_BF16_F32 = "lathe_gemm_simt_tt_bf16_f32", T, T, BF16, F32,
             ARGS_BF16_F32, cost_16_32;
     ]
-    SIMT_F16, "gemm_simt_f16", ptx_f16: [
+    SIMT_F16, "gemm_simt_f16", ptx_f16, SMALL, geometry: [
         NN_F16_F16, S_NN_F16_F16 = "lathe_gemm_simt_nn_f16_f16", N, N, F16, F16,
             ARGS_F16_F16, cost_16_16;
         NT_F16_F16, S_NT_F16_F16 = "lathe_gemm_simt_nt_f16_f16", N, T, F16, F16,
@@ -556,6 +621,16 @@ family! {
         TT_F16_F32, S_TT_F16_F32 = "lathe_gemm_simt_tt_f16_f32", T, T, F16, F32,
             ARGS_F16_F32, cost_16_32;
     ]
+    SIMT128_F32, "gemm_simt128_f32", ptx128_f32, LARGE, geometry_large: [
+        NN128_F32, S128_NN_F32 = "lathe_gemm_simt128_nn_f32_f32", N, N, F32, F32, ARGS_F32,
+            cost_f32;
+        NT128_F32, S128_NT_F32 = "lathe_gemm_simt128_nt_f32_f32", N, T, F32, F32, ARGS_F32,
+            cost_f32;
+        TN128_F32, S128_TN_F32 = "lathe_gemm_simt128_tn_f32_f32", T, N, F32, F32, ARGS_F32,
+            cost_f32;
+        TT128_F32, S128_TT_F32 = "lathe_gemm_simt128_tt_f32_f32", T, T, F32, F32, ARGS_F32,
+            cost_f32;
+    ]
 }
 
 /// Every module of this family.
@@ -565,16 +640,38 @@ pub fn modules() -> Vec<&'static Module> {
 
 /// Every kernel of this family.
 pub fn kernels() -> Vec<&'static KernelDesc> {
-    TABLE.iter().map(|r| r.4).collect()
+    TABLE.iter().map(|r| r.5).collect()
 }
 
-/// The kernel for a storage and element types: `input` f32 (output f32), or bf16 / f16 (output
-/// the input type or f32).
+/// The [`SMALL`]-tile kernel for a storage and element types: `input` f32 (output f32), or
+/// bf16 / f16 (output the input type or f32).
 pub fn kernel_for(op_a: Op, op_b: Op, input: Elem, output: Elem) -> Option<&'static KernelDesc> {
+    kernel_for_tile(SMALL, op_a, op_b, input, output)
+}
+
+/// The kernel of a tile ([`LARGE`] exists for f32 operands and output only).
+pub fn kernel_for_tile(
+    tile: SimtTile,
+    op_a: Op,
+    op_b: Op,
+    input: Elem,
+    output: Elem,
+) -> Option<&'static KernelDesc> {
     TABLE
         .iter()
-        .find(|r| r.0 == op_a && r.1 == op_b && r.2 == input && r.3 == output)
-        .map(|r| r.4)
+        .find(|r| r.0 == tile && r.1 == op_a && r.2 == op_b && r.3 == input && r.4 == output)
+        .map(|r| r.5)
+}
+
+/// The tile for a problem on a GPU with `sms` multiprocessors: [`LARGE`] when it still gives
+/// every SM two blocks, else [`SMALL`] (more, smaller blocks for narrow products and heads).
+pub fn pick_tile(p: &Problem, sms: u32) -> SimtTile {
+    let (x, y, z) = LARGE.grid(p);
+    if x as u64 * y as u64 * z as u64 >= 2 * sms as u64 {
+        LARGE
+    } else {
+        SMALL
+    }
 }
 
 /// The largest batch one launch takes (grid z).
@@ -676,11 +773,11 @@ impl Batched {
                 limit: MAX_BATCH,
             });
         }
-        if self.gemm.m.div_ceil(BM as usize) > MAX_BATCH {
+        if self.gemm.m.div_ceil(SMALL.bm as usize) > MAX_BATCH {
             return Err(GemmError::TooLarge {
                 what: "m",
                 value: self.gemm.m,
-                limit: MAX_BATCH * BM as usize,
+                limit: MAX_BATCH * SMALL.bm as usize,
             });
         }
         Ok(())
@@ -767,7 +864,7 @@ mod tests {
         assert!(kernel_for(Op::N, Op::N, Elem::F32, Elem::BF16).is_none());
     }
 
-    /// Every layout and operand width on whole tiles (64 x 64, K = 32, two batches) on the
+    /// Every tile, layout and operand width on whole tiles (K = two steps, two batches) on the
     /// simulated device: the result matches the twin and shared memory has no bank conflict.
     #[test]
     fn whole_tiles_are_bank_conflict_free_on_the_simulator() {
@@ -776,25 +873,34 @@ mod tests {
         use crate::tolerance::{check_close, rel_tolerance};
         use half::bf16;
         let mut rng = Rng::new(0x51);
-        for (op_a, op_b) in [
+        let cases = [
+            (SMALL, &[Elem::F32, Elem::BF16][..]),
+            (LARGE, &[Elem::F32][..]),
+        ];
+        let ops = [
             (Op::N, Op::N),
             (Op::N, Op::T),
             (Op::T, Op::N),
             (Op::T, Op::T),
-        ] {
-            let bg = Batched::packed(Gemm::new(64, 64, 32).with_ops(op_a, op_b), 2);
+        ];
+        for (tile, op_a, op_b, inputs) in cases
+            .iter()
+            .flat_map(|&(t, i)| ops.iter().map(move |&(a, b)| (t, a, b, i)))
+        {
+            let g = Gemm::new(tile.bm as usize, tile.bn as usize, 2 * tile.bk as usize);
+            let bg = Batched::packed(g.with_ops(op_a, op_b), 2);
             let a = rng.vec_f32(bg.a_len(), -1.0, 1.0);
             let b = rng.vec_f32(bg.b_len(), -1.0, 1.0);
             let a16: Vec<bf16> = a.iter().map(|&x| bf16::from_f32(x)).collect();
             let b16: Vec<bf16> = b.iter().map(|&x| bf16::from_f32(x)).collect();
-            for input in [Elem::F32, Elem::BF16] {
+            for &input in inputs {
                 let mut gpu = Gpu::new();
                 let (pa, pb) = match input {
                     Elem::F32 => (gpu.upload(&a), gpu.upload(&b)),
                     _ => (gpu.upload(&a16), gpu.upload(&b16)),
                 };
                 let pc = gpu.alloc_bytes(4 * bg.c_len());
-                let k = kernel_for(op_a, op_b, input, Elem::F32).unwrap();
+                let k = kernel_for_tile(tile, op_a, op_b, input, Elem::F32).unwrap();
                 let g = &bg.gemm;
                 let u = |x: usize| A::U32(x as u32);
                 let args = [
