@@ -143,44 +143,55 @@ struct Operand {
     extent: u32,
 }
 
-/// Per-thread load setup: pointers at k = 0, predicates on the row, shared store addresses.
-/// Each thread moves 4 elements of each operand per K step (`extent x bk = 1024`).
+/// The `q`-th element (of 4) a thread moves per K step: its offsets `(dk, douter)` from the
+/// thread's first element (k, row along M / N).
+fn element_offsets(o: &Operand, bk: u32, q: u32) -> (u32, u32) {
+    if o.k_contig {
+        let kgroups = bk / 8;
+        (8 * (q % kgroups), 32 * (q / kgroups))
+    } else {
+        ((THREADS / o.extent) * q, 0)
+    }
+}
+
+/// Per-thread load setup: the first element's k (`%kk{x}`) and shared store address
+/// (`%st{x}`), and per element a pointer at k = 0 and a row predicate. Each thread moves 4
+/// elements of each operand per K step (`extent x bk = 1024`).
 fn setup(a: &mut Asm, o: &Operand, size: usize, bk: u32) {
     let x = o.x;
     let (ext, pitch) = (o.extent, o.extent + 4);
     assert_eq!(ext * bk, 4 * THREADS, "4 elements per thread and operand");
+    if o.k_contig {
+        // 8 consecutive k x 4 consecutive rows per warp: banks 4 k + row, all distinct.
+        a.l("shr.u32 %outer, %thr, 3;");
+        emit!(a, "and.b32 %kk{x}, %thr, 7;");
+    } else {
+        // A warp reads 32 consecutive columns of one k.
+        emit!(a, "and.b32 %outer, %thr, {};", ext - 1);
+        emit!(a, "shr.u32 %kk{x}, %thr, {};", ext.trailing_zeros());
+    }
+    emit!(a, "mad.lo.u32 %st{x}, %kk{x}, {pitch}, %outer;");
+    emit!(a, "shl.b32 %st{x}, %st{x}, 2;");
     emit!(a, "mov.u32 %sh, s_{x};");
+    emit!(a, "add.u32 %st{x}, %st{x}, %sh;");
     for q in 0..4u32 {
-        if o.k_contig {
-            // 8 consecutive k x 4 consecutive rows per warp: banks 4 k + row, all distinct.
-            let kgroups = bk / 8;
-            a.l("shr.u32 %outer, %thr, 3;");
-            emit!(a, "add.u32 %outer, %outer, {};", 32 * (q / kgroups));
-            emit!(a, "and.b32 %kk{x}{q}, %thr, 7;");
-            emit!(a, "add.u32 %kk{x}{q}, %kk{x}{q}, {};", 8 * (q % kgroups));
-        } else {
-            // A warp reads 32 consecutive columns of one k.
-            emit!(a, "and.b32 %outer, %thr, {};", ext - 1);
-            emit!(a, "shr.u32 %kk{x}{q}, %thr, {};", ext.trailing_zeros());
-            emit!(a, "add.u32 %kk{x}{q}, %kk{x}{q}, {};", (THREADS / ext) * q);
-        }
+        let (dk, dout) = element_offsets(o, bk, q);
         emit!(a, "add.u32 %row, {}, %outer;", o.origin);
+        emit!(a, "add.u32 %row, %row, {dout};");
         emit!(a, "setp.lt.u32 %po{x}{q}, %row, {};", o.limit);
+        emit!(a, "add.u32 %kq, %kk{x}, {dk};");
         if o.k_contig {
-            // element (row, kk): row * ld + kk
+            // element (row, k): row * ld + k
             emit!(a, "mul.wide.u32 %t64, %row, {};", o.ld);
-            emit!(a, "cvt.u64.u32 %u64, %kk{x}{q};");
+            a.l("cvt.u64.u32 %u64, %kq;");
         } else {
-            // element (kk, row): kk * ld + row
-            emit!(a, "mul.wide.u32 %t64, %kk{x}{q}, {};", o.ld);
+            // element (k, row): k * ld + row
+            emit!(a, "mul.wide.u32 %t64, %kq, {};", o.ld);
             a.l("cvt.u64.u32 %u64, %row;");
         }
         a.l("add.u64 %t64, %t64, %u64;");
         emit!(a, "shl.b64 %t64, %t64, {};", size.trailing_zeros());
         emit!(a, "add.u64 %x{x}{q}, %p{x}, %t64;");
-        emit!(a, "mad.lo.u32 %st{x}{q}, %kk{x}{q}, {pitch}, %outer;");
-        emit!(a, "shl.b32 %st{x}{q}, %st{x}{q}, 2;");
-        emit!(a, "add.u32 %st{x}{q}, %st{x}{q}, %sh;");
     }
     if o.k_contig {
         emit!(a, "mov.u64 %step{x}, {};", bk as usize * size);
@@ -194,16 +205,27 @@ fn setup(a: &mut Asm, o: &Operand, size: usize, bk: u32) {
     }
 }
 
-/// Loads this thread's 4 elements of the K step at `%k0` into `%v{x}0..3`, then advances the
-/// pointers by one K step.
-fn load_step(a: &mut Asm, o: &Operand, e: Elem) {
+/// Loads this thread's 4 elements of the K step at `%k0` into `%v{x}0..3` (`%krem = k - k0`),
+/// then advances the pointers by one K step.
+fn load_step(a: &mut Asm, o: &Operand, e: Elem, bk: u32) {
     let x = o.x;
     for q in 0..4 {
-        emit!(a, "add.u32 %row, %k0, %kk{x}{q};");
-        a.l("setp.lt.u32 %pk, %row, %k;");
+        let (dk, _) = element_offsets(o, bk, q);
+        emit!(a, "add.u32 %kq, %kk{x}, {dk};");
+        a.l("setp.lt.u32 %pk, %kq, %krem;");
         emit!(a, "and.pred %pk, %pk, %po{x}{q};");
         ld_pred(a, e, "%pk", &format!("%x{x}{q}"), &format!("%v{x}{q}"));
         emit!(a, "add.u64 %x{x}{q}, %x{x}{q}, %step{x};");
+    }
+}
+
+/// Stores the 4 staged elements into shared memory.
+fn store_step(a: &mut Asm, o: &Operand, bk: u32) {
+    let x = o.x;
+    for q in 0..4 {
+        let (dk, dout) = element_offsets(o, bk, q);
+        let off = 4 * (dk * (o.extent + 4) + dout);
+        emit!(a, "st.shared.f32 [%st{x}+{off}], %v{x}{q};");
     }
 }
 
@@ -244,7 +266,7 @@ fn kernel(s: &Spec) -> String {
     a.l(".reg .b64 %pa, %pb, %pc, %pbias, %t64, %u64, %xa<4>, %xb<4>, %stepa, %stepb;");
     emit!(a, ".reg .b64 %crow<{tm}>, %ccol<{tn}>;");
     a.l(".reg .b32 %m, %n, %k, %lda, %ldb, %ldc, %flags, %thr, %tx, %ty, %bm0, %bn0, %k0;");
-    a.l(".reg .b32 %row, %outer, %sh, %wd, %rda, %rdb, %kka<4>, %kkb<4>, %sta<4>, %stb<4>;");
+    a.l(".reg .b32 %row, %outer, %sh, %wd, %rda, %rdb, %kka, %kkb, %sta, %stb, %kq, %krem;");
     a.l(".reg .f32 %alpha, %beta, %va<4>, %vb<4>, %w;");
     emit!(a, ".reg .f32 %fa<{tm}>, %fb<{tn}>, %acc<{}>;", tm * tn);
     a.l(".reg .b16 %h;");
@@ -306,25 +328,24 @@ fn kernel(s: &Spec) -> String {
     a.l("add.u32 %rdb, %rdb, %sh;");
 
     a.l("mov.u32 %k0, 0;");
+    a.l("mov.u32 %krem, %k;");
     a.l("setp.eq.u32 %pu, %k, 0;");
     a.l("@%pu bra.uni $EPILOGUE;");
-    load_step(&mut a, &oa, s.input);
-    load_step(&mut a, &ob, s.input);
+    load_step(&mut a, &oa, s.input, t.bk);
+    load_step(&mut a, &ob, s.input, t.bk);
     a.label("$KSTEP");
     a.c("the previous step's reads of shared are done: stage this step");
     a.l("bar.sync 0;");
-    for x in ["a", "b"] {
-        for q in 0..4 {
-            emit!(a, "st.shared.f32 [%st{x}{q}], %v{x}{q};");
-        }
-    }
+    store_step(&mut a, &oa, t.bk);
+    store_step(&mut a, &ob, t.bk);
     a.l("bar.sync 0;");
     emit!(a, "add.u32 %k0, %k0, {};", t.bk);
     a.l("setp.lt.u32 %pu, %k0, %k;");
     a.l("@!%pu bra.uni $COMPUTE;");
     a.c("prefetch the next step into registers");
-    load_step(&mut a, &oa, s.input);
-    load_step(&mut a, &ob, s.input);
+    a.l("sub.u32 %krem, %k, %k0;");
+    load_step(&mut a, &oa, s.input, t.bk);
+    load_step(&mut a, &ob, s.input, t.bk);
     a.label("$COMPUTE");
     for kk in 0..t.bk {
         for blk in 0..tm / 4 {
@@ -462,7 +483,13 @@ fn kernel(s: &Spec) -> String {
     }
     a.l("ret;");
     a.l("}");
-    a.s
+    // 256 threads; the 8 x 8 tile asks for two blocks per SM (at most 128 registers).
+    let perf = if t == LARGE {
+        ".maxntid 256, 1, 1\n.minnctapersm 2\n"
+    } else {
+        ".maxntid 256, 1, 1\n"
+    };
+    a.s.replacen("\n)\n{\n", &format!("\n)\n{perf}{{\n"), 1)
 }
 
 fn module_ptx(specs: &[&Spec]) -> Cow<'static, str> {
