@@ -229,7 +229,7 @@ impl Device {
         self.fill(&mut part, 0.0)?;
         let body = rows / g;
         self.colsum_launch(k, dy, 0, body, g * c, g * c, &mut part)?;
-        if rows % g != 0 {
+        if !rows.is_multiple_of(g) {
             // The last rows % g rows into part[0 .. c].
             self.colsum_launch(k, dy, body * g * c, rows % g, c, c, &mut part)?;
         }

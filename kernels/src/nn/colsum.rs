@@ -313,7 +313,7 @@ pub mod twin {
         let body = rows / g;
         let mut part = vec![0f32; g * c];
         colsum_acc(dy, body, g * c, g * c, &mut part);
-        if rows % g != 0 {
+        if !rows.is_multiple_of(g) {
             colsum_acc(&dy[body * g * c..], rows % g, c, c, &mut part[..c]);
         }
         colsum_acc(&part, g, c, c, out);
