@@ -5,7 +5,8 @@
 //!   CUDA) or the simulated GPU (`Device::sim()`), with its compute and copy streams, module
 //!   cache and caching allocator.
 //! - [`DeviceBuffer`], [`PinnedBuffer`]: memory, and copies between host and device.
-//! - [`Device::launch`]: typed launch of a kernel descriptor from `lathe-kernels`.
+//! - [`Device::launch`]: typed launch of a kernel descriptor from `lathe-kernels`; typed
+//!   wrappers per family ([`gemm_ops`], [`nn_ops`], [`step_ops`], ...).
 //! - [`alloc`]: the caching allocator and its statistics.
 //! - [`comm`]: communicators (in-process ranks, NCCL) and the rendezvous.
 //! - [`nvtx`]: optional NVTX ranges. [`testing`]: the GPU test harness.
@@ -22,6 +23,7 @@ pub mod module;
 pub mod nn_ops;
 pub mod nvtx;
 pub mod ops;
+pub mod step_ops;
 pub mod stream;
 pub mod tensor_map;
 pub mod testing;

@@ -4,6 +4,7 @@
 //! - [`ptx`]: the PTX templates.
 //! - [`elementwise`], [`reduce`], [`nn`] (training ops), [`gemm`] (tensor-core matrix products):
 //!   kernel families, each with its CPU twins.
+//! - [`simt_gemm`]: batched f32-FMA GEMM (f32 training, attention products).
 //! - [`registry`]: every module and kernel, for the runtime, the ptxas check and the profiler.
 //! - [`tolerance`]: the dtype tolerance formula used by every kernel test.
 //! - [`ptxas`]: assemble modules without a GPU and read the resource report.
@@ -17,6 +18,7 @@ pub mod ptx;
 pub mod ptxas;
 pub mod reduce;
 pub mod rng;
+pub mod simt_gemm;
 #[cfg(test)]
 mod simtest;
 pub mod tolerance;
@@ -33,6 +35,8 @@ pub mod registry {
         v.extend(nn::modules());
         v.extend(gemm::modules());
         v.extend(hopper::modules());
+        v.extend(gemm::batched::modules());
+        v.extend(simt_gemm::modules());
         v
     }
 
@@ -44,6 +48,8 @@ pub mod registry {
         v.extend(nn::kernels());
         v.extend(gemm::kernels());
         v.extend(hopper::kernels());
+        v.extend(gemm::batched::kernels());
+        v.extend(simt_gemm::kernels());
         v
     }
 

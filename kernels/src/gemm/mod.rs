@@ -26,7 +26,11 @@
 //! - v1: 64x64x32 block tile, 4 warps of 32x32, one shared stage (load, wait, compute).
 //! - v2 (shipped): 128x128x32, 8 warps of 64x32, 4-stage `cp.async` pipeline (64 KiB shared),
 //!   at most 128 registers so that two blocks share an SM.
+//!
+//! [`batched`] is v2 over a strided batch in one launch (grid z), for the attention products;
+//! the SIMT f32-FMA kernel for f32 operands is [`crate::simt_gemm`].
 
+pub mod batched;
 pub mod epilogue;
 pub mod ptx;
 pub mod tile;
@@ -385,6 +389,7 @@ fn specs(v: Version, op_a: Op, op_b: Op, input: Elem) -> Vec<ptx::Spec> {
             op_b,
             input,
             output,
+            batched: false,
         })
         .collect()
 }

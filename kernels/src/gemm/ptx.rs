@@ -41,6 +41,9 @@ pub struct Spec {
     pub input: Elem,
     /// The input type or f32.
     pub output: Elem,
+    /// A strided batch ([`super::batched`]): three more parameters `stride_a`, `stride_b`,
+    /// `stride_c` (u64, elements), and block `z = %ctaid.z` works on `X + z * stride_x`.
+    pub batched: bool,
 }
 
 /// The name of the dynamic shared-memory array every GEMM kernel uses.
@@ -202,7 +205,7 @@ pub fn kernel(spec: &Spec) -> String {
         panic!("invalid GEMM tile: {e}");
     }
     let mut b = Body::new();
-    let params = [
+    let mut params = vec![
         ("a", ".u64"),
         ("b", ".u64"),
         ("c", ".u64"),
@@ -217,6 +220,13 @@ pub fn kernel(spec: &Spec) -> String {
         ("beta", ".f32"),
         ("flags", ".u32"),
     ];
+    if spec.batched {
+        params.extend([
+            ("stride_a", ".u64"),
+            ("stride_b", ".u64"),
+            ("stride_c", ".u64"),
+        ]);
+    }
 
     // ---- parameters
     let reg = |b: &mut Body, name: &str, ty: &str| -> String {
@@ -246,6 +256,24 @@ pub fn kernel(spec: &Spec) -> String {
     let alpha = reg(&mut b, "alpha", ".f32");
     let beta = reg(&mut b, "beta", ".f32");
     let flags = reg(&mut b, "flags", ".u32");
+    if spec.batched {
+        b.c("strided batch: A, B, C of problem z = ctaid.z start z * stride elements further");
+        let z = b.rd();
+        let zr = b.r();
+        b.i(format!("mov.u32 {zr}, %ctaid.z;"));
+        b.i(format!("cvt.u64.u32 {z}, {zr};"));
+        for (name, base, size) in [
+            ("stride_a", &pa, spec.input.size()),
+            ("stride_b", &pb, spec.input.size()),
+            ("stride_c", &pc, spec.output.size()),
+        ] {
+            let st = b.rd();
+            b.i(format!("ld.param.u64 {st}, [p_{name}];"));
+            b.i(format!("mul.lo.u64 {st}, {st}, {z};"));
+            b.i(format!("shl.b64 {st}, {st}, {};", size.trailing_zeros()));
+            b.i(format!("add.u64 {base}, {base}, {st};"));
+        }
+    }
     let tid = b.named(".b32", "thr");
     b.i(format!("mov.u32 {tid}, %tid.x;"));
     let sbase = b.named(".b32", "sbase");
@@ -452,6 +480,13 @@ pub fn kernel(spec: &Spec) -> String {
         super::FLAG_BIAS,
         super::FLAG_GELU
     );
+    if spec.batched {
+        let _ = writeln!(
+            s,
+            "// p_stride_a, p_stride_b, p_stride_c: elements between the problems of the batch \
+             (problem %ctaid.z)"
+        );
+    }
     let _ = writeln!(s, ".visible .entry {}(", spec.entry);
     let list: Vec<String> = params
         .iter()

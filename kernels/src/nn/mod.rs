@@ -17,6 +17,7 @@
 //! - [`classifier`]: fused softmax cross-entropy (loss and dlogits in one kernel).
 //! - [`embedding`]: token + position embedding forward and deterministic backward.
 //! - [`attention`]: causal masked softmax forward and backward (between batched GEMMs).
+//! - [`heads`]: attention head split / merge permutes (qkv -> q, k, v and back).
 
 pub mod adamw;
 mod adamw_ptx;
@@ -27,6 +28,7 @@ pub mod classifier;
 pub mod colsum;
 pub mod embedding;
 mod embedding_ptx;
+pub mod heads;
 pub mod layernorm;
 mod layernorm_ptx;
 pub mod pointwise;
@@ -49,6 +51,7 @@ pub fn modules() -> Vec<&'static Module> {
         &classifier::MODULE,
         &embedding::MODULE,
         &attention::MODULE,
+        &heads::MODULE,
     ]
 }
 
@@ -64,6 +67,7 @@ pub fn kernels() -> Vec<&'static KernelDesc> {
         classifier::ALL,
         embedding::ALL,
         attention::ALL,
+        heads::ALL,
     ] {
         v.extend_from_slice(family);
     }
