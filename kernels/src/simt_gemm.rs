@@ -42,7 +42,7 @@
 //! the 8 x 8 tile is the one meant to approach the f32 FMA peak on large products. bf16 / f16
 //! products belong on the tensor cores ([`crate::gemm`], [`crate::gemm::batched`]).
 
-use crate::desc::{Arg, ArgKind, Cost, Elem, Geometry, KernelDesc, Module, Problem, Target, arg};
+use crate::desc::{Arg, Cost, Elem, Geometry, KernelDesc, Module, Problem, Target};
 use crate::gemm::{Gemm, GemmError, Op};
 use crate::nn::ptxgen::{Asm, emit, entry, f32_imm, ld_ptr};
 use std::borrow::Cow;
@@ -533,26 +533,8 @@ fn cost_16_32(p: &Problem) -> Cost {
     cost(p, 2, 4)
 }
 
-const fn args(input: Elem, output: Elem) -> [Arg; 16] {
-    [
-        arg("a", ArgKind::In(input)),
-        arg("b", ArgKind::In(input)),
-        arg("c", ArgKind::Out(output)),
-        arg("bias", ArgKind::In(input)),
-        arg("m", ArgKind::U32),
-        arg("n", ArgKind::U32),
-        arg("k", ArgKind::U32),
-        arg("lda", ArgKind::U32),
-        arg("ldb", ArgKind::U32),
-        arg("ldc", ArgKind::U32),
-        arg("alpha", ArgKind::F32),
-        arg("beta", ArgKind::F32),
-        arg("flags", ArgKind::U32),
-        arg("stride_a", ArgKind::U64),
-        arg("stride_b", ArgKind::U64),
-        arg("stride_c", ArgKind::U64),
-    ]
-}
+use crate::gemm::batched::args;
+
 const ARGS_F32: [Arg; 16] = args(Elem::F32, Elem::F32);
 const ARGS_BF16_BF16: [Arg; 16] = args(Elem::BF16, Elem::BF16);
 const ARGS_BF16_F32: [Arg; 16] = args(Elem::BF16, Elem::F32);

@@ -51,7 +51,9 @@ fn cost_out32(p: &Problem) -> Cost {
     cost(p, 4)
 }
 
-const fn args(input: Elem, output: Elem) -> [Arg; 16] {
+/// The parameter list of a strided-batched GEMM (shared with the SIMT GEMM, which takes the
+/// same parameters).
+pub(crate) const fn args(input: Elem, output: Elem) -> [Arg; 16] {
     [
         arg("a", ArgKind::In(input)),
         arg("b", ArgKind::In(input)),
