@@ -106,11 +106,15 @@ impl Clocks {
     }
 }
 
-/// Whether every record of a (non-empty) run is the same; branch-free so it vectorises.
+/// Whether any byte of `p` is non-zero.
 #[inline(always)]
-fn same(r: &[u64]) -> bool {
-    let f = r[0];
-    r.iter().fold(0u64, |a, &x| a | (x ^ f)) == 0
+fn any_set(p: &[u8]) -> bool {
+    match p.len() {
+        16 => u128::from_le_bytes(p.try_into().expect("16 bytes")) != 0,
+        8 => u64::from_le_bytes(p.try_into().expect("8 bytes")) != 0,
+        4 => u32::from_le_bytes(p.try_into().expect("4 bytes")) != 0,
+        _ => p.iter().fold(0u8, |a, &x| a | x) != 0,
+    }
 }
 
 /// What is wrong with a shared access.
@@ -126,13 +130,99 @@ pub(crate) enum Hazard {
     Pending,
 }
 
+/// Per-byte access records, kept per 16-byte chunk while every byte of the chunk has the same
+/// record (aligned 16-byte accesses touch one summary instead of 16 records); a chunk gets
+/// per-byte records when an access covers part of it.
+struct Shadow {
+    byte: Vec<u64>,
+    chunk: Vec<u64>,
+    /// Whether `chunk` holds every byte's record (then `byte` is stale for that chunk).
+    uniform: Vec<bool>,
+}
+
+impl Shadow {
+    fn new(bytes: usize) -> Shadow {
+        let n = bytes.div_ceil(16);
+        Shadow {
+            byte: vec![0; bytes],
+            chunk: vec![0; n],
+            uniform: vec![true; n],
+        }
+    }
+
+    /// The record of byte `b`.
+    #[inline(always)]
+    fn at(&self, b: usize) -> u64 {
+        let c = b >> 4;
+        if self.uniform[c] {
+            self.chunk[c]
+        } else {
+            self.byte[b]
+        }
+    }
+
+    /// The one record of every byte of `[off, off + len)` when that range lies in a chunk with
+    /// one record.
+    #[inline(always)]
+    fn run(&self, off: usize, len: usize) -> Option<u64> {
+        let c = off >> 4;
+        (len > 0 && (off + len - 1) >> 4 == c && self.uniform[c]).then(|| self.chunk[c])
+    }
+
+    /// Gives chunk `c` per-byte records.
+    #[inline]
+    fn split(&mut self, c: usize) {
+        if self.uniform[c] {
+            let end = (16 * c + 16).min(self.byte.len());
+            self.byte[16 * c..end].fill(self.chunk[c]);
+            self.uniform[c] = false;
+        }
+    }
+
+    #[inline(always)]
+    fn set(&mut self, b: usize, v: u64) {
+        self.split(b >> 4);
+        self.byte[b] = v;
+    }
+
+    /// Sets the record of every byte of `[off, off + len)`.
+    #[inline]
+    fn fill(&mut self, off: usize, len: usize, v: u64) {
+        let end = off + len;
+        let mut b = off;
+        while b < end {
+            let c = b >> 4;
+            let ce = (16 * c + 16).min(self.byte.len());
+            let e = ce.min(end);
+            if b == 16 * c && e == ce {
+                self.chunk[c] = v;
+                self.uniform[c] = true;
+            } else {
+                self.split(c);
+                self.byte[b..e].fill(v);
+            }
+            b = e;
+        }
+    }
+
+    /// Whether every byte of `[off, off + len)` has the same record (`len > 0`).
+    #[inline]
+    fn same(&self, off: usize, len: usize) -> bool {
+        if self.run(off, len).is_some() {
+            return true;
+        }
+        let f = self.at(off);
+        (off..off + len).all(|b| self.at(b) == f)
+    }
+}
+
 pub(crate) struct Smem {
     pub(crate) data: Vec<u8>,
-    wr: Vec<u64>,
-    rd: Vec<u64>,
+    wr: Shadow,
+    rd: Shadow,
     /// An earlier reader concurrent with the one in `rd` (so that a writer that is itself the
     /// latest reader still meets the other one).
-    rd2: Vec<u64>,
+    rd2: Shadow,
     pending: Vec<u8>,
     pub(crate) npending: usize,
     /// Per byte, the last generic (ordinary `st.shared`) store not yet made visible to the
@@ -146,9 +236,9 @@ impl Smem {
     pub(crate) fn new(bytes: usize) -> Smem {
         Smem {
             data: vec![0; bytes],
-            wr: vec![0; bytes],
-            rd: vec![0; bytes],
-            rd2: vec![0; bytes],
+            wr: Shadow::new(bytes),
+            rd: Shadow::new(bytes),
+            rd2: Shadow::new(bytes),
             pending: Vec::new(),
             npending: 0,
             generic: vec![0; bytes],
@@ -173,7 +263,7 @@ impl Smem {
     ) -> Option<(Hazard, usize)> {
         if self.npending > 0 {
             let p = &self.pending[off..off + len];
-            if p.iter().fold(0u8, |a, &x| a | x) != 0 {
+            if any_set(p) {
                 let b = off + p.iter().position(|&x| x > 0).unwrap_or(0);
                 return Some((Hazard::Pending, b));
             }
@@ -192,32 +282,37 @@ impl Smem {
             ))
         };
         // Usually every byte of an access has the same record: check it once.
-        let wr = &self.wr[off..off + len];
-        if same(wr) {
-            if let Some(h) = one(wr[0], off, true) {
+        if len == 0 {
+            return None;
+        }
+        let wr = &self.wr;
+        if wr.same(off, len) {
+            if let Some(h) = one(wr.at(off), off, true) {
                 return Some(h);
             }
         } else {
-            for (i, &r) in wr.iter().enumerate() {
-                if let Some(h) = one(r, off + i, true) {
+            for b in off..off + len {
+                if let Some(h) = one(wr.at(b), b, true) {
                     return Some(h);
                 }
             }
         }
         if write {
             for readers in [&self.rd, &self.rd2] {
-                let rd = &readers[off..off + len];
-                if same(rd) {
-                    let h = Some(rd[0])
+                if readers.same(off, len) {
+                    let h = Some(readers.at(off))
                         .filter(|&r| r != 0)
                         .and_then(|r| one(r, off, false));
                     if h.is_some() {
                         return h;
                     }
                 } else {
-                    for (i, &r) in rd.iter().enumerate().filter(|x| *x.1 != 0) {
-                        if let Some(h) = one(r, off + i, false) {
-                            return Some(h);
+                    for b in off..off + len {
+                        let r = readers.at(b);
+                        if r != 0 {
+                            if let Some(h) = one(r, b, false) {
+                                return Some(h);
+                            }
                         }
                     }
                 }
@@ -229,7 +324,7 @@ impl Smem {
     /// Whether storing `bytes` at `off` would leave written memory as it is.
     pub(crate) fn unchanged(&self, off: usize, bytes: &[u8]) -> bool {
         let n = bytes.len();
-        self.wr[off..off + n].iter().all(|&r| r != 0)
+        (off..off + n).all(|b| self.wr.at(b) != 0)
             && self.data[off..off + n] == *bytes
             && (self.npending == 0 || self.pending[off..off + n].iter().all(|&p| p == 0))
     }
@@ -240,21 +335,21 @@ impl Smem {
     pub(crate) fn record_read(&mut self, cl: &Clocks, off: usize, len: usize, tid: u16, w: usize) {
         let v = PRESENT | ((cl.own(w) as u64) << 16) | tid as u64;
         // Usually every byte of the access has the same reader record: decide once.
-        if len > 0 && same(&self.rd[off..off + len]) {
-            let r = self.rd[off];
+        if len > 0 && self.rd.same(off, len) {
+            let r = self.rd.at(off);
             if r != 0
                 && r != v
                 && r as u16 != tid
                 && !cl.ordered(r as u16, (r >> 16) as u32, tid, w)
             {
-                self.rd2[off..off + len].fill(r);
+                self.rd2.fill(off, len, r);
             }
-            self.rd[off..off + len].fill(v);
+            self.rd.fill(off, len, v);
             return;
         }
         let mut last = (0u64, false);
         for b in off..off + len {
-            let r = self.rd[b];
+            let r = self.rd.at(b);
             if r != 0 && r != v && r as u16 != tid {
                 let concurrent = if r == last.0 {
                     last.1
@@ -264,10 +359,10 @@ impl Smem {
                     c
                 };
                 if concurrent {
-                    self.rd2[b] = r;
+                    self.rd2.set(b, r);
                 }
             }
-            self.rd[b] = v;
+            self.rd.set(b, v);
         }
     }
 
@@ -276,12 +371,7 @@ impl Smem {
     pub(crate) fn record(&mut self, off: usize, len: usize, tid: u16, epoch: u32, write: bool) {
         let v = PRESENT | ((epoch as u64) << 16) | tid as u64;
         let t = if write { &mut self.wr } else { &mut self.rd };
-        match len {
-            4 => t[off..off + 4].fill(v),
-            8 => t[off..off + 8].fill(v),
-            16 => t[off..off + 16].fill(v),
-            _ => t[off..off + len].fill(v),
-        }
+        t.fill(off, len, v);
     }
 
     /// Marks `[off, off + len)` as stored generically by warp `w` after its `fences`-th
@@ -457,6 +547,40 @@ mod tests {
         (0..32 / per)
             .map(|p| phase_conflicts(exec, offs, len, p * per, (p + 1) * per))
             .sum()
+    }
+
+    #[test]
+    fn chunked_records_read_as_per_byte_records() {
+        let n = 200;
+        let mut sh = Shadow::new(n);
+        let mut plain = vec![0u64; n];
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        for step in 0..50_000u64 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let len = [1usize, 2, 4, 8, 16, 16, 16, 32, 48][(x % 9) as usize];
+            let off = ((x >> 8) as usize % n) / len * len;
+            let len = len.min(n - off);
+            if x >> 40 & 3 == 0 {
+                let b = off;
+                sh.set(b, step);
+                plain[b] = step;
+            } else {
+                sh.fill(off, len, step);
+                plain[off..off + len].fill(step);
+            }
+            let (o, l) = ((x >> 20) as usize % n, 1 + (x >> 30) as usize % 16);
+            let l = l.min(n - o);
+            let want = plain[o..o + l].iter().all(|&r| r == plain[o]);
+            assert_eq!(sh.same(o, l), want);
+            if let Some(r) = sh.run(o, l) {
+                assert!(plain[o..o + l].iter().all(|&p| p == r));
+            }
+        }
+        for (b, &r) in plain.iter().enumerate() {
+            assert_eq!(sh.at(b), r, "byte {b}");
+        }
     }
 
     #[test]
