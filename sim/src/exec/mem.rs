@@ -558,19 +558,18 @@ impl<'a> Block<'a> {
             }
             Op::CpAsyncWait { n, all } => {
                 let w = &mut self.warps[wi];
-                let mut done = Vec::new();
-                let mut keep = Vec::new();
-                for c in w.cp.drain(..) {
+                let complete = |c: &PendingCopy| {
                     let l = c.lane as u32;
-                    let committed = w.cp_committed[l as usize];
-                    let complete = exec >> l & 1 != 0 && (*all || c.group + *n < committed);
-                    if complete {
-                        done.push(c);
-                    } else {
-                        keep.push(c);
-                    }
-                }
-                w.cp = keep;
+                    exec >> l & 1 != 0 && (*all || c.group + *n < w.cp_committed[l as usize])
+                };
+                // Completed copies in issue order; the others stay pending in order.
+                let done: Vec<PendingCopy> = if w.cp.iter().all(complete) {
+                    std::mem::take(&mut w.cp)
+                } else {
+                    let (done, keep) = std::mem::take(&mut w.cp).into_iter().partition(complete);
+                    w.cp = keep;
+                    done
+                };
                 for c in done {
                     self.smem.set_pending(c.dst as usize, c.len as usize, false);
                     let mut offs = [0u64; 32];
@@ -610,8 +609,9 @@ impl<'a> Block<'a> {
                 for j in 0..*num as usize {
                     for r in 0..8 {
                         let a = offs[j * 8 + r] as usize;
-                        for c in 0..8 {
-                            m[j][r][c] = u16::from_le_bytes([sm[a + 2 * c], sm[a + 2 * c + 1]]);
+                        let row: &[u8; 16] = sm[a..a + 16].try_into().expect("16-byte row");
+                        for (c, e) in m[j][r].iter_mut().enumerate() {
+                            *e = u16::from_le_bytes([row[2 * c], row[2 * c + 1]]);
                         }
                     }
                 }

@@ -334,8 +334,9 @@ impl<'a> Block<'a> {
         c: &[Src; 4],
     ) {
         let w = &self.warps[wi];
-        let mut am = [[0f64; K]; 16];
-        let mut bm = [[0f64; 8]; K];
+        // f16/bf16 widen exactly to f32 (and on to f64); A stays f32 until it is used.
+        let mut am = [[0f32; K]; 16];
+        let mut b32 = [[0f32; 8]; K];
         for (r, s) in a[..K / 4].iter().enumerate() {
             let rv = w.lanes(*s);
             let (r0, c0) = (8 * (r % 2), 8 * (r / 2));
@@ -352,9 +353,15 @@ impl<'a> Block<'a> {
             for g in 0..8 {
                 for t in 0..4 {
                     let v = rv[4 * g + t];
-                    bm[8 * r + 2 * t][g] = widen::<BF>(v);
-                    bm[8 * r + 2 * t + 1][g] = widen::<BF>(v >> 16);
+                    b32[8 * r + 2 * t][g] = widen::<BF>(v);
+                    b32[8 * r + 2 * t + 1][g] = widen::<BF>(v >> 16);
                 }
+            }
+        }
+        let mut bm = [[0f64; 8]; K];
+        for (d, s) in bm.iter_mut().zip(b32.iter()) {
+            for (x, y) in d.iter_mut().zip(s.iter()) {
+                *x = *y as f64;
             }
         }
         let mut dm = [[0f64; 8]; 16];
@@ -378,7 +385,8 @@ impl<'a> Block<'a> {
         // f32 precision; one final rounding to f32.
         for (row, arow) in dm.iter_mut().zip(am.iter()) {
             let mut acc = *row;
-            for (x, brow) in arow.iter().zip(bm.iter()) {
+            for (&x, brow) in arow.iter().zip(bm.iter()) {
+                let x = x as f64;
                 for j in 0..8 {
                     acc[j] += x * brow[j];
                 }
@@ -557,13 +565,13 @@ impl<'a> Block<'a> {
     }
 }
 
-/// A 16-bit float (bf16 when `BF`, else f16) widened exactly to f64.
+/// A 16-bit float (bf16 when `BF`, else f16) widened exactly to f32.
 #[inline(always)]
-fn widen<const BF: bool>(x: u64) -> f64 {
+fn widen<const BF: bool>(x: u64) -> f32 {
     if BF {
-        f32::from_bits((x as u32 & 0xffff) << 16) as f64
+        f32::from_bits((x as u32 & 0xffff) << 16)
     } else {
-        f16::from_bits(x as u16).to_f64()
+        f16::from_bits(x as u16).to_f32()
     }
 }
 
