@@ -497,7 +497,9 @@ impl<'a> Block<'a> {
                 let mut data: Bytes = [[0u8; 16]; 32];
                 let mut rmask = 0u32;
                 for l in lanes(exec) {
-                    let n = ss.map_or(size as u64, |v| v[l as usize] & 0xffff_ffff);
+                    let n = ss
+                        .as_ref()
+                        .map_or(size as u64, |v| v[l as usize] & 0xffff_ffff);
                     if n > size as u64 {
                         return Err(self.fault(
                             wi,
@@ -516,7 +518,7 @@ impl<'a> Block<'a> {
                     self.global(wi, rmask, &sa, size, false, &mut data)?;
                 }
                 for l in lanes(exec & !rmask) {
-                    let n = ss.map_or(0, |v| v[l as usize] & 0xffff_ffff) as u32;
+                    let n = ss.as_ref().map_or(0, |v| v[l as usize] & 0xffff_ffff) as u32;
                     for i in 0..n {
                         let mut one: Bytes = [[0u8; 16]; 32];
                         let mut a1 = [0u64; 32];

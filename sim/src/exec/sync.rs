@@ -471,7 +471,7 @@ impl<'a> Block<'a> {
                 continue;
             }
             let a = self.mbar_addr(wi, l, addrs[l as usize])?;
-            let v = argv.map_or(1, |x| x[l as usize] & 0xffff_ffff);
+            let v = argv.as_ref().map_or(1, |x| x[l as usize] & 0xffff_ffff);
             if op != MbarOp::Init && !self.mbars.contains_key(&a) {
                 return Err(self.fault(
                     wi,
