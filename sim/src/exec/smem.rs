@@ -309,10 +309,9 @@ impl Smem {
                 } else {
                     for b in off..off + len {
                         let r = readers.at(b);
-                        if r != 0 {
-                            if let Some(h) = one(r, b, false) {
-                                return Some(h);
-                            }
+                        if let Some(h) = Some(r).filter(|&r| r != 0).and_then(|r| one(r, b, false))
+                        {
+                            return Some(h);
                         }
                     }
                 }
