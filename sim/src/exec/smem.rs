@@ -133,26 +133,26 @@ pub(crate) enum Hazard {
 /// Per-byte access records, kept per 16-byte chunk while every byte of the chunk has the same
 /// record (aligned 16-byte accesses touch one summary instead of 16 records); a chunk gets
 /// per-byte records when an access covers part of it.
-struct Shadow {
-    byte: Vec<u64>,
-    chunk: Vec<u64>,
+struct Shadow<T = u64> {
+    byte: Vec<T>,
+    chunk: Vec<T>,
     /// Whether `chunk` holds every byte's record (then `byte` is stale for that chunk).
     uniform: Vec<bool>,
 }
 
-impl Shadow {
-    fn new(bytes: usize) -> Shadow {
+impl<T: Copy + PartialEq + Default> Shadow<T> {
+    fn new(bytes: usize) -> Shadow<T> {
         let n = bytes.div_ceil(16);
         Shadow {
-            byte: vec![0; bytes],
-            chunk: vec![0; n],
+            byte: vec![T::default(); bytes],
+            chunk: vec![T::default(); n],
             uniform: vec![true; n],
         }
     }
 
     /// The record of byte `b`.
     #[inline(always)]
-    fn at(&self, b: usize) -> u64 {
+    fn at(&self, b: usize) -> T {
         let c = b >> 4;
         if self.uniform[c] {
             self.chunk[c]
@@ -164,7 +164,7 @@ impl Shadow {
     /// The one record of every byte of `[off, off + len)` when that range lies in a chunk with
     /// one record.
     #[inline(always)]
-    fn run(&self, off: usize, len: usize) -> Option<u64> {
+    fn run(&self, off: usize, len: usize) -> Option<T> {
         let c = off >> 4;
         (len > 0 && (off + len - 1) >> 4 == c && self.uniform[c]).then(|| self.chunk[c])
     }
@@ -180,14 +180,14 @@ impl Shadow {
     }
 
     #[inline(always)]
-    fn set(&mut self, b: usize, v: u64) {
+    fn set(&mut self, b: usize, v: T) {
         self.split(b >> 4);
         self.byte[b] = v;
     }
 
     /// Sets the record of every byte of `[off, off + len)`.
     #[inline]
-    fn fill(&mut self, off: usize, len: usize, v: u64) {
+    fn fill(&mut self, off: usize, len: usize, v: T) {
         let end = off + len;
         let mut b = off;
         while b < end {
@@ -229,7 +229,7 @@ pub(crate) struct Smem {
     /// async proxy: `(warp + 1) << 24 | that warp's fence.proxy.async count at the store`, or 0
     /// (never stored generically, or last written by the async proxy). wgmma operand reads
     /// require the writer's count to have moved on since: a `fence.proxy.async` after the store.
-    generic: Vec<u32>,
+    generic: Shadow<u32>,
 }
 
 impl Smem {
@@ -241,7 +241,7 @@ impl Smem {
             rd2: Shadow::new(bytes),
             pending: Vec::new(),
             npending: 0,
-            generic: vec![0; bytes],
+            generic: Shadow::new(bytes),
         }
     }
 
@@ -377,7 +377,7 @@ impl Smem {
     /// `fence.proxy.async` (or as written by the async proxy, with `w == None`).
     pub(crate) fn mark_generic(&mut self, off: usize, len: usize, w: Option<usize>, fences: u32) {
         let v = w.map_or(0, |w| ((w as u32 + 1) << 24) | (fences & GENERIC_COUNT));
-        self.generic[off..off + len].fill(v);
+        self.generic.fill(off, len, v);
     }
 
     /// The first byte of `[off, off + len)` stored generically and not fenced for the async
@@ -388,8 +388,11 @@ impl Smem {
         len: usize,
         fences: &[u32],
     ) -> Option<(usize, usize)> {
+        if self.generic.run(off, len) == Some(0) {
+            return None;
+        }
         for b in off..off + len {
-            let g = self.generic[b];
+            let g = self.generic.at(b);
             if g != 0 {
                 let w = (g >> 24) as usize - 1;
                 if fences.get(w).copied() == Some(g & GENERIC_COUNT) {
