@@ -49,6 +49,16 @@ fn copy_n(dst: &mut [u8], src: &[u8], len: usize) {
     }
 }
 
+/// Whether `a` is a multiple of `n` (a mask for the usual power of two, not a division).
+#[inline(always)]
+fn aligned(a: u64, n: u32) -> bool {
+    if n.is_power_of_two() {
+        a & (n as u64 - 1) == 0
+    } else {
+        a.is_multiple_of(n as u64)
+    }
+}
+
 fn lanes(m: u32) -> impl Iterator<Item = u32> {
     let mut m = m;
     std::iter::from_fn(move || {
@@ -91,7 +101,7 @@ impl<'a> Block<'a> {
     ) -> R<(&'a crate::memory::Allocation, u64)> {
         let mem: &'a crate::memory::Snapshot = &self.l.mem;
         let what = if write { "store" } else { "load" };
-        if !a.is_multiple_of(len as u64) {
+        if !aligned(a, len) {
             return Err(self.fault(
                 wi,
                 l,
@@ -286,7 +296,7 @@ impl<'a> Block<'a> {
                     Some(a),
                 ));
             }
-            if !a.is_multiple_of(align as u64) {
+            if !aligned(a, align) {
                 return Err(self.fault(
                     wi,
                     l,
@@ -534,7 +544,7 @@ impl<'a> Block<'a> {
                     if a.checked_add(size as u64).is_none_or(|e| e > size_u) {
                         return Err(self.fault(wi, l, ErrorKind::OutOfBounds, format!("cp.async destination at shared offset {a:#x} is outside the block's {size_u} bytes"), Some(a)));
                     }
-                    if !a.is_multiple_of(size as u64) {
+                    if !aligned(a, size) {
                         return Err(self.fault(wi, l, ErrorKind::Misaligned, format!("cp.async destination at shared offset {a:#x} is not {size}-byte aligned"), Some(a)));
                     }
                 }
