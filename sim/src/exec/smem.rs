@@ -186,8 +186,13 @@ impl<T: Copy + PartialEq + Default> Shadow<T> {
     }
 
     /// Sets the record of every byte of `[off, off + len)`.
-    #[inline]
+    #[inline(always)]
     fn fill(&mut self, off: usize, len: usize, v: T) {
+        if len == 16 && off & 15 == 0 && off + 16 <= self.byte.len() {
+            self.chunk[off >> 4] = v;
+            self.uniform[off >> 4] = true;
+            return;
+        }
         let end = off + len;
         let mut b = off;
         while b < end {
@@ -206,7 +211,7 @@ impl<T: Copy + PartialEq + Default> Shadow<T> {
     }
 
     /// Whether every byte of `[off, off + len)` has the same record (`len > 0`).
-    #[inline]
+    #[inline(always)]
     fn same(&self, off: usize, len: usize) -> bool {
         if self.run(off, len).is_some() {
             return true;
