@@ -30,7 +30,7 @@ impl<'a> Block<'a> {
             let a = addrs[l as usize];
             let (al, off) = self.locate(wi, l, a, size, true)?;
             let x = bv[l as usize];
-            let y = cv.map_or(0, |c| c[l as usize]);
+            let y = cv.as_ref().map_or(0, |c| c[l as usize]);
             let (old, init) = al.rmw(off, size, |o| apply(*op, *ty, o, x, y));
             if !init {
                 return Err(self.fault(

@@ -49,6 +49,16 @@ fn copy_n(dst: &mut [u8], src: &[u8], len: usize) {
     }
 }
 
+/// Whether `a` is a multiple of `n` (a mask for the usual power of two, not a division).
+#[inline(always)]
+fn aligned(a: u64, n: u32) -> bool {
+    if n.is_power_of_two() {
+        a & (n as u64 - 1) == 0
+    } else {
+        a.is_multiple_of(n as u64)
+    }
+}
+
 fn lanes(m: u32) -> impl Iterator<Item = u32> {
     let mut m = m;
     std::iter::from_fn(move || {
@@ -91,7 +101,7 @@ impl<'a> Block<'a> {
     ) -> R<(&'a crate::memory::Allocation, u64)> {
         let mem: &'a crate::memory::Snapshot = &self.l.mem;
         let what = if write { "store" } else { "load" };
-        if !a.is_multiple_of(len as u64) {
+        if !aligned(a, len) {
             return Err(self.fault(
                 wi,
                 l,
@@ -286,7 +296,7 @@ impl<'a> Block<'a> {
                     Some(a),
                 ));
             }
-            if !a.is_multiple_of(align as u64) {
+            if !aligned(a, align) {
                 return Err(self.fault(
                     wi,
                     l,
@@ -497,7 +507,9 @@ impl<'a> Block<'a> {
                 let mut data: Bytes = [[0u8; 16]; 32];
                 let mut rmask = 0u32;
                 for l in lanes(exec) {
-                    let n = ss.map_or(size as u64, |v| v[l as usize] & 0xffff_ffff);
+                    let n = ss
+                        .as_ref()
+                        .map_or(size as u64, |v| v[l as usize] & 0xffff_ffff);
                     if n > size as u64 {
                         return Err(self.fault(
                             wi,
@@ -516,7 +528,7 @@ impl<'a> Block<'a> {
                     self.global(wi, rmask, &sa, size, false, &mut data)?;
                 }
                 for l in lanes(exec & !rmask) {
-                    let n = ss.map_or(0, |v| v[l as usize] & 0xffff_ffff) as u32;
+                    let n = ss.as_ref().map_or(0, |v| v[l as usize] & 0xffff_ffff) as u32;
                     for i in 0..n {
                         let mut one: Bytes = [[0u8; 16]; 32];
                         let mut a1 = [0u64; 32];
@@ -532,7 +544,7 @@ impl<'a> Block<'a> {
                     if a.checked_add(size as u64).is_none_or(|e| e > size_u) {
                         return Err(self.fault(wi, l, ErrorKind::OutOfBounds, format!("cp.async destination at shared offset {a:#x} is outside the block's {size_u} bytes"), Some(a)));
                     }
-                    if !a.is_multiple_of(size as u64) {
+                    if !aligned(a, size) {
                         return Err(self.fault(wi, l, ErrorKind::Misaligned, format!("cp.async destination at shared offset {a:#x} is not {size}-byte aligned"), Some(a)));
                     }
                 }
@@ -558,19 +570,18 @@ impl<'a> Block<'a> {
             }
             Op::CpAsyncWait { n, all } => {
                 let w = &mut self.warps[wi];
-                let mut done = Vec::new();
-                let mut keep = Vec::new();
-                for c in w.cp.drain(..) {
+                let complete = |c: &PendingCopy| {
                     let l = c.lane as u32;
-                    let committed = w.cp_committed[l as usize];
-                    let complete = exec >> l & 1 != 0 && (*all || c.group + *n < committed);
-                    if complete {
-                        done.push(c);
-                    } else {
-                        keep.push(c);
-                    }
-                }
-                w.cp = keep;
+                    exec >> l & 1 != 0 && (*all || c.group + *n < w.cp_committed[l as usize])
+                };
+                // Completed copies in issue order; the others stay pending in order.
+                let done: Vec<PendingCopy> = if w.cp.iter().all(complete) {
+                    std::mem::take(&mut w.cp)
+                } else {
+                    let (done, keep) = std::mem::take(&mut w.cp).into_iter().partition(complete);
+                    w.cp = keep;
+                    done
+                };
                 for c in done {
                     self.smem.set_pending(c.dst as usize, c.len as usize, false);
                     let mut offs = [0u64; 32];
@@ -610,8 +621,9 @@ impl<'a> Block<'a> {
                 for j in 0..*num as usize {
                     for r in 0..8 {
                         let a = offs[j * 8 + r] as usize;
-                        for c in 0..8 {
-                            m[j][r][c] = u16::from_le_bytes([sm[a + 2 * c], sm[a + 2 * c + 1]]);
+                        let row: &[u8; 16] = sm[a..a + 16].try_into().expect("16-byte row");
+                        for (c, e) in m[j][r].iter_mut().enumerate() {
+                            *e = u16::from_le_bytes([row[2 * c], row[2 * c + 1]]);
                         }
                     }
                 }

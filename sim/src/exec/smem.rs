@@ -106,11 +106,15 @@ impl Clocks {
     }
 }
 
-/// Whether every record of a (non-empty) run is the same; branch-free so it vectorises.
+/// Whether any byte of `p` is non-zero.
 #[inline(always)]
-fn same(r: &[u64]) -> bool {
-    let f = r[0];
-    r.iter().fold(0u64, |a, &x| a | (x ^ f)) == 0
+fn any_set(p: &[u8]) -> bool {
+    match p.len() {
+        16 => u128::from_le_bytes(p.try_into().expect("16 bytes")) != 0,
+        8 => u64::from_le_bytes(p.try_into().expect("8 bytes")) != 0,
+        4 => u32::from_le_bytes(p.try_into().expect("4 bytes")) != 0,
+        _ => p.iter().fold(0u8, |a, &x| a | x) != 0,
+    }
 }
 
 /// What is wrong with a shared access.
@@ -126,32 +130,123 @@ pub(crate) enum Hazard {
     Pending,
 }
 
+/// Per-byte access records, kept per 16-byte chunk while every byte of the chunk has the same
+/// record (aligned 16-byte accesses touch one summary instead of 16 records); a chunk gets
+/// per-byte records when an access covers part of it.
+struct Shadow<T = u64> {
+    byte: Vec<T>,
+    chunk: Vec<T>,
+    /// Whether `chunk` holds every byte's record (then `byte` is stale for that chunk).
+    uniform: Vec<bool>,
+}
+
+impl<T: Copy + PartialEq + Default> Shadow<T> {
+    fn new(bytes: usize) -> Shadow<T> {
+        let n = bytes.div_ceil(16);
+        Shadow {
+            byte: vec![T::default(); bytes],
+            chunk: vec![T::default(); n],
+            uniform: vec![true; n],
+        }
+    }
+
+    /// The record of byte `b`.
+    #[inline(always)]
+    fn at(&self, b: usize) -> T {
+        let c = b >> 4;
+        if self.uniform[c] {
+            self.chunk[c]
+        } else {
+            self.byte[b]
+        }
+    }
+
+    /// The one record of every byte of `[off, off + len)` when that range lies in a chunk with
+    /// one record.
+    #[inline(always)]
+    fn run(&self, off: usize, len: usize) -> Option<T> {
+        let c = off >> 4;
+        (len > 0 && (off + len - 1) >> 4 == c && self.uniform[c]).then(|| self.chunk[c])
+    }
+
+    /// Gives chunk `c` per-byte records.
+    #[inline]
+    fn split(&mut self, c: usize) {
+        if self.uniform[c] {
+            let end = (16 * c + 16).min(self.byte.len());
+            self.byte[16 * c..end].fill(self.chunk[c]);
+            self.uniform[c] = false;
+        }
+    }
+
+    #[inline(always)]
+    fn set(&mut self, b: usize, v: T) {
+        self.split(b >> 4);
+        self.byte[b] = v;
+    }
+
+    /// Sets the record of every byte of `[off, off + len)`.
+    #[inline(always)]
+    fn fill(&mut self, off: usize, len: usize, v: T) {
+        if len == 16 && off & 15 == 0 && off + 16 <= self.byte.len() {
+            self.chunk[off >> 4] = v;
+            self.uniform[off >> 4] = true;
+            return;
+        }
+        let end = off + len;
+        let mut b = off;
+        while b < end {
+            let c = b >> 4;
+            let ce = (16 * c + 16).min(self.byte.len());
+            let e = ce.min(end);
+            if b == 16 * c && e == ce {
+                self.chunk[c] = v;
+                self.uniform[c] = true;
+            } else {
+                self.split(c);
+                self.byte[b..e].fill(v);
+            }
+            b = e;
+        }
+    }
+
+    /// Whether every byte of `[off, off + len)` has the same record (`len > 0`).
+    #[inline(always)]
+    fn same(&self, off: usize, len: usize) -> bool {
+        if self.run(off, len).is_some() {
+            return true;
+        }
+        let f = self.at(off);
+        (off..off + len).all(|b| self.at(b) == f)
+    }
+}
+
 pub(crate) struct Smem {
     pub(crate) data: Vec<u8>,
-    wr: Vec<u64>,
-    rd: Vec<u64>,
+    wr: Shadow,
+    rd: Shadow,
     /// An earlier reader concurrent with the one in `rd` (so that a writer that is itself the
     /// latest reader still meets the other one).
-    rd2: Vec<u64>,
+    rd2: Shadow,
     pending: Vec<u8>,
     pub(crate) npending: usize,
     /// Per byte, the last generic (ordinary `st.shared`) store not yet made visible to the
     /// async proxy: `(warp + 1) << 24 | that warp's fence.proxy.async count at the store`, or 0
     /// (never stored generically, or last written by the async proxy). wgmma operand reads
     /// require the writer's count to have moved on since: a `fence.proxy.async` after the store.
-    generic: Vec<u32>,
+    generic: Shadow<u32>,
 }
 
 impl Smem {
     pub(crate) fn new(bytes: usize) -> Smem {
         Smem {
             data: vec![0; bytes],
-            wr: vec![0; bytes],
-            rd: vec![0; bytes],
-            rd2: vec![0; bytes],
+            wr: Shadow::new(bytes),
+            rd: Shadow::new(bytes),
+            rd2: Shadow::new(bytes),
             pending: Vec::new(),
             npending: 0,
-            generic: vec![0; bytes],
+            generic: Shadow::new(bytes),
         }
     }
 
@@ -173,7 +268,7 @@ impl Smem {
     ) -> Option<(Hazard, usize)> {
         if self.npending > 0 {
             let p = &self.pending[off..off + len];
-            if p.iter().fold(0u8, |a, &x| a | x) != 0 {
+            if any_set(p) {
                 let b = off + p.iter().position(|&x| x > 0).unwrap_or(0);
                 return Some((Hazard::Pending, b));
             }
@@ -192,31 +287,35 @@ impl Smem {
             ))
         };
         // Usually every byte of an access has the same record: check it once.
-        let wr = &self.wr[off..off + len];
-        if same(wr) {
-            if let Some(h) = one(wr[0], off, true) {
+        if len == 0 {
+            return None;
+        }
+        let wr = &self.wr;
+        if wr.same(off, len) {
+            if let Some(h) = one(wr.at(off), off, true) {
                 return Some(h);
             }
         } else {
-            for (i, &r) in wr.iter().enumerate() {
-                if let Some(h) = one(r, off + i, true) {
+            for b in off..off + len {
+                if let Some(h) = one(wr.at(b), b, true) {
                     return Some(h);
                 }
             }
         }
         if write {
             for readers in [&self.rd, &self.rd2] {
-                let rd = &readers[off..off + len];
-                if same(rd) {
-                    let h = Some(rd[0])
+                if readers.same(off, len) {
+                    let h = Some(readers.at(off))
                         .filter(|&r| r != 0)
                         .and_then(|r| one(r, off, false));
                     if h.is_some() {
                         return h;
                     }
                 } else {
-                    for (i, &r) in rd.iter().enumerate().filter(|x| *x.1 != 0) {
-                        if let Some(h) = one(r, off + i, false) {
+                    for b in off..off + len {
+                        let r = readers.at(b);
+                        if let Some(h) = Some(r).filter(|&r| r != 0).and_then(|r| one(r, b, false))
+                        {
                             return Some(h);
                         }
                     }
@@ -229,7 +328,7 @@ impl Smem {
     /// Whether storing `bytes` at `off` would leave written memory as it is.
     pub(crate) fn unchanged(&self, off: usize, bytes: &[u8]) -> bool {
         let n = bytes.len();
-        self.wr[off..off + n].iter().all(|&r| r != 0)
+        (off..off + n).all(|b| self.wr.at(b) != 0)
             && self.data[off..off + n] == *bytes
             && (self.npending == 0 || self.pending[off..off + n].iter().all(|&p| p == 0))
     }
@@ -239,9 +338,22 @@ impl Smem {
     #[inline]
     pub(crate) fn record_read(&mut self, cl: &Clocks, off: usize, len: usize, tid: u16, w: usize) {
         let v = PRESENT | ((cl.own(w) as u64) << 16) | tid as u64;
+        // Usually every byte of the access has the same reader record: decide once.
+        if len > 0 && self.rd.same(off, len) {
+            let r = self.rd.at(off);
+            if r != 0
+                && r != v
+                && r as u16 != tid
+                && !cl.ordered(r as u16, (r >> 16) as u32, tid, w)
+            {
+                self.rd2.fill(off, len, r);
+            }
+            self.rd.fill(off, len, v);
+            return;
+        }
         let mut last = (0u64, false);
         for b in off..off + len {
-            let r = self.rd[b];
+            let r = self.rd.at(b);
             if r != 0 && r != v && r as u16 != tid {
                 let concurrent = if r == last.0 {
                     last.1
@@ -251,10 +363,10 @@ impl Smem {
                     c
                 };
                 if concurrent {
-                    self.rd2[b] = r;
+                    self.rd2.set(b, r);
                 }
             }
-            self.rd[b] = v;
+            self.rd.set(b, v);
         }
     }
 
@@ -263,19 +375,14 @@ impl Smem {
     pub(crate) fn record(&mut self, off: usize, len: usize, tid: u16, epoch: u32, write: bool) {
         let v = PRESENT | ((epoch as u64) << 16) | tid as u64;
         let t = if write { &mut self.wr } else { &mut self.rd };
-        match len {
-            4 => t[off..off + 4].fill(v),
-            8 => t[off..off + 8].fill(v),
-            16 => t[off..off + 16].fill(v),
-            _ => t[off..off + len].fill(v),
-        }
+        t.fill(off, len, v);
     }
 
     /// Marks `[off, off + len)` as stored generically by warp `w` after its `fences`-th
     /// `fence.proxy.async` (or as written by the async proxy, with `w == None`).
     pub(crate) fn mark_generic(&mut self, off: usize, len: usize, w: Option<usize>, fences: u32) {
         let v = w.map_or(0, |w| ((w as u32 + 1) << 24) | (fences & GENERIC_COUNT));
-        self.generic[off..off + len].fill(v);
+        self.generic.fill(off, len, v);
     }
 
     /// The first byte of `[off, off + len)` stored generically and not fenced for the async
@@ -286,8 +393,11 @@ impl Smem {
         len: usize,
         fences: &[u32],
     ) -> Option<(usize, usize)> {
+        if self.generic.run(off, len) == Some(0) {
+            return None;
+        }
         for b in off..off + len {
-            let g = self.generic[b];
+            let g = self.generic.at(b);
             if g != 0 {
                 let w = (g >> 24) as usize - 1;
                 if fences.get(w).copied() == Some(g & GENERIC_COUNT) {
@@ -322,6 +432,13 @@ impl Smem {
 /// (a 16-byte access runs in 4 phases of 8 lanes, an 8-byte one in 2 of 16). Returns the
 /// extra wavefronts beyond one per phase.
 pub(crate) fn bank_conflicts(exec: u32, offs: &[u64; 32], len: u32) -> u64 {
+    // One lane of at most 16 bytes touches consecutive words: distinct banks.
+    if exec.count_ones() <= 1 && len <= 16 {
+        return 0;
+    }
+    if len == 16 && lanes_of(exec).all(|l| offs[l].is_multiple_of(16)) {
+        return conflicts16(exec, offs);
+    }
     let per = match len {
         0..=4 => 32,
         5..=8 => 16,
@@ -358,6 +475,44 @@ pub(crate) fn bank_conflicts(exec: u32, offs: &[u64; 32], len: u32) -> u64 {
     extra
 }
 
+fn lanes_of(exec: u32) -> impl Iterator<Item = usize> {
+    let mut m = exec;
+    std::iter::from_fn(move || {
+        (m != 0).then(|| {
+            let l = m.trailing_zeros() as usize;
+            m &= m - 1;
+            l
+        })
+    })
+}
+
+/// [`bank_conflicts`] of 16-byte-aligned 16-byte accesses: a lane covers the four banks of one
+/// quad (`offset / 16 % 8`), so a phase of 8 lanes is conflict-free unless two lanes use one
+/// quad at different addresses.
+fn conflicts16(exec: u32, offs: &[u64; 32]) -> u64 {
+    let mut extra = 0u64;
+    for p in 0..4 {
+        let mut seen = 0u32;
+        let mut quad = [0u64; 8];
+        let mut clash = false;
+        for l in lanes_of(exec & (0xff << (8 * p))) {
+            let a = offs[l] >> 4;
+            let q = (a & 7) as usize;
+            if seen >> q & 1 == 0 {
+                seen |= 1 << q;
+                quad[q] = a;
+            } else if quad[q] != a {
+                clash = true;
+                break;
+            }
+        }
+        if clash {
+            extra += phase_conflicts(exec, offs, 16, 8 * p, 8 * p + 8);
+        }
+    }
+    extra
+}
+
 /// Extra wavefronts of one phase (lanes `lo..hi`) with at least one conflict.
 fn phase_conflicts(exec: u32, offs: &[u64; 32], len: u32, lo: usize, hi: usize) -> u64 {
     // Aligned accesses of at most 16 bytes: at most 32 words per phase.
@@ -383,4 +538,84 @@ fn phase_conflicts(exec: u32, offs: &[u64; 32], len: u32, lo: usize, hi: usize) 
         }
     }
     (per_bank.iter().copied().max().unwrap_or(1) as u64).saturating_sub(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The general count, without the single-lane and 16-byte shortcuts.
+    fn general(exec: u32, offs: &[u64; 32], len: u32) -> u64 {
+        let per = match len {
+            0..=4 => 32,
+            5..=8 => 16,
+            _ => 8,
+        };
+        (0..32 / per)
+            .map(|p| phase_conflicts(exec, offs, len, p * per, (p + 1) * per))
+            .sum()
+    }
+
+    #[test]
+    fn chunked_records_read_as_per_byte_records() {
+        let n = 200;
+        let mut sh = Shadow::new(n);
+        let mut plain = vec![0u64; n];
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        for step in 0..50_000u64 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let len = [1usize, 2, 4, 8, 16, 16, 16, 32, 48][(x % 9) as usize];
+            let off = ((x >> 8) as usize % n) / len * len;
+            let len = len.min(n - off);
+            if x >> 40 & 3 == 0 {
+                let b = off;
+                sh.set(b, step);
+                plain[b] = step;
+            } else {
+                sh.fill(off, len, step);
+                plain[off..off + len].fill(step);
+            }
+            let (o, l) = ((x >> 20) as usize % n, 1 + (x >> 30) as usize % 16);
+            let l = l.min(n - o);
+            let want = plain[o..o + l].iter().all(|&r| r == plain[o]);
+            assert_eq!(sh.same(o, l), want);
+            if let Some(r) = sh.run(o, l) {
+                assert!(plain[o..o + l].iter().all(|&p| p == r));
+            }
+        }
+        for (b, &r) in plain.iter().enumerate() {
+            assert_eq!(sh.at(b), r, "byte {b}");
+        }
+    }
+
+    #[test]
+    fn shortcuts_count_as_the_general_rule() {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for case in 0..20_000 {
+            let exec = match case % 4 {
+                0 => u32::MAX,
+                1 => 1 << (next() % 32),
+                _ => next() as u32,
+            };
+            let span = [64u64, 256, 1024, 8192][(case / 4) % 4];
+            let len = [4u32, 8, 16][case % 3];
+            let mut offs = [0u64; 32];
+            for o in &mut offs {
+                *o = next() % span / len as u64 * len as u64;
+            }
+            assert_eq!(
+                bank_conflicts(exec, &offs, len),
+                general(exec, &offs, len),
+                "exec {exec:#x} len {len} offs {offs:?}"
+            );
+        }
+    }
 }

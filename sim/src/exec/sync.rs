@@ -314,42 +314,96 @@ impl<'a> Block<'a> {
         b: &[Slot],
         c: &[Src; 4],
     ) {
-        let w = &self.warps[wi];
-        // A: 16 x k (row-major fragments), B: k x 8, C/D: 16 x 8.
-        let mut am = [[0f64; 16]; 16];
-        let mut bm = [[0f64; 8]; 16];
-        let mut dm = [[0f64; 8]; 16];
-        if bf {
-            gather::<true>(w, a, b, &mut am, &mut bm);
-        } else {
-            gather::<false>(w, a, b, &mut am, &mut bm);
+        match (k, bf) {
+            (16, true) => self.mma_k::<16, true>(wi, d, a, b, c),
+            (16, false) => self.mma_k::<16, false>(wi, d, a, b, c),
+            (_, true) => self.mma_k::<8, true>(wi, d, a, b, c),
+            (_, false) => self.mma_k::<8, false>(wi, d, a, b, c),
         }
+        self.c.tensor_flops += 2 * 16 * 8 * k as u64;
+    }
+
+    /// `m16n8kK`: A 16 x K (K / 4 registers, row-major fragments), B K x 8 (K / 8 registers),
+    /// C/D 16 x 8; lane `4g + t` holds row `g` (+8), columns `2t, 2t + 1` (+8) of each.
+    fn mma_k<const K: usize, const BF: bool>(
+        &mut self,
+        wi: usize,
+        d: &[Slot; 4],
+        a: &[Slot],
+        b: &[Slot],
+        c: &[Src; 4],
+    ) {
+        let w = &self.warps[wi];
+        // f16/bf16 widen exactly to f32 (and on to f64); A stays f32 until it is used.
+        let mut am = [[0f32; K]; 16];
+        let mut b32 = [[0f32; 8]; K];
+        for (r, s) in a[..K / 4].iter().enumerate() {
+            let rv = w.lanes(*s);
+            let (r0, c0) = (8 * (r % 2), 8 * (r / 2));
+            for (g, row) in am[r0..r0 + 8].iter_mut().enumerate() {
+                for t in 0..4 {
+                    let v = rv[4 * g + t];
+                    row[c0 + 2 * t] = widen::<BF>(v);
+                    row[c0 + 2 * t + 1] = widen::<BF>(v >> 16);
+                }
+            }
+        }
+        for (r, s) in b[..K / 8].iter().enumerate() {
+            let rv = w.lanes(*s);
+            for g in 0..8 {
+                for t in 0..4 {
+                    let v = rv[4 * g + t];
+                    b32[8 * r + 2 * t][g] = widen::<BF>(v);
+                    b32[8 * r + 2 * t + 1][g] = widen::<BF>(v >> 16);
+                }
+            }
+        }
+        let mut bm = [[0f64; 8]; K];
+        for (d, s) in bm.iter_mut().zip(b32.iter()) {
+            for (x, y) in d.iter_mut().zip(s.iter()) {
+                *x = *y as f64;
+            }
+        }
+        let mut dm = [[0f64; 8]; 16];
         for (i, s) in c.iter().enumerate() {
-            let v = w.get(*s);
-            for (lane, x) in v.iter().enumerate() {
-                let (g, t) = (lane / 4, lane % 4);
-                dm[g + 8 * (i / 2)][2 * t + (i % 2)] = f32::from_bits(*x as u32) as f64;
+            let imm;
+            let v: &super::alu::Lanes = match *s {
+                Src::Reg(r) => w.lanes(r),
+                Src::Imm(x) => {
+                    imm = [x; 32];
+                    &imm
+                }
+            };
+            let (r0, j0) = (8 * (i / 2), i % 2);
+            for (g, row) in dm[r0..r0 + 8].iter_mut().enumerate() {
+                for t in 0..4 {
+                    row[2 * t + j0] = f32::from_bits(v[4 * g + t] as u32) as f64;
+                }
             }
         }
         // Products of f16/bf16 values are exact in f64 and the k-term sum rounds far below
         // f32 precision; one final rounding to f32.
-        if k == 16 {
-            product::<16>(&am, &bm, &mut dm);
-        } else {
-            product::<8>(&am, &bm, &mut dm);
-        }
-        let mut out = [[0u64; 32]; 4];
-        for lane in 0..32 {
-            let (g, t) = (lane / 4, lane % 4);
-            for (i, o) in out.iter_mut().enumerate() {
-                o[lane] = (dm[g + 8 * (i / 2)][2 * t + (i % 2)] as f32).to_bits() as u64;
+        for (row, arow) in dm.iter_mut().zip(am.iter()) {
+            let mut acc = *row;
+            for (&x, brow) in arow.iter().zip(bm.iter()) {
+                let x = x as f64;
+                for j in 0..8 {
+                    acc[j] += x * brow[j];
+                }
             }
+            *row = acc;
         }
         let w = &mut self.warps[wi];
         for (i, s) in d.iter().enumerate() {
-            w.put(*s, &out[i], u32::MAX);
+            let (r0, j0) = (8 * (i / 2), i % 2);
+            let mut o = [0u64; 32];
+            for (g, row) in dm[r0..r0 + 8].iter().enumerate() {
+                for t in 0..4 {
+                    o[4 * g + t] = (row[2 * t + j0] as f32).to_bits() as u64;
+                }
+            }
+            w.put(*s, &o, u32::MAX);
         }
-        self.c.tensor_flops += 2 * 16 * 8 * k as u64;
     }
 
     fn mbar_addr(&self, wi: usize, l: u32, a: u64) -> R<u32> {
@@ -417,7 +471,7 @@ impl<'a> Block<'a> {
                 continue;
             }
             let a = self.mbar_addr(wi, l, addrs[l as usize])?;
-            let v = argv.map_or(1, |x| x[l as usize] & 0xffff_ffff);
+            let v = argv.as_ref().map_or(1, |x| x[l as usize] & 0xffff_ffff);
             if op != MbarOp::Init && !self.mbars.contains_key(&a) {
                 return Err(self.fault(
                     wi,
@@ -511,59 +565,13 @@ impl<'a> Block<'a> {
     }
 }
 
-/// A 16-bit float (bf16 when `BF`, else f16) widened exactly to f64.
+/// A 16-bit float (bf16 when `BF`, else f16) widened exactly to f32.
 #[inline(always)]
-fn widen<const BF: bool>(x: u64) -> f64 {
+fn widen<const BF: bool>(x: u64) -> f32 {
     if BF {
-        f32::from_bits((x as u32 & 0xffff) << 16) as f64
+        f32::from_bits((x as u32 & 0xffff) << 16)
     } else {
-        f16::from_bits(x as u16).to_f64()
-    }
-}
-
-/// The A and B fragments of a warp as matrices (A row-major 16 x k, B k x 8).
-#[inline(always)]
-fn gather<const BF: bool>(
-    w: &super::block::Warp,
-    a: &[Slot],
-    b: &[Slot],
-    am: &mut [[f64; 16]; 16],
-    bm: &mut [[f64; 8]; 16],
-) {
-    for (r, s) in a.iter().enumerate() {
-        let rv = w.lanes(*s);
-        for (lane, &v) in rv.iter().enumerate().take(32) {
-            let (g, t) = (lane / 4, lane % 4);
-            let row = g + 8 * (r % 2);
-            let col = 2 * t + 8 * (r / 2);
-            am[row][col] = widen::<BF>(v);
-            am[row][col + 1] = widen::<BF>(v >> 16);
-        }
-    }
-    for (r, s) in b.iter().enumerate() {
-        let rv = w.lanes(*s);
-        for (lane, &v) in rv.iter().enumerate().take(32) {
-            let (g, t) = (lane / 4, lane % 4);
-            let kk = 2 * t + 8 * r;
-            bm[kk][g] = widen::<BF>(v);
-            bm[kk + 1][g] = widen::<BF>(v >> 16);
-        }
-    }
-}
-
-/// `d += a[.., ..K] * b[..K, ..]` with each row's 8 sums held in registers.
-#[inline(always)]
-fn product<const K: usize>(a: &[[f64; 16]; 16], b: &[[f64; 8]; 16], d: &mut [[f64; 8]; 16]) {
-    for (row, arow) in d.iter_mut().zip(a.iter()) {
-        let mut acc = *row;
-        for kk in 0..K {
-            let x = arow[kk];
-            let brow = &b[kk];
-            for j in 0..8 {
-                acc[j] += x * brow[j];
-            }
-        }
-        *row = acc;
+        f16::from_bits(x as u16).to_f32()
     }
 }
 
