@@ -26,6 +26,44 @@ use lathe_kernels::gemm;
 
 pub use lathe_kernels::gemm::{Gemm, Linear, Op, Version};
 
+/// The parameters of every GEMM kernel, in PTX order: `a, b, c, bias, m, n, k, lda, ldb, ldc,
+/// alpha, beta, flags` (the batched kernels append their three strides). Dimensions must have
+/// been checked against `MAX_DIM` (< 2^31) first.
+pub(crate) fn gemm_args<I: DeviceElem, O: DeviceElem>(
+    g: &Gemm,
+    a: &DeviceBuffer<I>,
+    b: &DeviceBuffer<I>,
+    bias: Option<&DeviceBuffer<I>>,
+    c: &mut DeviceBuffer<O>,
+) -> Vec<KernelArg> {
+    let bias_arg = match bias {
+        Some(bias) => bias.arg(),
+        // Never read: the kernel only touches the bias when FLAG_BIAS is set.
+        None => KernelArg::Ptr {
+            addr: 0,
+            elem: I::ELEM,
+            len: 0,
+            writable: false,
+        },
+    };
+    let u = |x: usize| KernelArg::U32(x as u32);
+    vec![
+        a.arg(),
+        b.arg(),
+        c.arg_mut(),
+        bias_arg,
+        u(g.m),
+        u(g.n),
+        u(g.k),
+        u(g.lda()),
+        u(g.ldb()),
+        u(g.ldc()),
+        KernelArg::F32(g.alpha),
+        KernelArg::F32(g.beta),
+        KernelArg::U32(g.flags(bias.is_some())),
+    ]
+}
+
 fn too_short(what: &str, len: usize, need: usize, shape: String) -> Error {
     Error::Invalid(format!(
         "gemm: {what} holds {len} elements; {shape} needs at least {need}"
@@ -101,33 +139,7 @@ impl Device {
                 g.m, g.n, t.bm, t.bn
             )));
         }
-        let bias_arg = match bias {
-            Some(bias) => bias.arg(),
-            // Never read: the kernel only touches the bias when FLAG_BIAS is set.
-            None => KernelArg::Ptr {
-                addr: 0,
-                elem: I::ELEM,
-                len: 0,
-                writable: false,
-            },
-        };
-        // Every value below was checked against MAX_DIM (< 2^31) by validate().
-        let u = |x: usize| KernelArg::U32(x as u32);
-        let args = [
-            a.arg(),
-            b.arg(),
-            c.arg_mut(),
-            bias_arg,
-            u(g.m),
-            u(g.n),
-            u(g.k),
-            u(g.lda()),
-            u(g.ldb()),
-            u(g.ldc()),
-            KernelArg::F32(g.alpha),
-            KernelArg::F32(g.beta),
-            KernelArg::U32(g.flags(bias.is_some())),
-        ];
+        let args = gemm_args(g, a, b, bias, c);
         self.launch(k, &g.problem(), &args, stream)
     }
 

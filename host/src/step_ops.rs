@@ -165,25 +165,8 @@ impl Device {
             )));
         }
         // validate() bounded every dimension by MAX_DIM (< 2^31).
-        let u = |x: usize| KernelArg::U32(x as u32);
-        let args = [
-            a.arg(),
-            b.arg(),
-            c.arg_mut(),
-            bias.map_or_else(|| null::<I>(false), |b| b.arg()),
-            u(g.m),
-            u(g.n),
-            u(g.k),
-            u(g.lda()),
-            u(g.ldb()),
-            u(g.ldc()),
-            KernelArg::F32(g.alpha),
-            KernelArg::F32(g.beta),
-            KernelArg::U32(g.flags(bias.is_some())),
-            KernelArg::U64(bg.stride_a as u64),
-            KernelArg::U64(bg.stride_b as u64),
-            KernelArg::U64(bg.stride_c as u64),
-        ];
+        let mut args = crate::gemm_ops::gemm_args(g, a, b, bias, c);
+        args.extend([bg.stride_a, bg.stride_b, bg.stride_c].map(|s| KernelArg::U64(s as u64)));
         self.launch(k, &bg.problem(), &args, self.compute_stream())
     }
 
