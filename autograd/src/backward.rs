@@ -15,6 +15,8 @@
 //! The walk order, and so every summation order, is the same whether values were kept or
 //! recomputed: recomputation changes memory, never results.
 
+use crate::device::ops::DIn;
+use crate::device::{DevBuf, dev_err};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::ops::{self, Op, Val};
@@ -27,24 +29,51 @@ use rayon::prelude::*;
 
 const NONE: usize = usize::MAX;
 
+/// The seed of the loss gradient.
+enum Seed<'a, T> {
+    /// A host value.
+    Host(T),
+    /// `state[SCALE] * factor`, read on the device.
+    State(&'a lathe_host::DeviceBuffer<u32>, f32),
+}
+
 impl<T: Scalar> Tape<T> {
     /// Back-propagates from the one-element `loss`, seeding `dloss = seed`, and adds the
     /// parameter gradients into `params.grads` (`+=`). Inputs made with [`Tape::leaf`] and
     /// `requires_grad` keep their gradients ([`Tape::grad`]). Activation values are freed as
     /// the walk passes them; the tape must be [`Tape::clear`]ed before recording again.
     pub fn backward(&mut self, loss: Var, seed: T, params: &mut ParamStore<T>) -> Result<()> {
-        self.backward_impl(loss, seed, Some(params))
+        self.backward_impl(loss, Seed::Host(seed), Some(params))
     }
 
     /// [`Tape::backward`] for a tape without parameters (gradients of leaves only).
     pub fn backward_leaves(&mut self, loss: Var, seed: T) -> Result<()> {
-        self.backward_impl(loss, seed, None)
+        self.backward_impl(loss, Seed::Host(seed), None)
+    }
+
+    /// [`Tape::backward`] on a device tape with the seed read on the device:
+    /// `dloss = state[SCALE] * factor`, `state` being the step state of
+    /// [`lathe_kernels::nn::amp`] (the dynamic loss scale lives there, updated by the device's
+    /// optimizer step), so no step waits for the host to learn the scale.
+    pub fn backward_scaled(
+        &mut self,
+        loss: Var,
+        state: &lathe_host::DeviceBuffer<u32>,
+        factor: f32,
+        params: &mut ParamStore<T>,
+    ) -> Result<()> {
+        if self.dev.is_none() {
+            return Err(Error::Backward(
+                "backward_scaled seeds from a device step state; this tape runs on the CPU".into(),
+            ));
+        }
+        self.backward_impl(loss, Seed::State(state, factor), Some(params))
     }
 
     fn backward_impl(
         &mut self,
         loss: Var,
-        seed: T,
+        seed: Seed<'_, T>,
         params: Option<&mut ParamStore<T>>,
     ) -> Result<()> {
         if self.phase != Phase::Recording {
@@ -85,7 +114,12 @@ impl<T: Scalar> Tape<T> {
         r
     }
 
-    fn walk(&mut self, ls: usize, seed: T, mut params: Option<&mut ParamStore<T>>) -> Result<()> {
+    fn walk(
+        &mut self,
+        ls: usize,
+        seed: Seed<'_, T>,
+        mut params: Option<&mut ParamStore<T>>,
+    ) -> Result<()> {
         self.slots[ls].pinned = true;
         let loss_node = self.slots[ls].node;
         let n_nodes = self.nodes.len();
@@ -143,7 +177,7 @@ impl<T: Scalar> Tape<T> {
                 continue;
             }
             let needed_missing = node.outputs().any(|s| {
-                self.slots[s].value.is_none() && (last_use[s] != NONE || recompute_need[s])
+                !self.slots[s].has_value() && (last_use[s] != NONE || recompute_need[s])
             });
             if needed_missing {
                 for &i in &node.inputs {
@@ -163,22 +197,54 @@ impl<T: Scalar> Tape<T> {
         }
 
         // Seed.
-        let mut g = if self.dry {
-            Vec::new()
-        } else {
-            self.pool.take(1)
-        };
-        if let Some(x) = g.first_mut() {
-            *x = seed;
-        }
         let seed_dtype = self.slots[ls].dtype;
-        round_par(&mut g, seed_dtype);
-        self.set_grad(ls, g);
+        if let (Some(ctx), false) = (&self.dev, self.dry) {
+            let dev = ctx.dev.clone();
+            let g = match seed {
+                Seed::Host(x) => {
+                    let mut g = DevBuf::alloc(&dev, seed_dtype, 1)?;
+                    g.fill(&dev, x.to_f64() as f32)?;
+                    g
+                }
+                Seed::State(state, factor) => {
+                    let mut g = dev.alloc::<f32>(1).map_err(dev_err("backward seed"))?;
+                    dev.fill_from_state_scale(state, factor, &mut g)
+                        .map_err(dev_err("backward seed"))?;
+                    DevBuf::F32(g).conform(&dev, seed_dtype)?
+                }
+            };
+            self.set_dgrad(ls, g);
+        } else {
+            let Seed::Host(seed) = seed else {
+                return Err(Error::Backward("a device seed on a CPU tape".into()));
+            };
+            let mut g = if self.dry {
+                Vec::new()
+            } else {
+                self.pool.take(1)
+            };
+            if let Some(x) = g.first_mut() {
+                *x = seed;
+            }
+            round_par(&mut g, seed_dtype);
+            self.set_grad(ls, g);
+        }
 
         for n in (0..=loss_node).rev() {
             if matches!(self.nodes[n].op, Op::Leaf) {
                 let s = self.nodes[n].first_out;
                 if let SlotKind::Param { offset } = self.slots[s].kind {
+                    if let (Some(g), Some(p)) = (self.slots[s].dgrad.as_ref(), params.as_deref_mut())
+                    {
+                        let dp = p.device_mut().ok_or_else(|| {
+                            Error::Backward(
+                                "the parameter store is on the host but the tape on a device"
+                                    .into(),
+                            )
+                        })?;
+                        let dev = dp.device().clone();
+                        dp.grads_dev_mut().add_assign_at(&dev, offset, g)?;
+                    }
                     if let (Some(g), Some(p), false) = (
                         self.slots[s].grad.as_deref(),
                         params.as_deref_mut(),
@@ -205,6 +271,24 @@ impl<T: Scalar> Tape<T> {
             needed.extend(node.outputs().zip(so).filter(|(_, k)| **k).map(|(s, _)| s));
             let filled = self.ensure(&needed)?;
 
+            if self.dev.is_some() && !self.dry {
+                let contributions = self.run_backward_device(n, &saved[n])?;
+                let outputs = self.nodes[n].outputs();
+                for s in outputs {
+                    self.free_grad(s);
+                    if !self.slots[s].pinned {
+                        self.free_value(s);
+                    }
+                }
+                let inputs = self.nodes[n].inputs.clone();
+                for (&i, c) in inputs.iter().zip(contributions) {
+                    if let Some(c) = c {
+                        self.accumulate_device(i, c)?;
+                    }
+                }
+                self.free_after(n, &inputs, &filled, &last_use);
+                continue;
+            }
             let contributions = self.run_backward(n, &saved[n]);
 
             let outputs = self.nodes[n].outputs();
@@ -220,20 +304,91 @@ impl<T: Scalar> Tape<T> {
                     self.accumulate(i, c);
                 }
             }
-            for &i in &inputs {
-                if last_use[i] == n
-                    && self.slots[i].kind == SlotKind::Computed
-                    && !self.slots[i].pinned
-                {
-                    self.free_value(i);
-                }
+            self.free_after(n, &inputs, &filled, &last_use);
+        }
+        Ok(())
+    }
+
+    /// After node `n`'s backward: frees the inputs it read last and the recomputed values no
+    /// later node reads.
+    fn free_after(&mut self, n: usize, inputs: &[usize], filled: &[usize], last_use: &[usize]) {
+        for &i in inputs {
+            if last_use[i] == n && self.slots[i].kind == SlotKind::Computed && !self.slots[i].pinned
+            {
+                self.free_value(i);
             }
-            for s in filled {
-                let lu = last_use[s];
-                if (lu == NONE || lu > n) && !self.slots[s].pinned {
-                    self.free_value(s);
-                }
+        }
+        for &s in filled {
+            let lu = last_use[s];
+            if (lu == NONE || lu > n) && !self.slots[s].pinned {
+                self.free_value(s);
             }
+        }
+    }
+
+    /// Runs node `n`'s backward on the device; one contribution per input needing a gradient.
+    fn run_backward_device(
+        &mut self,
+        n: usize,
+        saved: &(Vec<bool>, Vec<bool>),
+    ) -> Result<Vec<Option<DevBuf>>> {
+        let ctx = self.dev.as_mut().expect("device tape");
+        let node = &self.nodes[n];
+        let slots = &self.slots;
+        let val = |s: usize, keep: bool| DIn {
+            shape: &slots[s].shape,
+            buf: if keep { slots[s].dvalue.as_ref() } else { None },
+        };
+        let ins: Vec<DIn> = node
+            .inputs
+            .iter()
+            .zip(&saved.0)
+            .map(|(&i, &k)| val(i, k))
+            .collect();
+        let outs: Vec<DIn> = node
+            .outputs()
+            .zip(&saved.1)
+            .map(|(s, &k)| val(s, k))
+            .collect();
+        let gouts: Vec<Option<&DevBuf>> =
+            node.outputs().map(|s| slots[s].dgrad.as_ref()).collect();
+        let want: Vec<Option<DType>> = node
+            .inputs
+            .iter()
+            .map(|&i| {
+                let s = &slots[i];
+                s.requires_grad.then_some(match s.kind {
+                    SlotKind::Param { .. } => DType::F32,
+                    _ => s.dtype,
+                })
+            })
+            .collect();
+        let start = self.profile.as_ref().map(|_| std::time::Instant::now());
+        let din = crate::device::ops::backward(
+            ctx, n, &node.op, self.dtype, &ins, &outs, &gouts, &want,
+        )?;
+        let name = node.op.name();
+        if let Some(s) = start {
+            let secs = s.elapsed().as_secs_f64();
+            self.record_time(name, true, s, secs);
+        }
+        Ok(din)
+    }
+
+    /// Adds a device contribution into slot `s`'s gradient (in the slot's dtype; f32 for
+    /// parameters), converting its dtype when it differs.
+    fn accumulate_device(&mut self, s: usize, c: DevBuf) -> Result<()> {
+        let dtype = match self.slots[s].kind {
+            SlotKind::Param { .. } => DType::F32,
+            _ => self.slots[s].dtype,
+        };
+        let dev = self.dev.as_ref().expect("device tape").dev.clone();
+        match self.slots[s].dgrad.as_mut() {
+            None => {
+                let c = c.conform(&dev, dtype)?;
+                self.set_dgrad(s, c);
+            }
+            Some(g) => g.add_assign(&dev, &c)?,
         }
         Ok(())
     }

@@ -78,6 +78,16 @@ pub enum Error {
     #[error("invalid model config: {0}")]
     Config(String),
 
+    /// A device operation failed (allocation, launch, copy).
+    #[error("{op} on the device: {source}")]
+    Device {
+        /// The operation.
+        op: &'static str,
+        /// The device runtime's error.
+        #[source]
+        source: lathe_host::Error,
+    },
+
     /// `backward` was called in a state where it cannot run.
     #[error("backward: {0}")]
     Backward(String),

@@ -39,6 +39,7 @@
 
 pub mod autocast;
 mod backward;
+pub mod device;
 pub mod dtype;
 pub mod error;
 pub mod models;
@@ -49,6 +50,7 @@ pub mod scalar;
 pub mod tape;
 pub mod tensor;
 
+pub use device::{DevBuf, DeviceParams, WorkingMut};
 pub use dtype::{DType, Device};
 pub use error::{Error, Result};
 pub use models::{Activation, ActivationMemory, Gpt, GptConfig, Mlp};

@@ -83,6 +83,9 @@ pub struct ParamStore<T: Scalar = f32> {
     /// working copy may change: a tape re-copies a parameter it saw at another version.
     id: u64,
     working_version: u64,
+    /// The device copy of the buffers (authoritative while present; see
+    /// [`ParamStore::to_device`]).
+    pub(crate) device_params: Option<crate::device::params::DeviceParams>,
 }
 
 static NEXT_STORE_ID: AtomicU64 = AtomicU64::new(1);
@@ -91,6 +94,8 @@ fn next_store_id() -> u64 {
     NEXT_STORE_ID.fetch_add(1, Ordering::Relaxed)
 }
 
+/// A clone holds the host buffers only (a device store's host mirror as of its last
+/// [`ParamStore::fetch_from_device`]).
 impl<T: Scalar> Clone for ParamStore<T> {
     fn clone(&self) -> Self {
         ParamStore {
@@ -104,6 +109,7 @@ impl<T: Scalar> Clone for ParamStore<T> {
             has_data: self.has_data,
             id: next_store_id(),
             working_version: 0,
+            device_params: None,
         }
     }
 }
@@ -148,6 +154,7 @@ impl<T: Scalar> ParamStore<T> {
             has_data: false,
             id: next_store_id(),
             working_version: 0,
+            device_params: None,
         })
     }
 
@@ -247,6 +254,10 @@ impl<T: Scalar> ParamStore<T> {
         self.working_version += 1;
     }
 
+    pub(crate) fn bump_working_version(&mut self) {
+        self.working_version += 1;
+    }
+
     /// `(store identity, working-copy version)`: changes whenever the working copy may have.
     pub(crate) fn working_stamp(&self) -> (u64, u64) {
         (self.id, self.working_version)
@@ -270,6 +281,7 @@ impl<T: Scalar> ParamStore<T> {
             has_data: self.has_data,
             id: next_store_id(),
             working_version: 0,
+            device_params: None,
         }
     }
 

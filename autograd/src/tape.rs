@@ -19,6 +19,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use rayon::prelude::*;
 
 use crate::autocast;
+use crate::device::ops::DIn;
+use crate::device::{DevBuf, DevCtx};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::ops::{self, Op, Val};
@@ -67,8 +69,23 @@ pub(crate) struct Slot<T> {
     pub kind: SlotKind,
     pub value: Option<Vec<T>>,
     pub grad: Option<Vec<T>>,
+    /// The value on the device (device tapes only).
+    pub dvalue: Option<DevBuf>,
+    /// The gradient on the device (device tapes only).
+    pub dgrad: Option<DevBuf>,
     /// Kept through `backward` (the loss).
     pub pinned: bool,
+}
+
+impl<T> Slot<T> {
+    /// Whether the value is present (on the host or on the device).
+    pub fn has_value(&self) -> bool {
+        self.value.is_some() || self.dvalue.is_some()
+    }
+    /// Whether the gradient is present (on the host or on the device).
+    pub fn has_grad(&self) -> bool {
+        self.grad.is_some() || self.dgrad.is_some()
+    }
 }
 
 pub(crate) struct Node {
@@ -89,6 +106,12 @@ pub(crate) enum Phase {
     Recording,
     InBackward,
     Backpropagated,
+}
+
+/// The value a leaf starts with.
+enum Leaf<T> {
+    Host(Vec<T>),
+    Device(DevBuf),
 }
 
 /// Recycles buffers by exact length (a training step allocates the same sizes every step).
@@ -139,6 +162,8 @@ pub struct Tape<T: Scalar = f32> {
     pub(crate) phase: Phase,
     pub(crate) profile: Option<Vec<OpProfile>>,
     events: Vec<OpEvent>,
+    /// The device backend (values in device buffers, ops as kernels); `None` on the CPU.
+    pub(crate) dev: Option<DevCtx>,
 }
 
 /// Most [`OpEvent`]s a tape keeps between two [`Tape::take_events`].
@@ -248,6 +273,17 @@ impl Tape<f32> {
     pub fn new(dtype: DType) -> Self {
         Self::with_dtype(dtype)
     }
+
+    /// A tape on `device` (a GPU or the simulated device) computing in `dtype`: values and
+    /// gradients live in device buffers of their storage dtype, every op launches Lathe's
+    /// kernels on the device's compute stream (see [`crate::device`]). Its parameters must come
+    /// from a store moved to the same device ([`ParamStore::to_device`]).
+    pub fn on_device(dtype: DType, device: &lathe_host::Device) -> Self {
+        Tape {
+            dev: Some(DevCtx::new(device.clone())),
+            ..Self::with_dtype(dtype)
+        }
+    }
 }
 
 impl<T: Scalar> Tape<T> {
@@ -269,6 +305,7 @@ impl<T: Scalar> Tape<T> {
             phase: Phase::Recording,
             profile: None,
             events: Vec::new(),
+            dev: None,
         }
     }
 
@@ -308,6 +345,9 @@ impl<T: Scalar> Tape<T> {
             if let Some(g) = s.grad {
                 self.pool.give(g);
             }
+        }
+        if let Some(d) = self.dev.as_mut() {
+            d.ids.clear();
         }
         self.nodes.clear();
         self.param_vars.clear();
@@ -362,6 +402,23 @@ impl<T: Scalar> Tape<T> {
             self.live -= self.counted(s);
             self.pool.give(v);
         }
+        if self.slots[s].dvalue.take().is_some() {
+            self.live -= self.counted(s);
+        }
+    }
+
+    pub(crate) fn set_dvalue(&mut self, s: usize, buf: DevBuf) {
+        debug_assert!(!self.slots[s].has_value());
+        self.slots[s].dvalue = Some(buf);
+        self.live += self.counted(s);
+        self.peak = self.peak.max(self.live);
+    }
+
+    pub(crate) fn set_dgrad(&mut self, s: usize, buf: DevBuf) {
+        debug_assert!(!self.slots[s].has_grad());
+        self.slots[s].dgrad = Some(buf);
+        self.live += self.counted(s);
+        self.peak = self.peak.max(self.live);
     }
 
     pub(crate) fn set_grad(&mut self, s: usize, buf: Vec<T>) {
@@ -375,6 +432,9 @@ impl<T: Scalar> Tape<T> {
         if let Some(g) = self.slots[s].grad.take() {
             self.live -= self.counted(s);
             self.pool.give(g);
+        }
+        if self.slots[s].dgrad.take().is_some() {
+            self.live -= self.counted(s);
         }
     }
 
@@ -427,6 +487,14 @@ impl<T: Scalar> Tape<T> {
                 detail: "a dry-run tape holds no values".into(),
             });
         }
+        if self.slots[s].dvalue.is_some() {
+            return Err(Error::Unavailable {
+                index: v.idx,
+                detail: "the value is on the device: read it with Tape::read (an explicit copy \
+                         to the host) or use Tape::device_value"
+                    .into(),
+            });
+        }
         self.slots[s]
             .value
             .as_deref()
@@ -449,16 +517,48 @@ impl<T: Scalar> Tape<T> {
         Ok(())
     }
 
-    /// A copy of `v` as a tensor.
+    /// A copy of `v` as a tensor (on a device tape, an explicit read: see [`Tape::read`]).
     pub fn tensor(&self, v: Var) -> Result<Tensor<T>> {
         let s = self.slot_index(v)?;
-        let data = self.value(v)?.to_vec();
+        let data = self.read(v)?;
         Tensor::new(self.slots[s].shape.clone(), data, self.slots[s].dtype)
     }
 
-    /// The single value of a one-element `v` (a loss).
+    /// A host copy of the values of `v`. On a device tape this copies the value to the host
+    /// and waits for the device: the one way values leave the device, so keep it out of a
+    /// training step's hot path (the trainer reads its loss a step behind instead).
+    pub fn read(&self, v: Var) -> Result<Vec<T>> {
+        let s = self.slot_index(v)?;
+        if let Some(d) = &self.slots[s].dvalue {
+            return Ok(d.download()?.iter().map(|&x| T::from_f64(x as f64)).collect());
+        }
+        Ok(self.value(v)?.to_vec())
+    }
+
+    /// The device buffer holding `v` (device tapes only).
+    pub fn device_value(&self, v: Var) -> Result<&DevBuf> {
+        let s = self.slot_index(v)?;
+        self.slots[s]
+            .dvalue
+            .as_ref()
+            .ok_or_else(|| Error::Unavailable {
+                index: v.idx,
+                detail: if self.dev.is_none() {
+                    "this tape runs on the CPU; use Tape::value".into()
+                } else {
+                    "dropped for recomputation or freed by backward".into()
+                },
+            })
+    }
+
+    /// The device this tape runs on (`None` for the CPU reference backend).
+    pub fn device(&self) -> Option<&lathe_host::Device> {
+        self.dev.as_ref().map(|d| &d.dev)
+    }
+
+    /// The single value of a one-element `v` (a loss); an explicit read on a device tape.
     pub fn scalar(&self, v: Var) -> Result<T> {
-        let data = self.value(v)?;
+        let data = self.read(v)?;
         if data.len() != 1 {
             return Err(Error::Shape {
                 op: "scalar",
@@ -480,13 +580,24 @@ impl<T: Scalar> Tape<T> {
         Ok(self.slots[s].grad.as_deref())
     }
 
+    /// A host copy of the gradient of `v` after `backward` ([`Tape::grad`] on either
+    /// backend; an explicit read from a device tape).
+    pub fn read_grad(&self, v: Var) -> Result<Option<Vec<T>>> {
+        let s = self.slot_index(v)?;
+        if let Some(d) = &self.slots[s].dgrad {
+            let vals = d.download()?;
+            return Ok(Some(vals.iter().map(|&x| T::from_f64(x as f64)).collect()));
+        }
+        Ok(self.slots[s].grad.clone())
+    }
+
     // ---- leaves ------------------------------------------------------------------------------
 
     fn push_leaf(
         &mut self,
         shape: Vec<usize>,
         dtype: DType,
-        data: Vec<T>,
+        data: Leaf<T>,
         requires_grad: bool,
         kind: SlotKind,
     ) -> Var {
@@ -500,6 +611,8 @@ impl<T: Scalar> Tape<T> {
             kind,
             value: None,
             grad: None,
+            dvalue: None,
+            dgrad: None,
             pinned: false,
         });
         self.nodes.push(Node {
@@ -508,7 +621,10 @@ impl<T: Scalar> Tape<T> {
             first_out: s,
             n_out: 1,
         });
-        self.set_value(s, data);
+        match data {
+            Leaf::Host(d) => self.set_value(s, d),
+            Leaf::Device(d) => self.set_dvalue(s, d),
+        }
         self.var(s)
     }
 
@@ -523,7 +639,14 @@ impl<T: Scalar> Tape<T> {
         self.check_recording("leaf")?;
         t.device().ensure_cpu("Tape::leaf")?;
         let (shape, dtype, data) = t.into_parts();
-        let data = if self.dry { Vec::new() } else { data };
+        let data = match &self.dev {
+            _ if self.dry => Leaf::Host(Vec::new()),
+            Some(d) => {
+                let vals: Vec<f32> = data.iter().map(|x| x.to_f64() as f32).collect();
+                Leaf::Device(DevBuf::upload(&d.dev, dtype, &vals)?)
+            }
+            None => Leaf::Host(data),
+        };
         Ok(self.push_leaf(shape, dtype, data, requires_grad, SlotKind::Input))
     }
 
@@ -556,7 +679,9 @@ impl<T: Scalar> Tape<T> {
             return Ok(self.var(s));
         }
         let data = if self.dry {
-            Vec::new()
+            Leaf::Host(Vec::new())
+        } else if let Some(ctx) = &self.dev {
+            Leaf::Device(crate::device::param_leaf(ctx, store, view, self.dtype)?)
         } else {
             if !store.has_data() {
                 return Err(Error::Params(
@@ -574,7 +699,7 @@ impl<T: Scalar> Tape<T> {
             }
             let mut buf = self.pool.take(view.numel());
             buf.copy_from_slice(&store.working()[view.range()]);
-            buf
+            Leaf::Host(buf)
         };
         self.param_bytes += view.numel() * self.dtype.size_of();
         let kind = SlotKind::Param {
@@ -615,6 +740,8 @@ impl<T: Scalar> Tape<T> {
                 kind: SlotKind::Computed,
                 value: None,
                 grad: None,
+                dvalue: None,
+                dgrad: None,
                 pinned: false,
             });
         }
@@ -625,14 +752,17 @@ impl<T: Scalar> Tape<T> {
             n_out,
         });
         self.ensure(&idx)?;
-        self.fill_node(node);
+        self.fill_node(node)?;
         Ok((first..first + n_out).map(|s| self.var(s)).collect())
     }
 
     /// Runs the forward of `node` (its inputs must be present) and stores the outputs that are
     /// missing; outputs already present are left as they are (a recomputation yields the same
     /// bits).
-    pub(crate) fn fill_node(&mut self, node: usize) {
+    pub(crate) fn fill_node(&mut self, node: usize) -> Result<()> {
+        if self.dev.is_some() && !self.dry {
+            return self.fill_node_device(node);
+        }
         let outs_range = self.nodes[node].outputs();
         let mut outs: Vec<Vec<T>> = outs_range
             .clone()
@@ -680,6 +810,38 @@ impl<T: Scalar> Tape<T> {
                 self.pool.give(o);
             }
         }
+        Ok(())
+    }
+
+    /// [`Tape::fill_node`] on the device backend.
+    fn fill_node_device(&mut self, node: usize) -> Result<()> {
+        let outs_range = self.nodes[node].outputs();
+        let start = self.profile.as_ref().map(|_| std::time::Instant::now());
+        let ctx = self.dev.as_mut().expect("device tape");
+        let n = &self.nodes[node];
+        let ins: Vec<DIn> = n
+            .inputs
+            .iter()
+            .map(|&i| DIn {
+                shape: &self.slots[i].shape,
+                buf: self.slots[i].dvalue.as_ref(),
+            })
+            .collect();
+        let specs: Vec<(&[usize], DType)> = outs_range
+            .clone()
+            .map(|s| (self.slots[s].shape.as_slice(), self.slots[s].dtype))
+            .collect();
+        let outs = crate::device::ops::forward(ctx, node, &n.op, self.dtype, &ins, &specs)?;
+        let name = n.op.name();
+        if let Some(s) = start {
+            self.record_time(name, false, s, s.elapsed().as_secs_f64());
+        }
+        for (s, o) in outs_range.zip(outs) {
+            if !self.slots[s].has_value() {
+                self.set_dvalue(s, o);
+            }
+        }
+        Ok(())
     }
 
     /// Makes the values of `slots` present, re-running the forward of whatever was dropped (and,
@@ -688,7 +850,7 @@ impl<T: Scalar> Tape<T> {
         let mut stack: Vec<usize> = slots
             .iter()
             .copied()
-            .filter(|&s| self.slots[s].value.is_none())
+            .filter(|&s| !self.slots[s].has_value())
             .collect();
         if stack.is_empty() {
             return Ok(Vec::new());
@@ -712,7 +874,7 @@ impl<T: Scalar> Tape<T> {
             if seen.insert(slot.node) {
                 nodes.push(slot.node);
                 for &i in &self.nodes[slot.node].inputs {
-                    if self.slots[i].value.is_none() {
+                    if !self.slots[i].has_value() {
                         stack.push(i);
                     }
                 }
@@ -724,9 +886,9 @@ impl<T: Scalar> Tape<T> {
             filled.extend(
                 self.nodes[n]
                     .outputs()
-                    .filter(|&s| self.slots[s].value.is_none()),
+                    .filter(|&s| !self.slots[s].has_value()),
             );
-            self.fill_node(n);
+            self.fill_node(n)?;
         }
         self.recomputed += nodes.len();
         Ok(filled)

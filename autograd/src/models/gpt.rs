@@ -332,7 +332,11 @@ impl Gpt {
         let mut seqs: Vec<Vec<u32>> = prompts.iter().map(|p| p.to_vec()).collect();
         let mut out = vec![Vec::new(); n];
         let mut done = vec![false; n];
-        let mut tape = Tape::new(params.working_dtype());
+        // On the device of a device store (one explicit read of the last logits a step).
+        let mut tape = match params.device() {
+            Some(d) => Tape::on_device(params.working_dtype(), d.device()),
+            None => Tape::new(params.working_dtype()),
+        };
         for _ in 0..max_new {
             if done.iter().all(|&d| d) {
                 break;
@@ -346,7 +350,7 @@ impl Gpt {
                 .collect();
             tape.clear();
             let logits = self.last_logits(&mut tape, params, &toks, n, t)?;
-            let vals = tape.value(logits)?;
+            let vals = tape.read(logits)?;
             for i in 0..n {
                 let row = &vals[i * vp..i * vp + v];
                 let mut best = 0;

@@ -17,15 +17,15 @@ use crate::tensor::numel;
 /// Matmul problem size: `batch` products of (m, k) x (k, n).
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct MmDims {
-    batch: usize,
-    m: usize,
-    k: usize,
-    n: usize,
+    pub batch: usize,
+    pub m: usize,
+    pub k: usize,
+    pub n: usize,
     /// Whether b has the batch dims of a (else it is 2-D and shared).
-    b_batched: bool,
+    pub b_batched: bool,
 }
 
-fn mm_dims(a: &[usize], b: &[usize], ta: bool, tb: bool) -> Result<(MmDims, Vec<usize>)> {
+pub(crate) fn mm_dims(a: &[usize], b: &[usize], ta: bool, tb: bool) -> Result<(MmDims, Vec<usize>)> {
     if a.len() < 2 || b.len() < 2 {
         return Err(shape_err(
             "matmul",

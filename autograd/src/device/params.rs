@@ -1,0 +1,238 @@
+//! Parameter buffers on a device: the flat master weights, the working copy the forward
+//! reads and the gradients, as one device allocation each (llm.c's layout), so the optimizer
+//! is one fused launch over all parameters.
+
+use half::{bf16, f16};
+use lathe_host::{Device, DeviceBuffer};
+
+use super::{DevBuf, DevCtx, dev_err};
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::params::{ParamStore, ParamView};
+use crate::scalar::Scalar;
+
+/// The device buffers of a [`ParamStore`] moved with [`ParamStore::to_device`].
+pub struct DeviceParams {
+    dev: Device,
+    master: DeviceBuffer<f32>,
+    /// f32 gradients (a [`DevBuf::F32`]).
+    grads: DevBuf,
+    /// The bf16 / f16 working copy; `None` when the forward reads the f32 master itself.
+    working: Option<DevBuf>,
+}
+
+/// The working copy an optimizer writes next to the master weights.
+pub enum WorkingMut<'a> {
+    /// f32 training: the forward reads the master weights.
+    None,
+    /// A bf16 copy.
+    Bf16(&'a mut DeviceBuffer<bf16>),
+    /// An f16 copy.
+    F16(&'a mut DeviceBuffer<f16>),
+}
+
+impl std::fmt::Debug for DeviceParams {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "DeviceParams({} parameters on {}, working {:?})",
+            self.master.len(),
+            self.dev.describe(),
+            self.working.as_ref().map(|w| w.dtype())
+        )
+    }
+}
+
+impl DeviceParams {
+    /// The device holding the buffers.
+    pub fn device(&self) -> &Device {
+        &self.dev
+    }
+    /// The f32 master weights.
+    pub fn master(&self) -> &DeviceBuffer<f32> {
+        &self.master
+    }
+    /// The f32 gradients.
+    pub fn grads(&self) -> &DeviceBuffer<f32> {
+        match &self.grads {
+            DevBuf::F32(g) => g,
+            _ => unreachable!("gradients are f32"),
+        }
+    }
+    pub(crate) fn grads_dev_mut(&mut self) -> &mut DevBuf {
+        &mut self.grads
+    }
+    /// The working copy (`None` in f32 training).
+    pub fn working(&self) -> Option<&DevBuf> {
+        self.working.as_ref()
+    }
+    /// Master weights, gradients and working copy, mutably (what an optimizer step writes).
+    pub fn parts_mut(&mut self) -> (&mut DeviceBuffer<f32>, &mut DeviceBuffer<f32>, WorkingMut<'_>) {
+        let grads = match &mut self.grads {
+            DevBuf::F32(g) => g,
+            _ => unreachable!("gradients are f32"),
+        };
+        let working = match &mut self.working {
+            None | Some(DevBuf::F32(_)) => WorkingMut::None,
+            Some(DevBuf::Bf16(w)) => WorkingMut::Bf16(w),
+            Some(DevBuf::F16(w)) => WorkingMut::F16(w),
+        };
+        (&mut self.master, grads, working)
+    }
+    /// Sets every gradient to zero (on the compute stream).
+    pub fn zero_grads(&mut self) -> Result<()> {
+        self.grads.fill(&self.dev, 0.0)
+    }
+}
+
+impl<T: Scalar> ParamStore<T> {
+    /// The device buffers, when the store was moved to a device.
+    pub fn device(&self) -> Option<&DeviceParams> {
+        self.device_params.as_ref()
+    }
+    /// The device buffers, mutably.
+    pub fn device_mut(&mut self) -> Option<&mut DeviceParams> {
+        self.device_params.as_mut()
+    }
+}
+
+impl ParamStore<f32> {
+    /// Uploads master, gradients and (for a bf16 / f16 working dtype) the working copy to
+    /// `dev`. From then on the device buffers are the store's state: device tapes read
+    /// them, device optimizers write them; the host buffers are a mirror refreshed by
+    /// [`ParamStore::fetch_from_device`] (checkpoints) and pushed by
+    /// [`ParamStore::upload_to_device`] (after loading a checkpoint).
+    pub fn to_device(&mut self, dev: &Device) -> Result<()> {
+        if !self.has_data() {
+            return Err(Error::Params(
+                "a layout-only store has no buffers to move to a device".into(),
+            ));
+        }
+        let e = dev_err("ParamStore::to_device");
+        let master = dev.htod(self.master()).map_err(e)?;
+        let grads = DevBuf::upload(dev, DType::F32, self.grads())?;
+        let working = match self.working_dtype() {
+            DType::F32 => None,
+            dt => Some(DevBuf::upload(dev, dt, self.working())?),
+        };
+        self.device_params = Some(DeviceParams {
+            dev: dev.clone(),
+            master,
+            grads,
+            working,
+        });
+        self.bump_working_version();
+        Ok(())
+    }
+
+    /// Copies the device's master, working copy and gradients into the host buffers
+    /// (waits for the device).
+    pub fn fetch_from_device(&mut self) -> Result<()> {
+        let Some(d) = self.device_params.take() else {
+            return Ok(());
+        };
+        let r = (|| {
+            let e = || dev_err("ParamStore::fetch_from_device");
+            d.master.copy_to_host(self.master_mut()).map_err(e())?;
+            let g = d.grads.download()?;
+            self.grads_mut().copy_from_slice(&g);
+            match &d.working {
+                Some(w) => {
+                    let w = w.download()?;
+                    self.working_mut().copy_from_slice(&w);
+                }
+                None => {
+                    let m = self.master().to_vec();
+                    self.working_mut().copy_from_slice(&m);
+                }
+            }
+            Ok(())
+        })();
+        self.device_params = Some(d);
+        r
+    }
+
+    /// Pushes the host buffers to the device copy (after they were changed on the host,
+    /// e.g. restored from a checkpoint).
+    pub fn upload_to_device(&mut self) -> Result<()> {
+        let Some(dev) = self.device_params.as_ref().map(|d| d.dev.clone()) else {
+            return Err(Error::Params("the store is not on a device".into()));
+        };
+        self.to_device(&dev)
+    }
+
+    /// `working = round(master)` in `dtype`, on the device (f32: the forward reads the
+    /// master and no copy is kept).
+    pub fn sync_working_device(&mut self, dtype: DType) -> Result<()> {
+        let Some(d) = self.device_params.as_mut() else {
+            return Err(Error::Params("the store is not on a device".into()));
+        };
+        d.working = match dtype {
+            DType::F32 => None,
+            dt => {
+                let mut w = DevBuf::alloc(&d.dev, dt, d.master.len())?;
+                super::each!(&mut w, w => d.dev.cast(&d.master, w))
+                    .map_err(dev_err("sync_working"))?;
+                Some(w)
+            }
+        };
+        self.set_working_dtype(dtype);
+        Ok(())
+    }
+}
+
+/// A device copy of parameter `view`'s working values in `dtype`, for a device tape.
+pub(crate) fn param_leaf<T: Scalar>(
+    ctx: &DevCtx,
+    store: &ParamStore<T>,
+    view: &ParamView,
+    dtype: DType,
+) -> Result<DevBuf> {
+    let d = store.device().ok_or_else(|| {
+        Error::Params(format!(
+            "parameter `{}`: the store is on the host but the tape runs on {}; call \
+             ParamStore::to_device first",
+            view.name,
+            ctx.dev.describe()
+        ))
+    })?;
+    if d.dev.describe() != ctx.dev.describe() {
+        return Err(Error::Params(format!(
+            "parameter `{}` lives on {} but the tape runs on {}",
+            view.name,
+            d.dev.describe(),
+            ctx.dev.describe()
+        )));
+    }
+    let n = view.numel();
+    let mut out = DevBuf::alloc(&ctx.dev, dtype, n)?;
+    let e = || dev_err("param");
+    match (dtype, &d.working) {
+        (DType::F32, _) => ctx
+            .dev
+            .copy_2d(&d.master, view.offset, n, f32_mut(&mut out), 0, n, 1, n)
+            .map_err(e())?,
+        (dt, Some(w)) if w.dtype() == dt => match (w, &mut out) {
+            (DevBuf::Bf16(w), DevBuf::Bf16(o)) => ctx.dev.copy_2d(w, view.offset, n, o, 0, n, 1, n),
+            (DevBuf::F16(w), DevBuf::F16(o)) => ctx.dev.copy_2d(w, view.offset, n, o, 0, n, 1, n),
+            _ => unreachable!("dtypes checked"),
+        }
+        .map_err(e())?,
+        (dt, w) => {
+            return Err(Error::Params(format!(
+                "the device working copy is in {} but the tape computes in {dt}: call \
+                 ParamStore::sync_working_device({}) first",
+                w.as_ref().map_or("f32".to_string(), |w| w.dtype().to_string()),
+                dt.name()
+            )));
+        }
+    }
+    Ok(out)
+}
+
+fn f32_mut(b: &mut DevBuf) -> &mut DeviceBuffer<f32> {
+    match b {
+        DevBuf::F32(x) => x,
+        _ => unreachable!("allocated as f32"),
+    }
+}
