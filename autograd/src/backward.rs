@@ -252,7 +252,14 @@ impl<T: Scalar> Tape<T> {
                     ) {
                         add_into(&mut p.grads_mut()[offset..offset + g.len()], g);
                     }
+                    let len = numel(&self.slots[s].shape);
+                    let had_grad = self.slots[s].has_grad();
                     self.free_grad(s);
+                    if let (Some(hook), Some(p), true) =
+                        (self.grad_ready.as_mut(), params.as_deref_mut(), had_grad)
+                    {
+                        hook(p, offset..offset + len)?;
+                    }
                 }
                 continue;
             }

@@ -59,5 +59,5 @@ pub use ops::norm::LAYERNORM_EPS;
 pub use params::{ParamSpec, ParamStore, ParamView};
 pub use recompute::{Mark, Recompute};
 pub use scalar::Scalar;
-pub use tape::{OpEvent, OpProfile, Tape, Var};
+pub use tape::{GradReadyHook, OpEvent, OpProfile, Tape, Var};
 pub use tensor::{Tensor, numel};

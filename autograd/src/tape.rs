@@ -164,7 +164,14 @@ pub struct Tape<T: Scalar = f32> {
     events: Vec<OpEvent>,
     /// The device backend (values in device buffers, ops as kernels); `None` on the CPU.
     pub(crate) dev: Option<DevCtx>,
+    /// Called as each parameter's gradient becomes final during `backward`.
+    pub(crate) grad_ready: Option<GradReadyHook<T>>,
 }
+
+/// A gradient-ready hook ([`Tape::set_grad_ready_hook`]): called with the parameter store
+/// and the flat range of one parameter whose gradient `backward` just finished adding in.
+pub type GradReadyHook<T> =
+    Box<dyn FnMut(&mut ParamStore<T>, std::ops::Range<usize>) -> Result<()> + Send + Sync>;
 
 /// Most [`OpEvent`]s a tape keeps between two [`Tape::take_events`].
 pub const MAX_EVENTS: usize = 1 << 16;
@@ -306,6 +313,7 @@ impl<T: Scalar> Tape<T> {
             profile: None,
             events: Vec::new(),
             dev: None,
+            grad_ready: None,
         }
     }
 
@@ -316,6 +324,15 @@ impl<T: Scalar> Tape<T> {
             dry: true,
             ..Self::with_dtype(dtype)
         }
+    }
+
+    /// Installs (or removes) a hook `backward` calls as soon as a parameter's gradient is
+    /// final: the walk reaches a parameter's leaf after every op that used it, in reverse
+    /// creation order, so the last layers' gradients are ready first. A data-parallel trainer
+    /// starts reducing a bucket of gradients there while the backward goes on with the
+    /// earlier layers. Kept across [`Tape::clear`].
+    pub fn set_grad_ready_hook(&mut self, hook: Option<GradReadyHook<T>>) {
+        self.grad_ready = hook;
     }
 
     /// The compute dtype.

@@ -267,3 +267,43 @@ fn tapes_and_stores_can_move_across_threads() {
     send_sync::<ParamStore<f32>>();
     send_sync::<lathe_autograd::Gpt>();
 }
+
+#[test]
+fn the_grad_ready_hook_sees_every_parameter_once_last_layers_first() {
+    use lathe_autograd::{Gpt, GptConfig, Recompute};
+    use std::sync::{Arc, Mutex};
+    let cfg = GptConfig {
+        vocab_size: 11,
+        padded_vocab_size: 16,
+        n_layer: 2,
+        n_head: 2,
+        n_embd: 8,
+        block_size: 6,
+    };
+    let gpt = Gpt::new(cfg).unwrap();
+    let mut params = gpt.init_params(3);
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let mut tape = Tape::new(DType::F32);
+    let log = seen.clone();
+    tape.set_grad_ready_hook(Some(Box::new(move |p, range| {
+        // The gradient is final when the hook runs: it is already in the store.
+        assert!(p.grads()[range.clone()].iter().any(|&g| g != 0.0));
+        log.lock().unwrap().push(range);
+        Ok(())
+    })));
+    let tokens = [1u32, 2, 3, 4, 5, 6];
+    let loss = gpt
+        .loss(&mut tape, &params, &tokens, &tokens, 1, 6, Recompute::None)
+        .unwrap();
+    tape.backward(loss, 1.0, &mut params).unwrap();
+    let seen = seen.lock().unwrap().clone();
+    let mut starts: Vec<usize> = seen.iter().map(|r| r.start).collect();
+    assert_eq!(seen.len(), params.views().len(), "one call per parameter");
+    // The final layernorm comes first, the token embedding (first used, tied) last.
+    let ln_f = params.view("ln_f.weight").unwrap().offset;
+    assert!(seen[0].start >= ln_f, "first ready: {:?}", seen[0]);
+    assert_eq!(seen.last().unwrap().start, 0);
+    starts.sort_unstable();
+    let expect: Vec<usize> = params.views().iter().map(|v| v.offset).collect();
+    assert_eq!(starts, expect);
+}
