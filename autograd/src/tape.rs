@@ -364,7 +364,7 @@ impl<T: Scalar> Tape<T> {
             }
         }
         if let Some(d) = self.dev.as_mut() {
-            d.ids.clear();
+            d.node_ids.clear();
         }
         self.nodes.clear();
         self.param_vars.clear();
@@ -566,6 +566,18 @@ impl<T: Scalar> Tape<T> {
                     "dropped for recomputation or freed by backward".into()
                 },
             })
+    }
+
+    /// Declares `dev` (already on this tape's device, e.g. a batch uploaded through pinned
+    /// memory on the copy stream) as the device copy of the token ids or targets `host`:
+    /// ops given an equal `&[u32]` (`embedding`, `cross_entropy`) read it instead of
+    /// uploading. Without it a device tape uploads an id array the first time it meets it
+    /// and keeps the last few for later steps. A no-op on the CPU.
+    pub fn bind_ids(&mut self, host: &[u32], dev: &lathe_host::DeviceBuffer<u32>) -> Result<()> {
+        match self.dev.as_mut() {
+            Some(ctx) => ctx.bind(host, dev),
+            None => Ok(()),
+        }
     }
 
     /// The device this tape runs on (`None` for the CPU reference backend).

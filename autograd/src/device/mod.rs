@@ -18,6 +18,9 @@ pub mod params;
 pub use params::{DeviceParams, WorkingMut};
 pub(crate) use params::param_leaf;
 
+use std::collections::HashMap;
+use std::sync::Arc;
+
 use half::{bf16, f16};
 use lathe_host::{Device, DeviceBuffer};
 
@@ -194,19 +197,79 @@ impl DevBuf {
     }
 }
 
+/// Most integer arrays (token ids, targets) a device tape keeps on the device across steps.
+const IDS_CACHE: usize = 16;
+
 /// The device context of a tape: the device, plus the device copies of the integer inputs
-/// (token ids, targets) of the recorded ops, uploaded once per node.
+/// (token ids, targets) of the recorded ops.
 pub(crate) struct DevCtx {
     pub dev: Device,
-    /// Device copies of `Op::Embedding` ids and `Op::CrossEntropy` targets, by node.
-    pub ids: std::collections::HashMap<usize, DeviceBuffer<u32>>,
+    /// Device copies of `Op::Embedding` ids and `Op::CrossEntropy` targets, by node (until
+    /// the tape is cleared).
+    pub node_ids: HashMap<usize, Arc<DeviceBuffer<u32>>>,
+    /// Integer arrays already on the device, by content, newest last: batches bound with
+    /// [`crate::Tape::bind_ids`] and arrays that repeat every step (the positions), so a
+    /// training step uploads nothing itself.
+    pub cache: Vec<(Vec<u32>, Arc<DeviceBuffer<u32>>)>,
 }
 
 impl DevCtx {
     pub fn new(dev: Device) -> Self {
         DevCtx {
             dev,
-            ids: std::collections::HashMap::new(),
+            node_ids: HashMap::new(),
+            cache: Vec::new(),
         }
+    }
+
+    fn remember(&mut self, host: &[u32], buf: Arc<DeviceBuffer<u32>>) {
+        self.cache.retain(|(h, _)| h != host);
+        if self.cache.len() >= IDS_CACHE {
+            self.cache.remove(0);
+        }
+        self.cache.push((host.to_vec(), buf));
+    }
+
+    /// Registers `dev` as the device copy of `host` (a copy on the compute stream, ordered
+    /// after whatever made `dev`).
+    pub fn bind(&mut self, host: &[u32], dev: &DeviceBuffer<u32>) -> Result<()> {
+        if dev.len() != host.len() {
+            return Err(Error::Invalid {
+                op: "bind_ids",
+                detail: format!(
+                    "{} ids on the host but {} on the device",
+                    host.len(),
+                    dev.len()
+                ),
+            });
+        }
+        let e = || dev_err("bind_ids");
+        let mut own = self.dev.alloc::<u32>(dev.len()).map_err(e())?;
+        dev.copy_to(&mut own).map_err(e())?;
+        self.remember(host, Arc::new(own));
+        Ok(())
+    }
+
+    /// The device copy of `node`'s integer input `ids`: from the node (backward, recompute),
+    /// from the cache, or uploaded now (once; then cached).
+    pub fn ids(&mut self, node: usize, ids: &[u32]) -> Result<&DeviceBuffer<u32>> {
+        if !self.node_ids.contains_key(&node) {
+            let found = self
+                .cache
+                .iter()
+                .rev()
+                .find(|(h, _)| h.as_slice() == ids)
+                .map(|(_, b)| b.clone());
+            let buf = match found {
+                Some(b) => b,
+                None => {
+                    let b = Arc::new(self.dev.htod(ids).map_err(dev_err("upload ids"))?);
+                    self.remember(ids, b.clone());
+                    b
+                }
+            };
+            self.node_ids.insert(node, buf);
+        }
+        Ok(&self.node_ids[&node])
     }
 }

@@ -446,17 +446,13 @@ pub(crate) fn forward(
     }
 }
 
-/// The device copy of a node's integer inputs, uploaded at its first forward.
+/// The device copy of a node's integer inputs (see [`DevCtx::ids`]).
 fn ids_on_device<'a>(
     ctx: &'a mut DevCtx,
     node: usize,
     ids: &[u32],
 ) -> Result<&'a DeviceBuffer<u32>> {
-    if !ctx.ids.contains_key(&node) {
-        let b = ctx.dev.htod(ids).map_err(dev_err("upload ids"))?;
-        ctx.ids.insert(node, b);
-    }
-    Ok(&ctx.ids[&node])
+    ctx.ids(node, ids)
 }
 
 /// (outer, dim, inner) view of `shape` around `dim`.

@@ -22,6 +22,7 @@
 //! master weights, optimizer moments, scaler, data position and step, gathered from the shards);
 //! stages 0-3 at one world size give identical losses.
 
+mod device_step;
 mod eval;
 pub mod memory;
 pub mod preflight;
@@ -92,8 +93,8 @@ const RANK_STACK_BYTES: usize = 8 << 20;
 pub fn run_train(args: TrainArgs) -> Result<TrainOutcome> {
     let args = args.with_config_file()?;
     let device = args.device.unwrap_or(DeviceSpec::Auto);
-    resolve_device(device)?;
-    let cfg = TrainConfig::resolve(args, false)?;
+    let on_device = open_device(device, 0)?.is_some();
+    let cfg = TrainConfig::resolve(args, on_device)?;
     let pre = preflight::check(&cfg)?;
     {
         let data = data_for(&cfg)?;
@@ -206,37 +207,19 @@ fn train_ranks(cfg: TrainConfig, pre: preflight::Preflight) -> Result<TrainOutco
     Ok(out)
 }
 
-/// Lathe's training runs on the CPU reference backend; the CUDA backend of autograd is not
-/// part of this build yet. `cuda` therefore fails with the driver's error when there is no GPU
-/// and with a clear message when there is one; `auto` falls back to the CPU.
-fn resolve_device(spec: DeviceSpec) -> Result<()> {
+/// The device rank `rank` trains on: `cuda:N` opens GPU `N + rank`, `sim` a simulated device
+/// of its own, `auto` GPU `rank` when one can be opened (else the CPU; never the simulator),
+/// `cpu` none.
+fn open_device(spec: DeviceSpec, rank: usize) -> Result<Option<lathe_host::Device>> {
     match spec {
-        DeviceSpec::Cpu => Ok(()),
-        DeviceSpec::Cuda(n) => {
-            let dev = lathe_host::Device::cuda(n).with_context(|| format!("--device cuda:{n}"))?;
-            bail!(
-                "--device cuda:{n}: found {}, but training on the GPU needs Lathe's CUDA autograd \
-                 backend, which this build does not have yet; use --device cpu",
-                dev.describe()
-            )
-        }
-        DeviceSpec::Sim => {
-            let dev = lathe_host::Device::sim().context("--device sim")?;
-            bail!(
-                "--device sim: opened {}, but training on a device needs Lathe's device autograd \
-                 backend, which this build does not have yet; use --device cpu",
-                dev.describe()
-            )
-        }
-        DeviceSpec::Auto => {
-            if let Ok(dev) = lathe_host::Device::cuda(0) {
-                eprintln!(
-                    "note: {} found, but this build trains on the CPU reference backend only",
-                    dev.describe()
-                );
-            }
-            Ok(())
-        }
+        DeviceSpec::Cpu => Ok(None),
+        DeviceSpec::Cuda(n) => lathe_host::Device::cuda(n + rank)
+            .map(Some)
+            .with_context(|| format!("--device cuda:{n} (rank {rank}: GPU {})", n + rank)),
+        DeviceSpec::Sim => lathe_host::Device::sim()
+            .map(Some)
+            .context("--device sim"),
+        DeviceSpec::Auto => Ok(lathe_host::Device::cuda(rank).ok()),
     }
 }
 
@@ -368,6 +351,8 @@ pub struct Trainer {
     overwrite_pending: bool,
     /// The step of the last checkpoint this run wrote.
     saved_step: Option<u64>,
+    /// The device the step runs on (`None`: the CPU reference backend).
+    dev: Option<device_step::DeviceRun>,
 }
 
 impl Trainer {
@@ -448,9 +433,33 @@ impl Trainer {
             startup_memory: RankMemory::default(),
             overwrite_pending: false,
             saved_step: None,
+            dev: None,
         };
+        if let Some(dev) = open_device(t.cfg.device, t.comm.rank())? {
+            if t.cfg.world > 1 {
+                bail!(
+                    "--world {} on {}: data-parallel training on devices is not available yet; \
+                     use --world 1, or --device cpu",
+                    t.cfg.world,
+                    dev.describe()
+                );
+            }
+            if matches!(t.cfg.optimizer, OptimizerArg::Sgd) {
+                bail!("--optimizer sgd: the device step has fused AdamW only; use adamw");
+            }
+            if t.cfg.offload_optimizer {
+                bail!(
+                    "--offload-optimizer: a device run keeps the optimizer on {}; drop the flag",
+                    dev.describe()
+                );
+            }
+            t.tape = Tape::on_device(dtype, &dev);
+            t.eval_tape = Tape::on_device(dtype, &dev);
+            t.attach_device(dev)?;
+        }
         if let Some(dir) = t.cfg.resume.clone() {
             t.resume_from(&dir)?;
+            t.reload_device()?;
         }
         t.startup_memory = t.zero.memory();
         Ok(t)
@@ -485,6 +494,9 @@ impl Trainer {
     /// while a step runs, and the tape's peak activation memory (the CPU backend's equivalent
     /// of the allocator's peak).
     fn mem_peak_bytes(&self) -> u64 {
+        if let Some(p) = self.device_peak_bytes() {
+            return p;
+        }
         let m = self.zero.memory();
         m.model_state() + m.staging + m.workspace_step + self.tape.peak_activation_bytes() as u64
     }

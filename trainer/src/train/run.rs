@@ -17,7 +17,8 @@ pub const MAX_CONSECUTIVE_SKIPS: u64 = 40;
 
 impl Trainer {
     /// Whether any master weight is NaN or infinite (a collective: every rank calls it).
-    fn weights_nonfinite(&self) -> Result<bool> {
+    fn weights_nonfinite(&mut self) -> Result<bool> {
+        self.sync_device_to_host()?;
         let bad = match self.zero.master_on_root(&self.comm)? {
             Some(m) => m.iter().any(|x| !x.is_finite()),
             None => false,
@@ -154,10 +155,13 @@ impl Trainer {
         let memory = self.gather_memory()?;
         if root {
             eprintln!(
-                "lathe: training {} ({:.2}M parameters) on the CPU, {} precision, {} steps of {} \
+                "lathe: training {} ({:.2}M parameters) on {}, {} precision, {} steps of {} \
                  x {} x {} tokens{}{}",
                 cfg.model,
                 n as f64 / 1e6,
+                self.dev
+                    .as_ref()
+                    .map_or("the CPU".to_string(), |d| d.dev.describe()),
                 cfg.precision.as_str(),
                 cfg.steps,
                 cfg.accum,
@@ -209,16 +213,29 @@ impl Trainer {
         let run_start = Instant::now();
         let step_tokens = (cfg.accum * cfg.micro_batch * self.seq_len * cfg.world) as u64;
         let mut skipped_in_a_row = 0u64;
-        while self.step < cfg.steps {
+        'steps: while self.step < cfg.steps {
             let t0 = Instant::now();
-            let mut rec = self.train_step()?;
-            let elapsed = t0.elapsed();
+            let recs = if self.dev.is_some() {
+                // The host reads a device step's record a step behind, except where it must
+                // look at the state anyway: evaluations, checkpoints, the last step.
+                let next = self.step + 1;
+                let drain = next == cfg.steps
+                    || (cfg.eval_every > 0 && next.is_multiple_of(cfg.eval_every))
+                    || (cfg.save.is_some()
+                        && cfg.save_every > 0
+                        && next.is_multiple_of(cfg.save_every));
+                self.train_step_device(drain)?
+            } else {
+                vec![self.train_step()?]
+            };
+            let elapsed = t0.elapsed() / recs.len().max(1) as u32;
+            for mut rec in recs {
             // The meter skips the first (warm-up) step; report that step's own rate meanwhile.
             rec.tok_s = meter
                 .update(step_tokens, elapsed)
                 .unwrap_or(step_tokens as f64 / elapsed.as_secs_f64().max(1e-9));
             losses.push(rec.loss);
-            let done = self.step;
+            let done = rec.step + 1;
             skipped_in_a_row = if rec.skipped { skipped_in_a_row + 1 } else { 0 };
             // A non-finite loss with weights that are still finite is one bad batch (the step
             // is skipped); with non-finite weights, or when every step is skipped, the run has
@@ -230,7 +247,7 @@ impl Trainer {
                     "the last {skipped_in_a_row} steps (up to step {done}) were all skipped for \
                      non-finite gradients{}",
                     if self.scaler.is_enabled() {
-                        format!(", loss scale down to {}", self.scaler.scale())
+                        format!(", loss scale down to {}", self.current_scale())
                     } else {
                         String::new()
                     }
@@ -295,7 +312,7 @@ impl Trainer {
             if rec.skipped {
                 let msg = format!(
                     "step {done}: non-finite gradients, step skipped; loss scale now {}",
-                    self.scaler.scale()
+                    self.current_scale()
                 );
                 self.say(&bar, msg);
             }
@@ -326,12 +343,15 @@ impl Trainer {
                 let msg =
                     format!("early stopping at step {done}: validation loss stopped improving");
                 self.say(&bar, msg);
-                break;
+                break 'steps;
+            }
             }
         }
         if let Some(b) = &bar {
             b.finish_and_clear();
         }
+        // The scaler's counts and the weights, from the device.
+        self.sync_device_to_host()?;
         if let (Some(path), true) = (&cfg.profile, root) {
             self.prof
                 .write_chrome_trace(path)

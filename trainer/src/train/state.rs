@@ -60,6 +60,7 @@ impl Trainer {
             return Ok(());
         };
         let dir = dir.as_path();
+        self.sync_device_to_host()?;
         let master = self.zero.master_on_root(&self.comm)?;
         let optimizer = self.zero.optimizer_on_root(&self.comm)?;
         let (Some(master), Some((opt_state, opt_buffers))) = (master, optimizer) else {

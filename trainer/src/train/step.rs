@@ -11,7 +11,7 @@ use std::time::Instant;
 impl Trainer {
     /// Hands the tape's op timings (the CPU backend's "kernels") to the profiler, on its
     /// "CPU" kernel track, while it records; drops them otherwise.
-    fn record_op_timings(&mut self) {
+    pub(super) fn record_op_timings(&mut self) {
         let events = self.tape.take_events();
         if !self.prof.is_recording() {
             return;
