@@ -1,0 +1,451 @@
+//! [`DeviceOptimizer`]: fused AdamW, gradient check, norm, clipping and dynamic loss scaling,
+//! queued on the device's compute stream with no host synchronisation.
+
+use anyhow::{Context, Result, anyhow, bail, ensure};
+use lathe_host::nn_ops::{AdamWLaunch, DeviceDecayRanges, WorkingCopyMut};
+use lathe_host::{Device, DeviceBuffer, KernelArg};
+use lathe_kernels::Problem;
+use lathe_kernels::elementwise::FILL_F32;
+use lathe_kernels::nn::adamw::DecayRanges;
+use lathe_kernels::nn::amp::{STATE_WORDS, ScalerRule, StepState};
+
+use crate::optim::{
+    AdamWConfig, Optimizer, OptimizerConfig, OptimizerState, ParamLayout, Rounding,
+};
+use crate::precision::LossScaler;
+
+/// Everything a checkpoint needs from a [`DeviceOptimizer`], in the CPU path's types: the
+/// master weights, the AdamW moments and step count (as [`Optimizer::AdamW`]) and the loss
+/// scaler (scale, growth tracker, skipped steps).
+#[derive(Clone, Debug, PartialEq)]
+pub struct HostOptimizerState {
+    /// fp32 master weights, `len` elements.
+    pub master: Vec<f32>,
+    /// AdamW with moments `m`, `v` (`len` elements each) and the applied step count.
+    pub optimizer: Optimizer,
+    pub scaler: LossScaler,
+}
+
+/// AdamW with its moments, the step state and the decay table on a device.
+///
+/// Owns, on the device: the moments `m`, `v` (f32, one per parameter element), the step state
+/// (`lathe_kernels::nn::amp`: loss scale, `1/scale`, growth tracker, clip factor, gradient norm,
+/// applied and skipped step counts, the non-finite flag), a copy of that state taken before each
+/// loss-scale update (what the step used: [`DeviceOptimizer::used_state`]) and the decay table.
+/// The parameters themselves (master weights, working copy, gradients) belong to the caller and
+/// are passed to [`DeviceOptimizer::step`].
+///
+/// Why no host synchronisation: the skip decision, the clip factor, the bias-correction step
+/// `t` and the loss scale are all read by the kernels from the step state, so the host never
+/// needs a value the device has just computed. It learns them later, a step behind, through
+/// [`super::StepReadback`]. Only [`DeviceOptimizer::to_host`] (for checkpoints) waits.
+pub struct DeviceOptimizer {
+    dev: Device,
+    config: AdamWConfig,
+    /// The scaler the optimizer was built from: its settings and whether it is enabled.
+    scaler: LossScaler,
+    rule: ScalerRule,
+    grad_clip: f64,
+    rounding: Rounding,
+    len: usize,
+    m: DeviceBuffer<f32>,
+    v: DeviceBuffer<f32>,
+    state: DeviceBuffer<u32>,
+    used: DeviceBuffer<u32>,
+    decay: DeviceDecayRanges,
+}
+
+impl std::fmt::Debug for DeviceOptimizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceOptimizer")
+            .field("config", &self.config)
+            .field("rule", &self.rule)
+            .field("grad_clip", &self.grad_clip)
+            .field("rounding", &self.rounding)
+            .field("len", &self.len)
+            .finish_non_exhaustive()
+    }
+}
+
+fn adamw_config(config: &OptimizerConfig) -> Result<AdamWConfig> {
+    match config {
+        OptimizerConfig::AdamW(c) => {
+            c.validate().context("device AdamW settings")?;
+            Ok(*c)
+        }
+        other => bail!(
+            "the device optimizer runs AdamW only, this run asks for {}",
+            other.kind()
+        ),
+    }
+}
+
+/// The decay table of `layout` as the fused kernel takes it (the same merged ranges the CPU
+/// AdamW walks with `ParamLayout::for_each_segment`).
+fn decay_table(layout: &ParamLayout) -> Result<DecayRanges> {
+    let ranges = layout
+        .decay_ranges()
+        .iter()
+        .map(|r| r.start as u64..r.end as u64);
+    DecayRanges::merged(ranges).map_err(|e| anyhow!("weight-decay ranges of the layout: {e}"))
+}
+
+/// A loss scaler with `base`'s settings and the given state. `LossScaler` keeps its state
+/// private and offers no setter; its serde form is its public checkpoint format, so the state
+/// goes in through that, and the result is checked field by field.
+fn scaler_with(
+    base: &LossScaler,
+    scale: f32,
+    growth_tracker: u32,
+    skipped: u64,
+) -> Result<LossScaler> {
+    let mut value = serde_json::to_value(base).context("serialising the loss scaler")?;
+    let obj = value
+        .as_object_mut()
+        .ok_or_else(|| anyhow!("the loss scaler does not serialise as an object"))?;
+    obj.insert("scale".into(), serde_json::json!(scale));
+    obj.insert("growth_tracker".into(), serde_json::json!(growth_tracker));
+    obj.insert("skipped_steps".into(), serde_json::json!(skipped));
+    let s: LossScaler =
+        serde_json::from_value(value).context("rebuilding the loss scaler from device state")?;
+    ensure!(
+        s.scale().to_bits() == scale.to_bits()
+            && s.growth_tracker() == growth_tracker
+            && s.skipped_steps() == skipped,
+        "the loss scaler's serialised form changed: cannot set scale {scale}, growth tracker \
+         {growth_tracker}, skipped steps {skipped}"
+    );
+    Ok(s)
+}
+
+impl DeviceOptimizer {
+    /// A fresh optimizer (zero moments, no step taken) for the parameters of `layout`.
+    ///
+    /// * `config`: must be AdamW (the device has no SGD kernel);
+    /// * `scaler`: its settings give the loss-scale rule; its current scale, growth tracker
+    ///   and skipped count seed the step state (so a scaler mid-run carries over);
+    /// * `grad_clip`: the global-norm clip (`--grad-clip`), 0 turns clipping off;
+    /// * `rounding`: how a bf16 working copy is rounded (the seed of stochastic rounding).
+    pub fn new(
+        dev: &Device,
+        config: &OptimizerConfig,
+        layout: &ParamLayout,
+        scaler: &LossScaler,
+        grad_clip: f64,
+        rounding: Rounding,
+    ) -> Result<Self> {
+        let optimizer =
+            Optimizer::new(*config, layout.len()).context("building the host-side AdamW")?;
+        Self::build(dev, &optimizer, layout, scaler, grad_clip, rounding)
+    }
+
+    /// An optimizer resumed from host state (a checkpoint, or the CPU optimizer's state): the
+    /// moments, step count and scaler state of `host`, its master weights uploaded into
+    /// `master` (which must have `layout.len()` elements). Synchronous.
+    pub fn from_host(
+        dev: &Device,
+        host: &HostOptimizerState,
+        layout: &ParamLayout,
+        grad_clip: f64,
+        rounding: Rounding,
+        master: &mut DeviceBuffer<f32>,
+    ) -> Result<Self> {
+        ensure!(
+            host.master.len() == layout.len() && master.len() == layout.len(),
+            "resuming the device optimizer: host master has {} elements, device master {}, \
+             the layout {}",
+            host.master.len(),
+            master.len(),
+            layout.len()
+        );
+        let opt = Self::build(
+            dev,
+            &host.optimizer,
+            layout,
+            &host.scaler,
+            grad_clip,
+            rounding,
+        )?;
+        master
+            .copy_from_host(&host.master)
+            .context("uploading the master weights")?;
+        Ok(opt)
+    }
+
+    fn build(
+        dev: &Device,
+        optimizer: &Optimizer,
+        layout: &ParamLayout,
+        scaler: &LossScaler,
+        grad_clip: f64,
+        rounding: Rounding,
+    ) -> Result<Self> {
+        let config = adamw_config(&optimizer.config())?;
+        ensure!(
+            grad_clip.is_finite() && grad_clip >= 0.0,
+            "--grad-clip must be finite and >= 0 (got {grad_clip})"
+        );
+        let len = layout.len();
+        ensure!(
+            optimizer.len() == len,
+            "the optimizer state has {} elements, the parameter layout {len}",
+            optimizer.len()
+        );
+        let step = u32::try_from(optimizer.step_count()).map_err(|_| {
+            anyhow!(
+                "step count {} does not fit the device step state (u32)",
+                optimizer.step_count()
+            )
+        })?;
+        let skipped = u32::try_from(scaler.skipped_steps()).map_err(|_| {
+            anyhow!(
+                "skipped-step count {} does not fit the device step state (u32)",
+                scaler.skipped_steps()
+            )
+        })?;
+        let buffers = optimizer.buffers();
+        let host_buffer = |name: &str| {
+            buffers
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, b)| *b)
+                .ok_or_else(|| anyhow!("the AdamW state has no `{name}` buffer"))
+        };
+        let m = dev
+            .htod(host_buffer("m")?)
+            .context("uploading the AdamW first moment")?;
+        let v = dev
+            .htod(host_buffer("v")?)
+            .context("uploading the AdamW second moment")?;
+        let sc = scaler.config();
+        let rule = ScalerRule {
+            dynamic: scaler.is_enabled(),
+            growth_interval: sc.growth_interval,
+            growth_factor: sc.growth_factor,
+            backoff_factor: sc.backoff_factor,
+        };
+        let init = StepState {
+            found_inf: false,
+            scale: scaler.scale(),
+            inv_scale: scaler.inv_scale(),
+            growth_tracker: scaler.growth_tracker(),
+            clip: 1.0,
+            grad_norm: 0.0,
+            step,
+            skipped,
+            last_found_inf: false,
+        };
+        let state = dev.step_state(&init).context("uploading the step state")?;
+        let used = dev
+            .step_state(&init)
+            .context("allocating the used-state copy")?;
+        let decay = dev
+            .upload_decay_ranges(&decay_table(layout)?)
+            .context("uploading the weight-decay ranges")?;
+        Ok(DeviceOptimizer {
+            dev: dev.clone(),
+            config,
+            scaler: scaler.clone(),
+            rule,
+            grad_clip,
+            rounding,
+            len,
+            m,
+            v,
+            state,
+            used,
+            decay,
+        })
+    }
+
+    /// Parameter elements this optimizer updates.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether it updates no element.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The AdamW hyperparameters.
+    pub fn config(&self) -> &AdamWConfig {
+        &self.config
+    }
+
+    /// The live step state (`STATE_WORDS` u32): its `SCALE` word seeds the next backward pass.
+    pub fn state(&self) -> &DeviceBuffer<u32> {
+        &self.state
+    }
+
+    /// The step state as the last step used it, copied just before the loss-scale update:
+    /// `FOUND_INF`, the `SCALE` the step's gradients carry, `GRAD_NORM`, `CLIP`.
+    pub fn used_state(&self) -> &DeviceBuffer<u32> {
+        &self.used
+    }
+
+    /// One optimizer step, queued on the compute stream; returns before the device runs it.
+    ///
+    /// * `master`: fp32 master weights, `len` elements, updated;
+    /// * `grads`: f32 gradients still multiplied by the loss scale, `len` elements; zeroed
+    ///   at the end of the step, ready to accumulate the next one;
+    /// * `working`: the bf16 / f16 working copy (`len` elements) rewritten from the master, or
+    ///   `None` in fp32; `Bf16Stochastic` needs `Rounding::Stochastic`, `Bf16` needs
+    ///   `Rounding::Nearest`;
+    /// * `lr`: this step's learning rate (finite, >= 0);
+    /// * `inject_nonfinite`: write `+inf` into `grads[0]` first (`--inject-nonfinite`).
+    ///
+    /// Launches, in order: (inject) -> non-finite check and norm partials -> norm and clip
+    /// factor -> fused AdamW (it returns at once on the device when `FOUND_INF`) -> copy of the
+    /// state ([`DeviceOptimizer::used_state`]) -> GradScaler update -> `grads = 0`.
+    pub fn step(
+        &mut self,
+        master: &mut DeviceBuffer<f32>,
+        grads: &mut DeviceBuffer<f32>,
+        working: WorkingCopyMut<'_>,
+        lr: f32,
+        inject_nonfinite: bool,
+    ) -> Result<()> {
+        self.check_step(master, grads, &working, lr)?;
+        let dev = &self.dev;
+        if inject_nonfinite && !grads.is_empty() {
+            // One-element fill of grads[0]: a kernel on the compute stream, no host copy.
+            let args = [
+                grads.arg_mut(),
+                KernelArg::U64(1),
+                KernelArg::F32(f32::INFINITY),
+            ];
+            dev.launch(&FILL_F32, &Problem::elems(1), &args, dev.compute_stream())
+                .context("injecting +inf into the gradients")?;
+        }
+        // max_norm <= 0 turns clipping off in the finish kernel, as `--grad-clip 0` does.
+        dev.grad_check_norm(grads, &mut self.state, self.grad_clip as f32)
+            .context("gradient check and norm")?;
+        let launch = AdamWLaunch {
+            lr,
+            beta1: self.config.beta1,
+            beta2: self.config.beta2,
+            eps: self.config.eps,
+            weight_decay: self.config.weight_decay,
+            offset: 0,
+            seed: match self.rounding {
+                Rounding::Stochastic { seed } => seed,
+                Rounding::Nearest => 0,
+            },
+            // The gradients stay scaled; AdamW multiplies by INV_SCALE * CLIP (one f32
+            // product, as the CPU AdamW's `grad_scale`).
+            unscale: true,
+        };
+        dev.adamw_step(
+            master,
+            grads,
+            &mut self.m,
+            &mut self.v,
+            working,
+            &self.decay,
+            &self.state,
+            &launch,
+        )
+        .context("fused AdamW")?;
+        self.state
+            .copy_to(&mut self.used)
+            .context("copying the step state the step used")?;
+        dev.amp_update(&mut self.state, &self.rule)
+            .context("loss-scale update")?;
+        dev.fill(grads, 0.0).context("zeroing the gradients")?;
+        Ok(())
+    }
+
+    fn check_step(
+        &self,
+        master: &DeviceBuffer<f32>,
+        grads: &DeviceBuffer<f32>,
+        working: &WorkingCopyMut<'_>,
+        lr: f32,
+    ) -> Result<()> {
+        let n = self.len;
+        ensure!(
+            master.len() == n,
+            "device optimizer: master has {} elements, expected {n}",
+            master.len()
+        );
+        ensure!(
+            grads.len() == n,
+            "device optimizer: gradients have {} elements, expected {n}",
+            grads.len()
+        );
+        let (wlen, stochastic) = match working {
+            WorkingCopyMut::None => (None, None),
+            WorkingCopyMut::Bf16(w) => (Some(w.len()), Some(false)),
+            WorkingCopyMut::Bf16Stochastic(w) => (Some(w.len()), Some(true)),
+            WorkingCopyMut::F16(w) => (Some(w.len()), None),
+        };
+        if let Some(w) = wlen {
+            ensure!(
+                w == n,
+                "device optimizer: working copy has {w} elements, expected {n}"
+            );
+        }
+        let configured = matches!(self.rounding, Rounding::Stochastic { .. });
+        if let Some(s) = stochastic {
+            ensure!(
+                s == configured,
+                "device optimizer: the bf16 working copy is passed for {} rounding but the \
+                 optimizer was built for {:?}",
+                if s { "stochastic" } else { "nearest" },
+                self.rounding
+            );
+        }
+        ensure!(
+            lr.is_finite() && lr >= 0.0,
+            "device optimizer: learning rate {lr} must be finite and >= 0"
+        );
+        Ok(())
+    }
+
+    /// Downloads everything a checkpoint needs (synchronous: waits for the compute stream).
+    /// `master`: the fp32 master weights this optimizer updates.
+    pub fn to_host(&self, master: &DeviceBuffer<f32>) -> Result<HostOptimizerState> {
+        ensure!(
+            master.len() == self.len,
+            "device optimizer: master has {} elements, expected {}",
+            master.len(),
+            self.len
+        );
+        let master = master.to_vec().context("downloading the master weights")?;
+        let m = self
+            .m
+            .to_vec()
+            .context("downloading the AdamW first moment")?;
+        let v = self
+            .v
+            .to_vec()
+            .context("downloading the AdamW second moment")?;
+        let st = self
+            .dev
+            .read_step_state(&self.state)
+            .context("downloading the step state")?;
+        let config = OptimizerConfig::AdamW(self.config);
+        let mut optimizer = Optimizer::new(config, self.len).context("host-side AdamW")?;
+        for (name, buf) in optimizer.buffers_mut() {
+            let src = if name == "m" { &m } else { &v };
+            buf.copy_from_slice(src);
+        }
+        optimizer
+            .restore_state(&OptimizerState {
+                config,
+                step: st.step as u64,
+                len: self.len,
+            })
+            .context("restoring the AdamW step count")?;
+        let scaler = scaler_with(&self.scaler, st.scale, st.growth_tracker, st.skipped as u64)?;
+        Ok(HostOptimizerState {
+            master,
+            optimizer,
+            scaler,
+        })
+    }
+}
+
+/// The device step state has `STATE_WORDS` words; the readback copies that many.
+pub(super) const STATE_LEN: usize = STATE_WORDS;
