@@ -657,3 +657,70 @@ fn device_batch_uploads_what_was_given() {
         assert_eq!(dt.to_vec().unwrap(), targets, "batch {k} targets");
     }
 }
+
+#[test]
+fn resumes_from_the_cpu_path_mid_run() {
+    // Three CPU steps (one of them skipped: scale 32768, growth tracker 1, one skip), then the
+    // device takes over from the CPU state and both continue for three steps.
+    let mut p = pair("resume_from_cpu", Mode::Fp16, 0.0, 51);
+    let mut rng = Rng::new(52);
+    let n = p.master.len();
+    for k in 0..3 {
+        let scale = p.cpu.scaler.scale();
+        let g: Vec<f32> = random(&mut rng, n, 0.05, 1.0)
+            .into_iter()
+            .map(|g| g * scale)
+            .collect();
+        p.cpu.step(k, g, lr_at(k), &[1]);
+    }
+    assert_eq!(p.cpu.scaler.scale(), 32768.0);
+    assert_eq!(p.cpu.scaler.growth_tracker(), 1);
+    assert_eq!(p.cpu.scaler.skipped_steps(), 1);
+    let host = HostOptimizerState {
+        master: p.cpu.master.clone(),
+        optimizer: p.cpu.opt.clone(),
+        scaler: p.cpu.scaler.clone(),
+    };
+    p.dev.fill(&mut p.master, f32::NAN).unwrap();
+    p.opt = DeviceOptimizer::from_host(
+        &p.dev,
+        &host,
+        &layout(),
+        0.0,
+        Rounding::Nearest,
+        &mut p.master,
+    )
+    .unwrap();
+    assert_eq!(p.host(), host);
+    for k in 3..STEPS {
+        p.step(k, &mut rng, &[]);
+        p.assert_exact(&format!("resumed step {k}"));
+    }
+    assert_eq!(p.state().growth_tracker, 4);
+}
+
+#[test]
+fn readback_keeps_reports_when_the_host_falls_behind() {
+    let mut p = pair("readback_behind", Mode::Bf16Nearest, 0.0, 61);
+    let mut rng = Rng::new(62);
+    let mut rb = StepReadback::new(&p.dev).unwrap();
+    let mut loss = p.dev.alloc::<f32>(1).unwrap();
+    // Three steps recorded before any read: the first slot is reused, its report kept.
+    for k in 0..3 {
+        p.step(k, &mut rng, &[]);
+        loss.copy_from_host(&[k as f32]).unwrap();
+        rb.record(&p.opt, &loss).unwrap();
+    }
+    let a = rb.previous().unwrap().unwrap();
+    let b = rb.previous().unwrap().unwrap();
+    assert_eq!((a.step, a.loss, a.applied_total), (0, 0.0, 1));
+    assert_eq!((b.step, b.loss, b.applied_total), (1, 1.0, 2));
+    assert_eq!(rb.previous().unwrap(), None);
+    let last = rb.finish().unwrap();
+    assert_eq!(last.len(), 1);
+    assert_eq!(
+        (last[0].step, last[0].loss, last[0].applied_total),
+        (2, 2.0, 3)
+    );
+    assert_eq!((last[0].scale, last[0].next_scale), (1.0, 1.0));
+}

@@ -39,6 +39,11 @@ pub struct HostOptimizerState {
 /// `t` and the loss scale are all read by the kernels from the step state, so the host never
 /// needs a value the device has just computed. It learns them later, a step behind, through
 /// [`super::StepReadback`]. Only [`DeviceOptimizer::to_host`] (for checkpoints) waits.
+///
+/// The loss-scale update is the device kernel's GradScaler rule. It has no floor, where the
+/// CPU [`LossScaler`] stops backing off at `min(MIN_SCALE, init_scale)`: the two agree until a
+/// run has skipped 16 steps in a row from the default 65536 (the scale then goes below 1 on
+/// the device), by which point the trainer stops the run as diverged anyway.
 pub struct DeviceOptimizer {
     dev: Device,
     config: AdamWConfig,
