@@ -1,5 +1,5 @@
-//! Typed launches of the kernels the autograd tape's device backend uses: cross-entropy with a
-//! saved logsumexp, elementwise product and ReLU, a mixed-dtype accumulate, fills from a device
+//! Typed launches of the kernels the autograd tape's device backend uses: row softmax,
+//! cross-entropy with a saved logsumexp, elementwise product and ReLU, a mixed-dtype accumulate, fills from a device
 //! scalar, row gather and its deterministic backward, strided 2-D copies and the swap of two
 //! axes. Each wrapper checks shapes and buffer lengths before anything reaches the driver,
 //! picks the kernel for the element type, and launches on the compute stream; none of them
@@ -10,7 +10,7 @@ use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::module::KernelArg;
 use lathe_kernels::nn::amp::{SCALE, STATE_WORDS};
-use lathe_kernels::nn::{embedding, gather, layout, tape_pointwise, xent};
+use lathe_kernels::nn::{embedding, gather, layout, softmax, tape_pointwise, xent};
 use lathe_kernels::{Elem, KernelDesc, Problem};
 
 fn invalid(msg: String) -> Error {
@@ -84,6 +84,58 @@ impl Device {
         }
         args.push(KernelArg::U64(n as u64));
         self.launch(k, &Problem::elems(n as u64), &args, self.compute_stream())
+    }
+
+    // ------------------------------------------------------------ softmax
+
+    fn softmax_launch(
+        &self,
+        k: &'static KernelDesc,
+        mut args: Vec<KernelArg>,
+        rows: usize,
+        c: usize,
+    ) -> Result<()> {
+        if rows == 0 {
+            return Ok(());
+        }
+        args.push(KernelArg::U32(to_u32("softmax rows", rows)?));
+        args.push(KernelArg::U32(to_u32("softmax C", c)?));
+        let p = Problem {
+            batch: rows as u64,
+            n: c as u64,
+            k: 1,
+            m: 1,
+        };
+        self.launch(k, &p, &args, self.compute_stream())
+    }
+
+    /// `y = softmax(x)` over each row of `c` elements (max-subtracted, f32 math).
+    pub fn softmax_forward<T: DeviceElem>(
+        &self,
+        x: &DeviceBuffer<T>,
+        y: &mut DeviceBuffer<T>,
+        c: usize,
+    ) -> Result<()> {
+        let k = kernel_for("softmax", T::ELEM, softmax::forward_for(T::ELEM))?;
+        let rows = rows_of("softmax x", x.len(), c)?;
+        len_eq("softmax y", x.len(), y.len())?;
+        self.softmax_launch(k, vec![x.arg(), y.arg_mut()], rows, c)
+    }
+
+    /// Softmax backward from the forward's output: `dx = y (dy - sum_j dy_j y_j)` per row of
+    /// `c` elements.
+    pub fn softmax_backward<T: DeviceElem>(
+        &self,
+        y: &DeviceBuffer<T>,
+        dy: &DeviceBuffer<T>,
+        dx: &mut DeviceBuffer<T>,
+        c: usize,
+    ) -> Result<()> {
+        let k = kernel_for("softmax backward", T::ELEM, softmax::backward_for(T::ELEM))?;
+        let rows = rows_of("softmax backward y", y.len(), c)?;
+        len_eq("softmax backward dy", y.len(), dy.len())?;
+        len_eq("softmax backward dx", y.len(), dx.len())?;
+        self.softmax_launch(k, vec![y.arg(), dy.arg(), dx.arg_mut()], rows, c)
     }
 
     // ------------------------------------------------------------ cross-entropy

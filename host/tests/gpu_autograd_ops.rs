@@ -1,4 +1,4 @@
-//! The autograd tape's device kernels (`Device::xent_*`, `mul`, `relu_*`, `add_into`,
+//! The autograd tape's device kernels (`Device::softmax_*`, `xent_*`, `mul`, `relu_*`, `add_into`,
 //! `fill_from_*`, `gather_rows*`, `copy_2d`, `swap_axes`, and the offset copies of
 //! `DeviceBuffer`) against their CPU twins: fresh random inputs (never zeros), outputs poisoned
 //! with NaN before each launch, awkward shapes (1 row, odd sizes, tails around the vector
@@ -12,7 +12,7 @@ use lathe_host::testing::test_device;
 use lathe_host::{Device, DeviceBuffer, DeviceElem};
 use lathe_kernels::elementwise::twin::Float;
 use lathe_kernels::nn::amp::StepState;
-use lathe_kernels::nn::{embedding, gather, layout, tape_pointwise, xent};
+use lathe_kernels::nn::{embedding, gather, layout, softmax, tape_pointwise, xent};
 use lathe_kernels::rng::Rng;
 use lathe_kernels::tolerance::{check_close, rel_tolerance};
 
@@ -415,4 +415,44 @@ fn offset_host_copies_check_their_ranges() {
     assert!(b.copy_to_host_at(usize::MAX, &mut back).is_err());
     assert!(b.copy_to_host_at(31, &mut back).is_err());
     exact("unchanged after errors", &b.to_vec().unwrap(), &want);
+}
+
+fn softmax_case<T: DeviceElem + Float>(dev: &Device, rng: &mut Rng, rows: usize, c: usize) {
+    let x: Vec<T> = random(rng, rows * c, -6.0, 6.0);
+    let dy: Vec<T> = random(rng, rows * c, -1.0, 1.0);
+    let what = format!("softmax {} rows={rows} c={c}", T::ELEM.name());
+    let mut y = poisoned::<T>(dev, rows * c);
+    dev.softmax_forward(&dev.htod(&x).unwrap(), &mut y, c)
+        .unwrap();
+    let got_y = y.to_vec().unwrap();
+    let mut want = vec![T::from_f32(0.0); rows * c];
+    softmax::twin::forward(&x, &mut want, c);
+    close(&format!("{what} y"), &got_y, &want, tol(T::ELEM));
+    let mut dx = poisoned::<T>(dev, rows * c);
+    dev.softmax_backward(&y, &dev.htod(&dy).unwrap(), &mut dx, c)
+        .unwrap();
+    let mut want_dx = vec![T::from_f32(0.0); rows * c];
+    softmax::twin::backward(&got_y, &dy, &mut want_dx, c);
+    close(
+        &format!("{what} dx"),
+        &dx.to_vec().unwrap(),
+        &want_dx,
+        tol(T::ELEM),
+    );
+}
+
+#[test]
+fn softmax_forward_and_backward_match_twins() {
+    let dev = test_device("softmax_forward_and_backward_match_twins");
+    let mut rng = Rng::new(0x5F7);
+    softmax_case::<f32>(&dev, &mut rng, 1, 1);
+    softmax_case::<f32>(&dev, &mut rng, 7, 255);
+    softmax_case::<f32>(&dev, &mut rng, 3, 1028);
+    softmax_case::<bf16>(&dev, &mut rng, 5, 67);
+    softmax_case::<bf16>(&dev, &mut rng, 2, 4099);
+    softmax_case::<f16>(&dev, &mut rng, 9, 31);
+    let x = dev.alloc::<f32>(10).unwrap();
+    let mut y = dev.alloc::<f32>(10).unwrap();
+    assert!(dev.softmax_forward(&x, &mut y, 3).is_err());
+    assert!(dev.softmax_forward(&x, &mut y, 0).is_err());
 }

@@ -24,6 +24,7 @@
 //! - [`tape_pointwise`]: product, ReLU, mixed-dtype accumulate, fill from a device scalar.
 //! - [`gather`]: row gather (embedding lookup into one table).
 //! - [`layout`]: strided 2-D block copy and the swap of two axes.
+//! - [`softmax`]: plain row softmax forward and backward.
 
 pub mod adamw;
 mod adamw_ptx;
@@ -47,6 +48,7 @@ mod sim_tests;
 mod sim_tests_layers;
 #[cfg(test)]
 mod sim_tests_tape;
+pub mod softmax;
 pub mod tape_pointwise;
 pub mod xent;
 
@@ -68,6 +70,7 @@ pub fn modules() -> Vec<&'static Module> {
         &tape_pointwise::MODULE,
         &gather::MODULE,
         &layout::MODULE,
+        &softmax::MODULE,
     ]
 }
 
@@ -88,6 +91,7 @@ pub fn kernels() -> Vec<&'static KernelDesc> {
         tape_pointwise::ALL,
         gather::ALL,
         layout::ALL,
+        softmax::ALL,
     ] {
         v.extend_from_slice(family);
     }

@@ -469,3 +469,70 @@ fn layout_copies_are_bit_exact() {
     layout_case::<bf16>(Elem::BF16);
     layout_case::<f16>(Elem::F16);
 }
+
+fn softmax_case<T: Float + bytemuck::Pod>(e: Elem, rows: usize, c: usize, shift: usize) {
+    let mut rng = Rng::new((rows * 100 + c + shift) as u64);
+    let x: Vec<T> = random(&mut rng, rows * c + shift, -6.0, 6.0);
+    let dy: Vec<T> = random(&mut rng, rows * c + shift, -1.0, 1.0);
+    let sh = shift as u64 * size::<T>();
+    let bytes = (rows * c + shift) * size::<T>() as usize;
+    let p = Problem {
+        batch: rows as u64,
+        n: c as u64,
+        k: 1,
+        m: 1,
+    };
+    let what = format!("softmax {e:?} rows={rows} c={c} shift={shift}");
+    let mut gpu = Gpu::new();
+    let (dx_in, ddy) = (gpu.upload(&x), gpu.upload(&dy));
+    let dy_out = gpu.alloc_bytes(bytes);
+    let args = [
+        Arg::Ptr(dx_in + sh),
+        Arg::Ptr(dy_out + sh),
+        Arg::U32(rows as u32),
+        Arg::U32(c as u32),
+    ];
+    gpu.launch(softmax::forward_for(e).unwrap(), &p, &args)
+        .unwrap();
+    let y = gpu.read::<T>(dy_out + sh, rows * c);
+    let mut want = vec![T::from_f32(0.0); rows * c];
+    softmax::twin::forward(&x[shift..], &mut want, c);
+    check_close(
+        &format!("{what} y"),
+        &f64s(&y),
+        &f64s(&want),
+        rel_tolerance(e).max(1e-5),
+    )
+    .unwrap();
+    let dgrad = gpu.alloc_bytes(bytes);
+    let args = [
+        Arg::Ptr(dy_out + sh),
+        Arg::Ptr(ddy + sh),
+        Arg::Ptr(dgrad + sh),
+        Arg::U32(rows as u32),
+        Arg::U32(c as u32),
+    ];
+    gpu.launch(softmax::backward_for(e).unwrap(), &p, &args)
+        .unwrap();
+    let got = gpu.read::<T>(dgrad + sh, rows * c);
+    let mut want_dx = vec![T::from_f32(0.0); rows * c];
+    softmax::twin::backward(&y, &dy[shift..], &mut want_dx, c);
+    check_close(
+        &format!("{what} dx"),
+        &f64s(&got),
+        &f64s(&want_dx),
+        rel_tolerance(e).max(1e-5),
+    )
+    .unwrap();
+}
+
+#[test]
+fn softmax_forward_and_backward_match_twins() {
+    softmax_case::<f32>(Elem::F32, 1, 1, 0);
+    softmax_case::<f32>(Elem::F32, 5, 68, 0);
+    softmax_case::<f32>(Elem::F32, 3, 1031, 1);
+    softmax_case::<bf16>(Elem::BF16, 4, 516, 0);
+    softmax_case::<bf16>(Elem::BF16, 7, 33, 3);
+    softmax_case::<f16>(Elem::F16, 6, 40, 1);
+    softmax_case::<f16>(Elem::F16, 2, 2053, 0);
+}
