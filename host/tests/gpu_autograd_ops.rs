@@ -99,6 +99,15 @@ fn xent_case<T: DeviceElem + Float>(dev: &Device, rng: &mut Rng, rows: usize, vp
     );
     let got = dlogits.to_vec().unwrap();
     close(&format!("{what} dlogits"), &got, &want, tol(T::ELEM));
+    // Fixed reduction orders: a second run gives the same bits.
+    let mut lse2 = poisoned::<f32>(dev, rows);
+    dev.xent_forward(&dl, &dt, &mut losses, &mut lse2, vp, v, ign)
+        .unwrap();
+    exact(
+        &format!("{what} lse rerun"),
+        &lse2.to_vec().unwrap(),
+        &got_lse,
+    );
     for (r, &t) in targets.iter().enumerate() {
         let row = &got[r * vp..(r + 1) * vp];
         assert!(
@@ -428,6 +437,10 @@ fn softmax_case<T: DeviceElem + Float>(dev: &Device, rng: &mut Rng, rows: usize,
     let mut want = vec![T::from_f32(0.0); rows * c];
     softmax::twin::forward(&x, &mut want, c);
     close(&format!("{what} y"), &got_y, &want, tol(T::ELEM));
+    let mut y2 = poisoned::<T>(dev, rows * c);
+    dev.softmax_forward(&dev.htod(&x).unwrap(), &mut y2, c)
+        .unwrap();
+    exact(&format!("{what} rerun"), &y2.to_vec().unwrap(), &got_y);
     let mut dx = poisoned::<T>(dev, rows * c);
     dev.softmax_backward(&y, &dev.htod(&dy).unwrap(), &mut dx, c)
         .unwrap();
