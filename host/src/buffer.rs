@@ -152,6 +152,45 @@ impl<T: DeviceElem> DeviceBuffer<T> {
         s.synchronize()
     }
 
+    /// Checks that `len` elements from `offset` lie inside the buffer.
+    fn range_check(&self, what: &'static str, offset: usize, len: usize) -> Result<()> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.len => Ok(()),
+            _ => Err(Error::Invalid(format!(
+                "{what}: elements {offset}..{offset}+{len} are outside a buffer of {}",
+                self.len
+            ))),
+        }
+    }
+
+    /// Copies elements `offset..offset + dst.len()` into `dst`, waiting for the compute
+    /// stream's work first. A range past the end is an error (nothing is copied).
+    pub fn copy_to_host_at(&self, offset: usize, dst: &mut [T]) -> Result<()> {
+        self.range_check("device-to-host copy", offset, dst.len())?;
+        if dst.is_empty() {
+            return Ok(());
+        }
+        let s = self.dev.compute_stream();
+        let addr = self.addr() + (offset * size_of::<T>()) as u64;
+        self.dev
+            .copy_dtoh_async(bytemuck::cast_slice_mut(dst), addr, s)?;
+        s.synchronize()
+    }
+
+    /// Copies `src` into elements `offset..offset + src.len()`, ordered on the compute stream
+    /// (synchronous). A range past the end is an error (nothing is copied).
+    pub fn copy_from_host_at(&mut self, offset: usize, src: &[T]) -> Result<()> {
+        self.range_check("host-to-device copy", offset, src.len())?;
+        if src.is_empty() {
+            return Ok(());
+        }
+        let s = self.dev.compute_stream();
+        let addr = self.addr() + (offset * size_of::<T>()) as u64;
+        self.dev
+            .copy_htod_async(addr, bytemuck::cast_slice(src), s)?;
+        s.synchronize()
+    }
+
     /// Device-to-device copy of the whole buffer into `dst` on the compute stream.
     pub fn copy_to(&self, dst: &mut DeviceBuffer<T>) -> Result<()> {
         if dst.len != self.len {

@@ -6,12 +6,14 @@
 //!   cache and caching allocator.
 //! - [`DeviceBuffer`], [`PinnedBuffer`]: memory, and copies between host and device.
 //! - [`Device::launch`]: typed launch of a kernel descriptor from `lathe-kernels`; typed
-//!   wrappers per family ([`gemm_ops`], [`nn_ops`], [`step_ops`], ...).
+//!   wrappers per family ([`gemm_ops`], [`nn_ops`], [`step_ops`], ...; the autograd tape's
+//!   kernels in `autograd_ops`).
 //! - [`alloc`]: the caching allocator and its statistics.
 //! - [`comm`]: communicators (in-process ranks, NCCL) and the rendezvous.
 //! - [`nvtx`]: optional NVTX ranges. [`testing`]: the GPU test harness.
 
 pub mod alloc;
+mod autograd_ops;
 pub mod buffer;
 pub mod comm;
 pub mod device;

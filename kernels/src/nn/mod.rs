@@ -18,6 +18,13 @@
 //! - [`embedding`]: token + position embedding forward and deterministic backward.
 //! - [`attention`]: causal masked softmax forward and backward (between batched GEMMs).
 //! - [`heads`]: attention head split / merge permutes (qkv -> q, k, v and back).
+//!
+//! Kernels of the autograd tape's device backend:
+//! - [`xent`]: cross-entropy forward (loss, saved logsumexp) and backward.
+//! - [`tape_pointwise`]: product, ReLU, mixed-dtype accumulate, fill from a device scalar.
+//! - [`gather`]: row gather (embedding lookup into one table).
+//! - [`layout`]: strided 2-D block copy and the swap of two axes.
+//! - [`softmax`]: plain row softmax forward and backward.
 
 pub mod adamw;
 mod adamw_ptx;
@@ -28,15 +35,22 @@ pub mod classifier;
 pub mod colsum;
 pub mod embedding;
 mod embedding_ptx;
+pub mod gather;
 pub mod heads;
 pub mod layernorm;
 mod layernorm_ptx;
+pub mod layout;
 pub mod pointwise;
 pub(crate) mod ptxgen;
 #[cfg(test)]
 mod sim_tests;
 #[cfg(test)]
 mod sim_tests_layers;
+#[cfg(test)]
+mod sim_tests_tape;
+pub mod softmax;
+pub mod tape_pointwise;
+pub mod xent;
 
 use crate::desc::{Elem, KernelDesc, Module};
 
@@ -52,6 +66,11 @@ pub fn modules() -> Vec<&'static Module> {
         &embedding::MODULE,
         &attention::MODULE,
         &heads::MODULE,
+        &xent::MODULE,
+        &tape_pointwise::MODULE,
+        &gather::MODULE,
+        &layout::MODULE,
+        &softmax::MODULE,
     ]
 }
 
@@ -68,6 +87,11 @@ pub fn kernels() -> Vec<&'static KernelDesc> {
         embedding::ALL,
         attention::ALL,
         heads::ALL,
+        xent::ALL,
+        tape_pointwise::ALL,
+        gather::ALL,
+        layout::ALL,
+        softmax::ALL,
     ] {
         v.extend_from_slice(family);
     }
