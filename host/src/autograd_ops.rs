@@ -377,6 +377,38 @@ impl Device {
         self.elementwise(k, vec![x.arg(), y.arg_mut()], x.len())
     }
 
+    /// `y[offset + i] += x[i]` for `i < x.len()`: [`Device::add_into`] on a slice of `y` (a
+    /// parameter's gradient inside the flat gradient buffer).
+    pub fn add_into_at<X: DeviceElem, Y: DeviceElem>(
+        &self,
+        x: &DeviceBuffer<X>,
+        y: &mut DeviceBuffer<Y>,
+        offset: usize,
+    ) -> Result<()> {
+        let k = tape_pointwise::add_into_for(X::ELEM, Y::ELEM).ok_or_else(|| {
+            invalid(format!(
+                "add_into has no kernel from {} into {}",
+                X::ELEM.name(),
+                Y::ELEM.name()
+            ))
+        })?;
+        let end = offset.checked_add(x.len());
+        if end.is_none_or(|e| e > y.len()) {
+            return Err(invalid(format!(
+                "add_into_at: {} elements at offset {offset} do not fit a buffer of {}",
+                x.len(),
+                y.len()
+            )));
+        }
+        let y_at = KernelArg::Ptr {
+            addr: y.addr() + (offset * size_of::<Y>()) as u64,
+            elem: Y::ELEM,
+            len: x.len(),
+            writable: true,
+        };
+        self.elementwise(k, vec![x.arg(), y_at], x.len())
+    }
+
     // ------------------------------------------------------------ gather
 
     /// `out[n, :] = table[ids[n], :]` for `ids (N)`, `table (rows, c)`, `out (N, c)`; an id
