@@ -423,7 +423,7 @@ impl Device {
         let k = kernel_for("gather_rows", T::ELEM, gather::kernel_for(T::ELEM))?;
         let rows = rows_of("gather_rows table", table.len(), c)?;
         let n = ids.len();
-        len_eq("gather_rows out", n * c, out.len())?;
+        len_eq("gather_rows out", n.saturating_mul(c), out.len())?;
         if n == 0 {
             return Ok(());
         }
@@ -464,7 +464,7 @@ impl Device {
         )?;
         let rows = rows_of("gather_rows backward dtable", dtable.len(), c)?;
         let n = ids.len();
-        len_eq("gather_rows backward dout", n * c, dout.len())?;
+        len_eq("gather_rows backward dout", n.saturating_mul(c), dout.len())?;
         if n == 0 {
             return Ok(());
         }

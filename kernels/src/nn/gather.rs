@@ -122,8 +122,8 @@ fn geometry(p: &Problem) -> Geometry {
 
 macro_rules! gather_desc {
     ($name:ident, $dt:expr, $sfx:literal, $size:literal) => {
-        #[doc = concat!("`Problem { batch: N, n: C, k: rows }`: `ids (N) u32`, `table (rows, C) ",
-                                                    $sfx, "`, `out (N, C)`.")]
+        #[doc = concat!("`Problem { batch: N, n: C, k: rows }`: `ids (N) u32`, ", $sfx, ".")]
+        #[doc = "`table (rows, C)`, `out (N, C)`."]
         pub static $name: KernelDesc = KernelDesc {
             entry: concat!("lathe_gather_rows_", $sfx),
             module: &MODULE,

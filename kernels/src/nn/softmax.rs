@@ -259,8 +259,8 @@ const BWD_F16: [Arg; 5] = bwd_args(Elem::F16);
 
 macro_rules! softmax_descs {
     ($f:ident, $b:ident, $fa:ident, $ba:ident, $sfx:literal, $size:literal) => {
-        #[doc = concat!("`Problem { batch: rows, n: c }`: `y (rows, c) = softmax(x (rows, c))`, ",
-                            $sfx, ".")]
+        #[doc = "`Problem { batch: rows, n: c }`: `y (rows, c) = softmax(x (rows, c))`."]
+        #[doc = concat!("Storage ", $sfx, ".")]
         pub static $f: KernelDesc = KernelDesc {
             entry: concat!("lathe_softmax_fwd_", $sfx),
             module: &MODULE,
@@ -272,8 +272,8 @@ macro_rules! softmax_descs {
             },
             summary: "row softmax forward",
         };
-        #[doc = concat!("`Problem { batch: rows, n: c }`: `dx = y (dy - sum(dy y))` per row, ",
-                            $sfx, ".")]
+        #[doc = "`Problem { batch: rows, n: c }`: `dx = y (dy - sum(dy y))` per row."]
+        #[doc = concat!("Storage ", $sfx, ".")]
         pub static $b: KernelDesc = KernelDesc {
             entry: concat!("lathe_softmax_bwd_", $sfx),
             module: &MODULE,

@@ -275,8 +275,8 @@ macro_rules! pw_descs {
             },
             summary: "ReLU backward from the output",
         };
-        #[doc = concat!("`Problem::elems(n)`: `out (n) ", $sfx,
-                                            " = src[0] * factor`, `src` an f32 in device memory.")]
+        #[doc = concat!("`Problem::elems(n)`: `out (n) ", $sfx, " = src[0] * factor`,")]
+        #[doc = "`src` an f32 in device memory."]
         pub static $fs: KernelDesc = KernelDesc {
             entry: concat!("lathe_fill_scalar_", $sfx),
             module: &MODULE,

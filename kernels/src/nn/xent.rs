@@ -25,7 +25,7 @@
 //! folds the 8 warp results in order (deterministic). The backward is one pass over the row.
 //!
 //! # Cost
-//! Forward: `4 rows V` FLOPs, `rows (Vp size(dt) + 12)` bytes. Backward: `4 rows Vp` FLOPs,
+//! Forward: `4 rows V` FLOPs, `rows (V size(dt) + 12)` bytes (the padding is not read). Backward: `4 rows Vp` FLOPs,
 //! `rows (2 Vp size(dt) + 8)` bytes.
 
 use super::ptxgen::{
@@ -323,7 +323,7 @@ const BWD_F16: &[Arg] = bwd_args!(Elem::F16);
 fn fwd_cost(p: &Problem, size: u64) -> Cost {
     Cost {
         flops: 4 * p.batch * p.k,
-        bytes: p.batch * (size * p.n + 12),
+        bytes: p.batch * (size * p.k + 12),
     }
 }
 fn bwd_cost(p: &Problem, size: u64) -> Cost {
@@ -335,8 +335,8 @@ fn bwd_cost(p: &Problem, size: u64) -> Cost {
 
 macro_rules! xent_descs {
     ($f:ident, $b:ident, $fa:ident, $ba:ident, $sfx:literal, $size:literal) => {
-        #[doc = concat!("`Problem { batch: rows, n: Vp, k: V }`: `logits (rows, Vp) ", $sfx,
-            "`, `targets (rows) u32` -> `losses (rows) f32`, `lse (rows) f32`.")]
+        #[doc = concat!("`Problem { batch: rows, n: Vp, k: V }`: `logits (rows, Vp) ", $sfx, "`,")]
+        #[doc = "`targets (rows) u32` -> `losses (rows) f32`, `lse (rows) f32`."]
         pub static $f: KernelDesc = KernelDesc {
             entry: concat!("lathe_xent_fwd_", $sfx),
             module: &MODULE,
@@ -345,8 +345,8 @@ macro_rules! xent_descs {
             cost: |p| fwd_cost(p, $size),
             summary: "cross-entropy forward: per-row loss and saved logsumexp",
         };
-        #[doc = concat!("`Problem { batch: rows, n: Vp, k: V }`: `dlogits (rows, Vp) ", $sfx,
-            "` from `logits`, `lse (rows) f32`, `targets (rows) u32`, `gscale (>= 1) f32`.")]
+        #[doc = concat!("`Problem { batch: rows, n: Vp, k: V }`: `dlogits (rows, Vp) ", $sfx, "`")]
+        #[doc = "from `logits`, `lse (rows) f32`, `targets (rows) u32`, `gscale (>= 1) f32`."]
         pub static $b: KernelDesc = KernelDesc {
             entry: concat!("lathe_xent_bwd_", $sfx),
             module: &MODULE,
