@@ -88,11 +88,11 @@ impl Trainer {
     /// Moves the model state to `dev`: the workspace's parameters into device buffers (the
     /// working copy in the compute dtype) and the optimizer into a [`DeviceOptimizer`].
     pub(super) fn attach_device(&mut self, dev: Device) -> Result<()> {
-        let dtype = self.tape.dtype();
+        // The workspace's working copy (in the compute dtype) goes up as it is; its master
+        // buffer is not the optimizer's, whose master weights `optimizer_from_host` uploads.
         let ws = self.zero.workspace_mut()?;
         ws.to_device(&dev)
             .with_context(|| format!("moving the model to {}", dev.describe()))?;
-        ws.sync_working_device(dtype)?;
         let opt = optimizer_from_host(self, &dev)?;
         let tokens = self.cfg.micro_batch * self.seq_len;
         let loss_sum = DevBuf::zeros(&dev, lathe_autograd::DType::F32, 1)?;
@@ -113,10 +113,8 @@ impl Trainer {
         let Some(dev) = self.dev.as_ref().map(|d| d.dev.clone()) else {
             return Ok(());
         };
-        let dtype = self.tape.dtype();
         let ws = self.zero.workspace_mut()?;
         ws.upload_to_device()?;
-        ws.sync_working_device(dtype)?;
         let opt = optimizer_from_host(self, &dev)?;
         if let Some(d) = self.dev.as_mut() {
             d.opt = opt;
