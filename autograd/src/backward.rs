@@ -176,9 +176,9 @@ impl<T: Scalar> Tape<T> {
             if matches!(node.op, Op::Leaf) {
                 continue;
             }
-            let needed_missing = node.outputs().any(|s| {
-                !self.slots[s].has_value() && (last_use[s] != NONE || recompute_need[s])
-            });
+            let needed_missing = node
+                .outputs()
+                .any(|s| !self.slots[s].has_value() && (last_use[s] != NONE || recompute_need[s]));
             if needed_missing {
                 for &i in &node.inputs {
                     recompute_need[i] = true;
@@ -234,7 +234,8 @@ impl<T: Scalar> Tape<T> {
             if matches!(self.nodes[n].op, Op::Leaf) {
                 let s = self.nodes[n].first_out;
                 if let SlotKind::Param { offset } = self.slots[s].kind {
-                    if let (Some(g), Some(p)) = (self.slots[s].dgrad.as_ref(), params.as_deref_mut())
+                    if let (Some(g), Some(p)) =
+                        (self.slots[s].dgrad.as_ref(), params.as_deref_mut())
                     {
                         let dp = p.device_mut().ok_or_else(|| {
                             Error::Backward(
@@ -357,8 +358,7 @@ impl<T: Scalar> Tape<T> {
             .zip(&saved.1)
             .map(|(s, &k)| val(s, k))
             .collect();
-        let gouts: Vec<Option<&DevBuf>> =
-            node.outputs().map(|s| slots[s].dgrad.as_ref()).collect();
+        let gouts: Vec<Option<&DevBuf>> = node.outputs().map(|s| slots[s].dgrad.as_ref()).collect();
         let want: Vec<Option<DType>> = node
             .inputs
             .iter()
@@ -371,9 +371,8 @@ impl<T: Scalar> Tape<T> {
             })
             .collect();
         let start = self.profile.as_ref().map(|_| std::time::Instant::now());
-        let din = crate::device::ops::backward(
-            ctx, n, &node.op, self.dtype, &ins, &outs, &gouts, &want,
-        )?;
+        let din =
+            crate::device::ops::backward(ctx, n, &node.op, self.dtype, &ins, &outs, &gouts, &want)?;
         let name = node.op.name();
         if let Some(s) = start {
             let secs = s.elapsed().as_secs_f64();

@@ -547,7 +547,11 @@ impl<T: Scalar> Tape<T> {
     pub fn read(&self, v: Var) -> Result<Vec<T>> {
         let s = self.slot_index(v)?;
         if let Some(d) = &self.slots[s].dvalue {
-            return Ok(d.download()?.iter().map(|&x| T::from_f64(x as f64)).collect());
+            return Ok(d
+                .download()?
+                .iter()
+                .map(|&x| T::from_f64(x as f64))
+                .collect());
         }
         Ok(self.value(v)?.to_vec())
     }

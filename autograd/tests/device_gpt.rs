@@ -123,8 +123,14 @@ fn recomputation_is_bitwise_neutral_and_lowers_the_peak_on_the_device() {
     let (_, l0, g0, peak0, dpeak0) = &results[0];
     for (policy, l, g, peak, dpeak) in &results[1..] {
         assert_eq!(l, l0, "{policy:?}: loss differs from no recomputation");
-        assert!(g == g0, "{policy:?}: gradients differ from no recomputation");
-        assert!(peak < peak0, "{policy:?}: tape peak {peak} not below {peak0}");
+        assert!(
+            g == g0,
+            "{policy:?}: gradients differ from no recomputation"
+        );
+        assert!(
+            peak < peak0,
+            "{policy:?}: tape peak {peak} not below {peak0}"
+        );
         assert!(
             dpeak < dpeak0,
             "{policy:?}: device allocator peak {dpeak} not below {dpeak0}"
@@ -142,7 +148,10 @@ fn greedy_decoding_runs_on_the_device() {
     let cpu = gpt.generate_greedy(&host, &prompt, 5, None).unwrap();
     let gpu = gpt.generate_greedy(&dp, &prompt, 5, None).unwrap();
     assert_eq!(gpu.len(), 5);
-    assert_eq!(gpu, cpu, "f32 greedy decoding differs between device and CPU");
+    assert_eq!(
+        gpu, cpu,
+        "f32 greedy decoding differs between device and CPU"
+    );
 }
 
 #[test]

@@ -38,7 +38,11 @@ fn random(rng: &mut Rng, n: usize, dt: DType) -> Vec<f32> {
     (0..n)
         .map(|_| {
             let x = rng.normal();
-            let x = if x.abs() < 0.05 { 0.05f32.copysign(x) + x } else { x };
+            let x = if x.abs() < 0.05 {
+                0.05f32.copysign(x) + x
+            } else {
+                x
+            };
             dt.round(x)
         })
         .collect()
@@ -115,7 +119,10 @@ fn check(name: &str, shapes: &[(&[usize], bool)], build: Build) {
                     check_close(&what, &f(g), &f(c), tol(dt)).unwrap_or_else(|e| panic!("{e}"));
                 }
                 (None, None) => {}
-                _ => panic!("{name} {}: input {i} has a gradient on one backend only", dt.name()),
+                _ => panic!(
+                    "{name} {}: input {i} has a gradient on one backend only",
+                    dt.name()
+                ),
             }
         }
         assert!(
@@ -145,9 +152,11 @@ fn linear_with_and_without_bias() {
         &[(&[3, 5, 13], true), (&[13, 11], true), (&[11], true)],
         &|t, v| t.linear(v[0], v[1], Some(v[2])),
     );
-    check("linear no bias", &[(&[7, 9], true), (&[9, 6], true)], &|t, v| {
-        t.linear(v[0], v[1], None)
-    });
+    check(
+        "linear no bias",
+        &[(&[7, 9], true), (&[9, 6], true)],
+        &|t, v| t.linear(v[0], v[1], None),
+    );
 }
 
 #[test]
@@ -158,9 +167,11 @@ fn elementwise_ops() {
     check("scale", &[(s, true)], &|t, v| t.scale(v[0], -0.75));
     check("gelu", &[(s, true)], &|t, v| t.gelu(v[0]));
     check("relu", &[(s, true)], &|t, v| t.relu(v[0]));
-    check("bias_add", &[(&[2, 5, 7], true), (&[5, 7], true)], &|t, v| {
-        t.bias_add(v[0], v[1])
-    });
+    check(
+        "bias_add",
+        &[(&[2, 5, 7], true), (&[5, 7], true)],
+        &|t, v| t.bias_add(v[0], v[1]),
+    );
 }
 
 #[test]
@@ -176,7 +187,9 @@ fn layernorm_and_softmax() {
 #[test]
 fn attention_causal() {
     // B 2, T 5, C 12, 3 heads of 4.
-    check("attention", &[(&[2, 5, 36], true)], &|t, v| t.attention(v[0], 3));
+    check("attention", &[(&[2, 5, 36], true)], &|t, v| {
+        t.attention(v[0], 3)
+    });
 }
 
 #[test]
@@ -193,8 +206,12 @@ fn embedding_and_cross_entropy() {
 
 #[test]
 fn shape_ops() {
-    check("reshape", &[(&[3, 8], true)], &|t, v| t.reshape(v[0], &[6, 4]));
-    check("transpose", &[(&[2, 3, 4, 5], true)], &|t, v| t.transpose(v[0], 1, 3));
+    check("reshape", &[(&[3, 8], true)], &|t, v| {
+        t.reshape(v[0], &[6, 4])
+    });
+    check("transpose", &[(&[2, 3, 4, 5], true)], &|t, v| {
+        t.transpose(v[0], 1, 3)
+    });
     check("split", &[(&[3, 9, 2], true)], &|t, v| {
         let parts = t.split(v[0], 1, &[2, 4, 3])?;
         // Use two of the three parts (the third gets no gradient).
@@ -202,9 +219,11 @@ fn shape_ops() {
         let a = t.scale(parts[2], 2.0)?;
         t.concat(&[parts[1], a], 1)
     });
-    check("concat", &[(&[2, 3, 5], true), (&[2, 4, 5], true)], &|t, v| {
-        t.concat(&[v[0], v[1]], 1)
-    });
+    check(
+        "concat",
+        &[(&[2, 3, 5], true), (&[2, 4, 5], true)],
+        &|t, v| t.concat(&[v[0], v[1]], 1),
+    );
     check("sum", &[(&[3, 7], true)], &|t, v| t.sum(v[0]));
     check("mean", &[(&[3, 7], true)], &|t, v| t.mean(v[0]));
 }

@@ -15,8 +15,8 @@
 pub(crate) mod ops;
 pub mod params;
 
-pub use params::{DeviceParams, WorkingMut};
 pub(crate) use params::param_leaf;
+pub use params::{DeviceParams, WorkingMut};
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -647,9 +647,7 @@ pub(crate) fn backward(
     let dev = &dev;
     let name = op.name();
     let e = || dev_err(name);
-    let g0 = || {
-        gouts[0].ok_or_else(|| Error::Backward(format!("{name}: missing output gradient")))
-    };
+    let g0 = || gouts[0].ok_or_else(|| Error::Backward(format!("{name}: missing output gradient")));
     let x = |i: usize| ins[i].get(name);
     let mut din: Vec<Option<DevBuf>> = (0..ins.len()).map(|_| None).collect();
     match op {
@@ -662,7 +660,11 @@ pub(crate) fn backward(
             let (m, k, n, batch) = (d.m, d.k, d.n, d.batch);
             if let Some(dt) = want[0] {
                 let b = conform(dev, x(1)?, compute)?;
-                let out_dt = if dt == DType::F32 { DType::F32 } else { compute };
+                let out_dt = if dt == DType::F32 {
+                    DType::F32
+                } else {
+                    compute
+                };
                 let mut da = DevBuf::alloc(dev, out_dt, batch * m * k)?;
                 let sb = if d.b_batched { k * n } else { 0 };
                 if !d.b_batched && !ta {
@@ -692,7 +694,11 @@ pub(crate) fn backward(
             let g = g.get();
             if let Some(dt) = want[0] {
                 let w = conform(dev, x(1)?, compute)?;
-                let out_dt = if dt == DType::F32 { DType::F32 } else { compute };
+                let out_dt = if dt == DType::F32 {
+                    DType::F32
+                } else {
+                    compute
+                };
                 let mut dx = DevBuf::alloc(dev, out_dt, rows * inp)?;
                 let gm = Gemm::new(rows, inp, outp).with_ops(GOp::N, GOp::T);
                 gemm(dev, &Batched::single(gm), g, w.get(), None, &mut dx)?;
@@ -985,7 +991,11 @@ fn finish_matmul_b(
     };
     let (m, k, n, batch) = (d.m, d.k, d.n, d.batch);
     let a = conform(dev, ins[0].get("matmul")?, compute)?;
-    let out_dt = if dt == DType::F32 { DType::F32 } else { compute };
+    let out_dt = if dt == DType::F32 {
+        DType::F32
+    } else {
+        compute
+    };
     let (rows, cols) = if tb { (n, k) } else { (k, n) };
     if d.b_batched {
         let mut db = DevBuf::alloc(dev, out_dt, batch * k * n)?;

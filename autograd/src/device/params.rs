@@ -67,7 +67,13 @@ impl DeviceParams {
         self.working.as_ref()
     }
     /// Master weights, gradients and working copy, mutably (what an optimizer step writes).
-    pub fn parts_mut(&mut self) -> (&mut DeviceBuffer<f32>, &mut DeviceBuffer<f32>, WorkingMut<'_>) {
+    pub fn parts_mut(
+        &mut self,
+    ) -> (
+        &mut DeviceBuffer<f32>,
+        &mut DeviceBuffer<f32>,
+        WorkingMut<'_>,
+    ) {
         let grads = match &mut self.grads {
             DevBuf::F32(g) => g,
             _ => unreachable!("gradients are f32"),
@@ -222,7 +228,8 @@ pub(crate) fn param_leaf<T: Scalar>(
             return Err(Error::Params(format!(
                 "the device working copy is in {} but the tape computes in {dt}: call \
                  ParamStore::sync_working_device({}) first",
-                w.as_ref().map_or("f32".to_string(), |w| w.dtype().to_string()),
+                w.as_ref()
+                    .map_or("f32".to_string(), |w| w.dtype().to_string()),
                 dt.name()
             )));
         }

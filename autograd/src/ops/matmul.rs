@@ -25,7 +25,12 @@ pub(crate) struct MmDims {
     pub b_batched: bool,
 }
 
-pub(crate) fn mm_dims(a: &[usize], b: &[usize], ta: bool, tb: bool) -> Result<(MmDims, Vec<usize>)> {
+pub(crate) fn mm_dims(
+    a: &[usize],
+    b: &[usize],
+    ta: bool,
+    tb: bool,
+) -> Result<(MmDims, Vec<usize>)> {
     if a.len() < 2 || b.len() < 2 {
         return Err(shape_err(
             "matmul",

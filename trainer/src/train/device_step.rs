@@ -25,8 +25,8 @@ use crate::optim::Rounding;
 use crate::profiler::Phase;
 use anyhow::{Context, Result, anyhow};
 use lathe_autograd::{DevBuf, WorkingMut};
-use lathe_host::nn_ops::WorkingCopyMut;
 use lathe_host::Device;
+use lathe_host::nn_ops::WorkingCopyMut;
 use std::collections::VecDeque;
 use std::time::Instant;
 
@@ -196,7 +196,8 @@ impl Trainer {
             )?;
             {
                 let d = self.dev.as_mut().expect("device run");
-                d.loss_sum.add_assign(&d.dev, self.tape.device_value(loss)?)?;
+                d.loss_sum
+                    .add_assign(&d.dev, self.tape.device_value(loss)?)?;
             }
             self.prof.end(fwd);
             {

@@ -216,9 +216,7 @@ fn open_device(spec: DeviceSpec, rank: usize) -> Result<Option<lathe_host::Devic
         DeviceSpec::Cuda(n) => lathe_host::Device::cuda(n + rank)
             .map(Some)
             .with_context(|| format!("--device cuda:{n} (rank {rank}: GPU {})", n + rank)),
-        DeviceSpec::Sim => lathe_host::Device::sim()
-            .map(Some)
-            .context("--device sim"),
+        DeviceSpec::Sim => lathe_host::Device::sim().map(Some).context("--device sim"),
         DeviceSpec::Auto => Ok(lathe_host::Device::cuda(rank).ok()),
     }
 }

@@ -230,121 +230,121 @@ impl Trainer {
             };
             let elapsed = t0.elapsed() / recs.len().max(1) as u32;
             for mut rec in recs {
-            // The meter skips the first (warm-up) step; report that step's own rate meanwhile.
-            rec.tok_s = meter
-                .update(step_tokens, elapsed)
-                .unwrap_or(step_tokens as f64 / elapsed.as_secs_f64().max(1e-9));
-            losses.push(rec.loss);
-            let done = rec.step + 1;
-            skipped_in_a_row = if rec.skipped { skipped_in_a_row + 1 } else { 0 };
-            // A non-finite loss with weights that are still finite is one bad batch (the step
-            // is skipped); with non-finite weights, or when every step is skipped, the run has
-            // diverged: stop, without a checkpoint of the broken state.
-            let diverged = if !rec.loss.is_finite() && self.weights_nonfinite()? {
-                Some(format!("the weights hold NaN or inf after step {done}"))
-            } else if skipped_in_a_row >= MAX_CONSECUTIVE_SKIPS {
-                Some(format!(
-                    "the last {skipped_in_a_row} steps (up to step {done}) were all skipped for \
+                // The meter skips the first (warm-up) step; report that step's own rate meanwhile.
+                rec.tok_s = meter
+                    .update(step_tokens, elapsed)
+                    .unwrap_or(step_tokens as f64 / elapsed.as_secs_f64().max(1e-9));
+                losses.push(rec.loss);
+                let done = rec.step + 1;
+                skipped_in_a_row = if rec.skipped { skipped_in_a_row + 1 } else { 0 };
+                // A non-finite loss with weights that are still finite is one bad batch (the step
+                // is skipped); with non-finite weights, or when every step is skipped, the run has
+                // diverged: stop, without a checkpoint of the broken state.
+                let diverged = if !rec.loss.is_finite() && self.weights_nonfinite()? {
+                    Some(format!("the weights hold NaN or inf after step {done}"))
+                } else if skipped_in_a_row >= MAX_CONSECUTIVE_SKIPS {
+                    Some(format!(
+                        "the last {skipped_in_a_row} steps (up to step {done}) were all skipped for \
                      non-finite gradients{}",
-                    if self.scaler.is_enabled() {
-                        format!(", loss scale down to {}", self.current_scale())
-                    } else {
-                        String::new()
+                        if self.scaler.is_enabled() {
+                            format!(", loss scale down to {}", self.current_scale())
+                        } else {
+                            String::new()
+                        }
+                    ))
+                } else {
+                    None
+                };
+                if let Some(why) = diverged {
+                    if let Some(m) = &mut metrics {
+                        m.write_step(&rec)?;
                     }
-                ))
-            } else {
-                None
-            };
-            if let Some(why) = diverged {
-                if let Some(m) = &mut metrics {
-                    m.write_step(&rec)?;
-                }
-                if let Some(b) = &bar {
-                    b.abandon();
-                }
-                bail!(
-                    "training diverged: {why} (loss {}). Lower --lr, use bf16 or fp32, or \
+                    if let Some(b) = &bar {
+                        b.abandon();
+                    }
+                    bail!(
+                        "training diverged: {why} (loss {}). Lower --lr, use bf16 or fp32, or \
                      clip gradients (--grad-clip); {}",
-                    rec.loss,
-                    match self.saved_step {
-                        Some(s) => format!("the last checkpoint is step {s}"),
-                        None => "no checkpoint was written".to_string(),
+                        rec.loss,
+                        match self.saved_step {
+                            Some(s) => format!("the last checkpoint is step {s}"),
+                            None => "no checkpoint was written".to_string(),
+                        }
+                    );
+                }
+                let eval_now =
+                    cfg.eval_every > 0 && done.is_multiple_of(cfg.eval_every) && done < cfg.steps;
+                if eval_now || done == cfg.steps {
+                    let val = self.val_loss().map_err(|e| self.save_before_failing(e));
+                    if let Some(v) = val? {
+                        rec.val_loss = Some(v);
+                        last_val = Some(v);
+                        self.best_val = Some(self.best_val.map_or(v, |b: f64| b.min(v)));
+                        let msg = format!(
+                            "step {done}/{}: loss {:.4}, val loss {v:.4}, {:.0} tok/s",
+                            cfg.steps, rec.loss, rec.tok_s
+                        );
+                        self.say(&bar, msg);
+                        if let Some(es) = &mut self.early
+                            && es.observe(rec.step, v) == EarlyStopDecision::Stop
+                        {
+                            stopped_early = true;
+                        }
                     }
-                );
-            }
-            let eval_now =
-                cfg.eval_every > 0 && done.is_multiple_of(cfg.eval_every) && done < cfg.steps;
-            if eval_now || done == cfg.steps {
-                let val = self.val_loss().map_err(|e| self.save_before_failing(e));
-                if let Some(v) = val? {
-                    rec.val_loss = Some(v);
-                    last_val = Some(v);
-                    self.best_val = Some(self.best_val.map_or(v, |b: f64| b.min(v)));
+                    // Rank 0 decided; every rank stops together.
+                    let mut flag = [if stopped_early { 1.0f32 } else { 0.0 }];
+                    self.comm.broadcast(&mut flag, 0)?;
+                    stopped_early = flag[0] != 0.0;
+                } else if bar.is_none() && (done.is_multiple_of(50) || done == 1) {
                     let msg = format!(
-                        "step {done}/{}: loss {:.4}, val loss {v:.4}, {:.0} tok/s",
-                        cfg.steps, rec.loss, rec.tok_s
+                        "step {done}/{}: loss {:.4}, {:.0} tok/s{}",
+                        cfg.steps,
+                        rec.loss,
+                        rec.tok_s,
+                        if rec.skipped {
+                            " (skipped: non-finite gradients)"
+                        } else {
+                            ""
+                        }
                     );
                     self.say(&bar, msg);
-                    if let Some(es) = &mut self.early
-                        && es.observe(rec.step, v) == EarlyStopDecision::Stop
-                    {
-                        stopped_early = true;
-                    }
                 }
-                // Rank 0 decided; every rank stops together.
-                let mut flag = [if stopped_early { 1.0f32 } else { 0.0 }];
-                self.comm.broadcast(&mut flag, 0)?;
-                stopped_early = flag[0] != 0.0;
-            } else if bar.is_none() && (done.is_multiple_of(50) || done == 1) {
-                let msg = format!(
-                    "step {done}/{}: loss {:.4}, {:.0} tok/s{}",
-                    cfg.steps,
-                    rec.loss,
-                    rec.tok_s,
-                    if rec.skipped {
-                        " (skipped: non-finite gradients)"
-                    } else {
-                        ""
-                    }
-                );
-                self.say(&bar, msg);
-            }
-            if rec.skipped {
-                let msg = format!(
-                    "step {done}: non-finite gradients, step skipped; loss scale now {}",
-                    self.current_scale()
-                );
-                self.say(&bar, msg);
-            }
-            if let Some(b) = &bar {
-                b.set_position(done);
-                b.set_message(format!(
-                    "loss {:.4} | {:.0} tok/s | mem {:.1} MB",
-                    rec.loss,
-                    rec.tok_s,
-                    rec.mem_peak_bytes as f64 / 1e6
-                ));
-            }
-            self.prof.counter("peak_bytes", rec.mem_peak_bytes as f64);
-            self.prof.step();
-            if let Some(m) = &mut metrics
-                && let Err(e) = m.write_step(&rec)
-            {
-                return Err(self.save_before_failing(e.into()));
-            }
-            let save_now = cfg.save.is_some()
-                && ((cfg.save_every > 0 && done.is_multiple_of(cfg.save_every))
-                    || done == cfg.steps
-                    || stopped_early);
-            if save_now {
-                self.save_checkpoint()?;
-            }
-            if stopped_early {
-                let msg =
-                    format!("early stopping at step {done}: validation loss stopped improving");
-                self.say(&bar, msg);
-                break 'steps;
-            }
+                if rec.skipped {
+                    let msg = format!(
+                        "step {done}: non-finite gradients, step skipped; loss scale now {}",
+                        self.current_scale()
+                    );
+                    self.say(&bar, msg);
+                }
+                if let Some(b) = &bar {
+                    b.set_position(done);
+                    b.set_message(format!(
+                        "loss {:.4} | {:.0} tok/s | mem {:.1} MB",
+                        rec.loss,
+                        rec.tok_s,
+                        rec.mem_peak_bytes as f64 / 1e6
+                    ));
+                }
+                self.prof.counter("peak_bytes", rec.mem_peak_bytes as f64);
+                self.prof.step();
+                if let Some(m) = &mut metrics
+                    && let Err(e) = m.write_step(&rec)
+                {
+                    return Err(self.save_before_failing(e.into()));
+                }
+                let save_now = cfg.save.is_some()
+                    && ((cfg.save_every > 0 && done.is_multiple_of(cfg.save_every))
+                        || done == cfg.steps
+                        || stopped_early);
+                if save_now {
+                    self.save_checkpoint()?;
+                }
+                if stopped_early {
+                    let msg =
+                        format!("early stopping at step {done}: validation loss stopped improving");
+                    self.say(&bar, msg);
+                    break 'steps;
+                }
             }
         }
         if let Some(b) = &bar {
