@@ -371,9 +371,10 @@ impl<T: Scalar> Tape<T> {
             })
             .collect();
         let start = self.profile.as_ref().map(|_| std::time::Instant::now());
-        let din =
-            crate::device::ops::backward(ctx, n, &node.op, self.dtype, &ins, &outs, &gouts, &want)?;
         let name = node.op.name();
+        let din =
+            crate::device::ops::backward(ctx, n, &node.op, self.dtype, &ins, &outs, &gouts, &want)
+                .map_err(|e| e.in_op(name))?;
         if let Some(s) = start {
             let secs = s.elapsed().as_secs_f64();
             self.record_time(name, true, s, secs);

@@ -93,6 +93,17 @@ pub enum Error {
     Backward(String),
 }
 
+impl Error {
+    /// A device error raised inside an op's kernels names that op (an allocation failing in
+    /// the middle of `linear`'s backward says so).
+    pub(crate) fn in_op(self, op: &'static str) -> Error {
+        match self {
+            Error::Device { source, .. } => Error::Device { op, source },
+            e => e,
+        }
+    }
+}
+
 /// Result alias for lathe-autograd.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 

@@ -864,8 +864,9 @@ impl<T: Scalar> Tape<T> {
             .clone()
             .map(|s| (self.slots[s].shape.as_slice(), self.slots[s].dtype))
             .collect();
-        let outs = crate::device::ops::forward(ctx, node, &n.op, self.dtype, &ins, &specs)?;
         let name = n.op.name();
+        let outs = crate::device::ops::forward(ctx, node, &n.op, self.dtype, &ins, &specs)
+            .map_err(|e| e.in_op(name))?;
         if let Some(s) = start {
             self.record_time(name, false, s, s.elapsed().as_secs_f64());
         }

@@ -41,7 +41,7 @@ pub enum Error {
         problem: String,
     },
     #[error(
-        "CUDA out of memory on {device}: tried to allocate {requested} bytes; {free} bytes free \
+        "out of device memory on {device}: tried to allocate {requested} bytes; {free} bytes free \
          of {total}; Lathe holds {allocated} bytes in tensors, {reserved} reserved by its \
          allocator, peak {peak}. Try a smaller --micro-batch with more --accum steps, \
          --recompute act|block, or --zero 1|2|3"

@@ -76,7 +76,7 @@ pub struct SimConfig {
 impl Default for SimConfig {
     fn default() -> Self {
         SimConfig {
-            name: "Lathe simulated H100 (sm_90a)".to_string(),
+            name: "Lathe simulated H100".to_string(),
             memory_bytes: 16 << 30,
             sm_count: 132,
             compute_capability: (9, 0),

@@ -93,7 +93,12 @@ const RANK_STACK_BYTES: usize = 8 << 20;
 pub fn run_train(args: TrainArgs) -> Result<TrainOutcome> {
     let args = args.with_config_file()?;
     let device = args.device.unwrap_or(DeviceSpec::Auto);
-    let on_device = open_device(device, 0)?.is_some();
+    // Fail early on a device that cannot be opened (a simulated device always can).
+    let on_device = match device {
+        DeviceSpec::Cpu => false,
+        DeviceSpec::Sim => true,
+        spec => open_device(spec, 0)?.is_some(),
+    };
     let cfg = TrainConfig::resolve(args, on_device)?;
     let pre = preflight::check(&cfg)?;
     {
