@@ -245,6 +245,19 @@ impl Trainer {
             });
         }
         self.step += 1;
+        if self.prof.is_recording() {
+            // Profiling waits for this step's timing events (the one host synchronisation a
+            // profiled step adds).
+            let d = self.dev.as_ref().expect("device run");
+            if let Some(t) = d.dev.take_kernel_timings()? {
+                crate::profiler::record_kernel_timings(&self.prof, &t);
+            }
+        } else if let Some(d) = self.dev.as_ref()
+            && d.dev.kernel_timing_enabled()
+        {
+            // Outside the profiler's active window: drop what was timed.
+            d.dev.take_kernel_timings()?;
+        }
         let d = self.dev.as_mut().expect("device run");
         let reports = if drain {
             d.readback.finish()?

@@ -196,9 +196,16 @@ impl Trainer {
                 let sched =
                     ProfSchedule::new(cfg.profile_wait, cfg.profile_warmup, cfg.profile_active);
                 self.prof = Profiler::new(sched)?.with_range_sink(Box::new(NvtxSink));
-                // The CPU backend's ops stand in for kernels, on a "CPU" track of the trace.
-                self.prof.set_device_label("CPU");
-                self.tape.set_profiling(true);
+                if let Some(d) = &self.dev {
+                    // Device kernels on the device's track: CUDA-event times on a GPU, the
+                    // simulator's counters on the simulated device.
+                    self.prof.set_device_label(&d.dev.describe());
+                    d.dev.enable_kernel_timing()?;
+                } else {
+                    // The CPU backend's ops stand in for kernels, on a "CPU" track.
+                    self.prof.set_device_label("CPU");
+                    self.tape.set_profiling(true);
+                }
             }
         }
         let bar = if root {
