@@ -15,15 +15,28 @@
 //! step returns the record of the previous step. At evaluations, checkpoints and the last step
 //! the records are drained (the host waits there anyway, to read weights).
 //!
+//! With `--world N` (ZeRO stage 0, plain data parallel) each rank runs the above on its own
+//! device with the full parameters and the full optimizer. Before the step's last backward
+//! pass the trainer installs the [`DeviceGradReducer`]'s gradient-ready hook: buckets of
+//! gradients are averaged over the ranks as the backward finishes them (last layers first),
+//! and the rest right after it. The optimizer then sees identical averaged gradients on every
+//! rank, so every rank takes (or skips) the same step and keeps the same weights. The logged
+//! loss is the mean over the ranks; records are produced at the same steps on every rank, so
+//! that mean is a collective every rank makes in the same order.
+//!
 //! [`Tape::bind_ids`]: lathe_autograd::Tape::bind_ids
 //! [`Tape::backward_scaled`]: lathe_autograd::Tape::backward_scaled
 
 use super::Trainer;
-use crate::device::{DeviceBatch, DeviceOptimizer, HostOptimizerState, StepReadback, StepReport};
+use crate::device::{
+    DeviceBatch, DeviceGradReducer, DeviceOptimizer, HostOptimizerState, SharedReducer,
+    StepReadback, StepReport, grad_ready_hook, lock_reducer,
+};
 use crate::metrics::StepRecord;
 use crate::optim::Rounding;
 use crate::profiler::Phase;
-use anyhow::{Context, Result, anyhow};
+use crate::zero::mean_over_ranks;
+use anyhow::{Context, Result, anyhow, bail};
 use lathe_autograd::{DevBuf, WorkingMut};
 use lathe_host::Device;
 use lathe_host::nn_ops::WorkingCopyMut;
@@ -43,6 +56,8 @@ pub(super) struct DeviceRun {
     queued: VecDeque<Queued>,
     /// The loss scale after the last reported step.
     scale: f32,
+    /// Averages the gradients over the ranks (`--world N`; `None` with one rank).
+    reducer: Option<SharedReducer>,
 }
 
 /// What the host knows of a queued step before its report arrives.
@@ -56,12 +71,16 @@ struct Queued {
 /// Builds the device optimizer for `t` from the host state (fresh, or just restored from a
 /// checkpoint), with the master weights going into the workspace's device buffer.
 fn optimizer_from_host(t: &mut Trainer, dev: &Device) -> Result<DeviceOptimizer> {
+    if t.zero.stage().shards_optimizer() {
+        bail!(
+            "{} keeps a shard of the optimizer on each rank; the device optimizer is not \
+             sharded (use --zero 0)",
+            t.zero.stage()
+        );
+    }
     let host = HostOptimizerState {
-        master: t
-            .zero
-            .master_on_root(&t.comm)?
-            .ok_or_else(|| anyhow!("a device run has one rank"))?
-            .into_owned(),
+        // Stage 0: every rank holds the full master weights.
+        master: t.zero.optimizer_shard().master().to_vec(),
         optimizer: t.zero.optimizer_shard().optimizer().clone(),
         scaler: t.scaler.clone(),
     };
@@ -96,7 +115,20 @@ impl Trainer {
         let opt = optimizer_from_host(self, &dev)?;
         let tokens = self.cfg.micro_batch * self.seq_len;
         let loss_sum = DevBuf::zeros(&dev, lathe_autograd::DType::F32, 1)?;
+        let reducer = if self.cfg.world > 1 {
+            let comm = self
+                .grad_comm
+                .take()
+                .ok_or_else(|| anyhow!("the gradient communicator was already taken"))?;
+            let len = self.zero.len();
+            Some(
+                DeviceGradReducer::new(comm, len, DeviceGradReducer::DEFAULT_BUCKET_ELEMS).shared(),
+            )
+        } else {
+            None
+        };
         self.dev = Some(DeviceRun {
+            reducer,
             readback: StepReadback::new(&dev)?,
             batch: DeviceBatch::new(&dev, tokens)?,
             loss_sum,
@@ -174,7 +206,10 @@ impl Trainer {
         let (b, t) = (self.cfg.micro_batch, self.seq_len);
         let d = self.dev.as_mut().expect("device run");
         d.loss_sum.fill(&d.dev, 0.0)?;
-        for _ in 0..accum {
+        // Rank 0 poisons its gradients at chosen steps (testing aid): with several ranks the
+        // reducer does it before the all-reduce, so the inf reaches every rank.
+        let inject = self.is_root() && self.inject.should_inject(step);
+        for micro in 0..accum {
             let batch = {
                 let _s = self.prof.span("data", Phase::Data);
                 self.loader.next_batch()?
@@ -203,19 +238,45 @@ impl Trainer {
             {
                 let _s = self.prof.span("backward", Phase::Backward);
                 let d = self.dev.as_ref().expect("device run");
+                // The last micro-batch's backward leaves final gradients: reduce them in
+                // buckets as it produces them.
+                let reducer = d.reducer.as_ref().filter(|_| micro + 1 == accum);
+                if let Some(r) = reducer {
+                    lock_reducer(r)?.begin(inject);
+                    self.tape.set_grad_ready_hook(Some(grad_ready_hook(r)));
+                }
                 let state = d.opt.state();
-                self.tape.backward_scaled(
+                let res = self.tape.backward_scaled(
                     loss,
                     state,
                     (1.0 / accum as f64) as f32,
                     self.zero.workspace_mut()?,
-                )?;
+                );
+                if let Some(r) = reducer {
+                    self.tape.set_grad_ready_hook(None);
+                    let mut red = lock_reducer(r)?;
+                    if let Err(e) = res {
+                        // The reducer's own error keeps its cause (a broken group, say).
+                        return Err(match red.take_error() {
+                            Some(inner) => inner.context("backward pass"),
+                            None => anyhow::Error::new(e).context("backward pass"),
+                        });
+                    }
+                    let _c = self.prof.span("reduce_gradients", Phase::Communication);
+                    let ws = self.zero.workspace_mut()?;
+                    let dp = ws
+                        .device_mut()
+                        .ok_or_else(|| anyhow!("the parameters are not on the device"))?;
+                    let (_, grads, _) = dp.parts_mut();
+                    red.finish(grads)?;
+                } else {
+                    res?;
+                }
             }
             self.record_op_timings();
             self.loader.recycle(batch);
         }
         self.tokens += (accum * b * t * self.cfg.world) as u64;
-        let inject = self.is_root() && self.inject.should_inject(step);
         {
             let _s = self.prof.span("optimizer", Phase::Optimizer);
             let d = self.dev.as_mut().expect("device run");
@@ -232,7 +293,8 @@ impl Trainer {
                 WorkingMut::Bf16(w) => WorkingCopyMut::Bf16(w),
                 WorkingMut::F16(w) => WorkingCopyMut::F16(w),
             };
-            d.opt.step(master, grads, working, lr as f32, inject)?;
+            let inject_here = inject && d.reducer.is_none();
+            d.opt.step(master, grads, working, lr as f32, inject_here)?;
             let DevBuf::F32(loss_sum) = &d.loss_sum else {
                 unreachable!("allocated as f32")
             };
@@ -260,6 +322,10 @@ impl Trainer {
                 .ok_or_else(|| anyhow!("a step report without a queued step"))?;
             d.scale = r.next_scale;
             out.push(record_of(&q, &r, accum, peak));
+        }
+        // The logged loss is the mean over the ranks (every rank has the same records).
+        for rec in &mut out {
+            rec.loss = mean_over_ranks(&self.comm, rec.loss)?;
         }
         Ok(out)
     }
