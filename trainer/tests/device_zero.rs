@@ -13,7 +13,7 @@
 use lathe_autograd::{DType, Gpt, GptConfig, Recompute, Tape};
 use lathe_host::Device;
 use lathe_host::comm::{Communicator, LocalGroup, ReduceOp};
-use lathe_trainer::config::{DeviceSpec, TrainArgs};
+use lathe_trainer::config::{DeviceSpec, RecomputeArg, TrainArgs};
 use lathe_trainer::device::{DeviceGradReducer, grad_ready_hook, lock_reducer};
 use lathe_trainer::metrics::{MetricsLine, StepRecord, read_metrics};
 use lathe_trainer::precision::Precision;
@@ -114,13 +114,19 @@ fn two_device_ranks_follow_one_rank_at_twice_the_batch_and_track_the_cpu() {
 #[test]
 fn with_accumulation_the_last_backward_reduces_and_ranks_agree() {
     // Two micro-batches per step: only the second backward's gradients are final, and the
-    // reduction happens there; two ranks at B 1 x K 2 follow one rank at B 2 x K 2.
+    // reduction happens there; two ranks at B 1 x K 2 (with block recomputation) follow one
+    // rank at B 2 x K 2.
     let accum = |a: TrainArgs| TrainArgs {
         accum: Some(2),
         ..a
     };
     let one = run(accum(args(DeviceSpec::Sim, Precision::Fp32, 1, 2, 2)));
-    let two = run(accum(args(DeviceSpec::Sim, Precision::Fp32, 2, 1, 2)));
+    // Recomputation re-runs forward segments inside the backward pass: each parameter's
+    // gradient must still be reported once, when final.
+    let two = run(TrainArgs {
+        recompute: Some(RecomputeArg::Block),
+        ..accum(args(DeviceSpec::Sim, Precision::Fp32, 2, 1, 2))
+    });
     let e = max_rel(&one.losses, &two.losses);
     eprintln!("accumulation 2: world 2 vs world 1: max relative difference {e:.2e}");
     assert!(
@@ -184,6 +190,38 @@ fn stage_1_on_devices_takes_stage_0_steps_bit_for_bit() {
         assert_eq!(
             stage0.ranks[0].working_digest, stage1.ranks[0].working_digest,
             "{p:?}: stage 1 ends with other weights than stage 0"
+        );
+    }
+}
+
+#[test]
+fn a_stage_1_device_checkpoint_resumes_bit_for_bit_under_stage_1_and_stage_0() {
+    // Saving gathers the shards (master, moments) into one full checkpoint; resuming splits
+    // it again (stage 1) or keeps it whole (stage 0).
+    let dir = tempfile::tempdir().unwrap();
+    let ck = dir.path().join("ck");
+    let base = |zero: u8| TrainArgs {
+        zero: Some(zero),
+        stochastic_rounding: true,
+        ..args(DeviceSpec::Sim, Precision::Bf16, 2, 1, 4)
+    };
+    let full = run(TrainArgs {
+        save: Some(ck.clone()),
+        save_every: Some(2),
+        ..base(1)
+    });
+    for zero in [1u8, 0] {
+        let resumed = run(TrainArgs {
+            resume: Some(ck.join("step-00000002")),
+            ..base(zero)
+        });
+        assert_eq!(resumed.losses.len(), 2);
+        for (a, b) in full.losses[2..].iter().zip(&resumed.losses) {
+            assert_eq!(a.to_bits(), b.to_bits(), "stage {zero}: {a} vs {b}");
+        }
+        assert_eq!(
+            resumed.ranks[1].working_digest, full.ranks[1].working_digest,
+            "stage {zero}: the resumed run ends with other weights"
         );
     }
 }
