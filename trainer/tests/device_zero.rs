@@ -21,11 +21,12 @@ use lathe_trainer::train::{TrainOutcome, run_train};
 use std::path::Path;
 
 /// See `zero_equivalence.rs`: N ranks at B and one rank at N*B round their averages in
-/// different orders, a few f32 ulps per step, carried into the weights by AdamW.
+/// different orders, a few f32 ulps per step, carried into the weights by AdamW. Measured on
+/// the simulated device: 1.0e-7 relative over 3 steps, 4.4e-8 with accumulation 2.
 const REL_TOL: f64 = 64.0 * f32::EPSILON as f64;
 
 /// The device against the CPU in f32: the project's f32 kernel tolerance, as in
-/// `device_train.rs` (the backends sum in different orders).
+/// `device_train.rs` (the backends sum in different orders). Measured at world 2: 5.2e-8.
 const F32_TOL: f64 = 1e-5;
 
 fn args(device: DeviceSpec, precision: Precision, world: usize, b: usize, steps: u64) -> TrainArgs {

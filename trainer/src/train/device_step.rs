@@ -358,17 +358,15 @@ impl Trainer {
                 // The last micro-batch's backward leaves final gradients: reduce them in
                 // buckets as it produces them.
                 let reducer = d.reducer.as_ref().filter(|_| micro + 1 == accum);
+                let ws = self.zero.workspace_mut()?;
                 if let Some(r) = reducer {
                     lock_reducer(r)?.begin(inject);
                     self.tape.set_grad_ready_hook(Some(grad_ready_hook(r)));
                 }
                 let state = d.opt.state();
-                let res = self.tape.backward_scaled(
-                    loss,
-                    state,
-                    (1.0 / accum as f64) as f32,
-                    self.zero.workspace_mut()?,
-                );
+                let res = self
+                    .tape
+                    .backward_scaled(loss, state, (1.0 / accum as f64) as f32, ws);
                 if let Some(r) = reducer {
                     self.tape.set_grad_ready_hook(None);
                     let mut red = lock_reducer(r)?;
@@ -380,7 +378,6 @@ impl Trainer {
                         });
                     }
                     let _c = self.prof.span("reduce_gradients", Phase::Communication);
-                    let ws = self.zero.workspace_mut()?;
                     let dp = ws
                         .device_mut()
                         .ok_or_else(|| anyhow!("the parameters are not on the device"))?;
