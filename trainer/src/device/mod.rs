@@ -14,7 +14,10 @@
 //!   asynchronously; the host reads step `k`'s numbers (for logging) while step `k + 1` runs,
 //!   one step behind;
 //! * [`DeviceBatch`] uploads token batches on the copy stream, double-buffered, ordered before
-//!   the compute that reads them by an event rather than a host wait.
+//!   the compute that reads them by an event rather than a host wait;
+//! * [`DeviceGradReducer`] averages the gradients of `--world N` device ranks bucket by bucket
+//!   from the tape's gradient-ready hook, while the backward pass goes on (through host
+//!   staging; see its module for what an NCCL path replaces).
 //!
 //! The numbers are the CPU path's: the kernels use the same f32 operations in the same order
 //! (see `lathe_kernels::nn::adamw`). The one difference is the gradient norm, summed in f32 on
@@ -24,7 +27,9 @@
 mod batch;
 mod optim;
 mod readback;
+mod reduce;
 
 pub use batch::DeviceBatch;
 pub use optim::{DeviceOptimizer, HostOptimizerState};
 pub use readback::{StepReadback, StepReport};
+pub use reduce::{DeviceGradReducer, ReduceStats, SharedReducer, grad_ready_hook, lock_reducer};

@@ -52,6 +52,10 @@ pub struct DeviceOptimizer {
     rule: ScalerRule,
     grad_clip: f64,
     rounding: Rounding,
+    /// Global index of the first element this optimizer updates (a ZeRO shard's start; 0
+    /// when it updates every parameter): decay ranges and stochastic rounding follow global
+    /// indices.
+    offset: usize,
     len: usize,
     m: DeviceBuffer<f32>,
     v: DeviceBuffer<f32>,
@@ -67,6 +71,7 @@ impl std::fmt::Debug for DeviceOptimizer {
             .field("rule", &self.rule)
             .field("grad_clip", &self.grad_clip)
             .field("rounding", &self.rounding)
+            .field("offset", &self.offset)
             .field("len", &self.len)
             .finish_non_exhaustive()
     }
@@ -141,7 +146,15 @@ impl DeviceOptimizer {
     ) -> Result<Self> {
         let optimizer =
             Optimizer::new(*config, layout.len()).context("building the host-side AdamW")?;
-        Self::build(dev, &optimizer, layout, scaler, grad_clip, rounding)
+        Self::build(
+            dev,
+            &optimizer,
+            layout,
+            0..layout.len(),
+            scaler,
+            grad_clip,
+            rounding,
+        )
     }
 
     /// An optimizer resumed from host state (a checkpoint, or the CPU optimizer's state): the
@@ -167,6 +180,7 @@ impl DeviceOptimizer {
             dev,
             &host.optimizer,
             layout,
+            0..layout.len(),
             &host.scaler,
             grad_clip,
             rounding,
@@ -177,10 +191,44 @@ impl DeviceOptimizer {
         Ok(opt)
     }
 
+    /// An optimizer for the elements `shard` of `layout` only (ZeRO stage 1: each rank updates
+    /// its shard): `host` holds the shard's master weights and moments (`shard.len()` each)
+    /// with the step count and scaler state. Returns the optimizer and the master shard
+    /// uploaded to the device. Synchronous.
+    pub fn from_host_shard(
+        dev: &Device,
+        host: &HostOptimizerState,
+        layout: &ParamLayout,
+        shard: std::ops::Range<usize>,
+        grad_clip: f64,
+        rounding: Rounding,
+    ) -> Result<(Self, DeviceBuffer<f32>)> {
+        ensure!(
+            host.master.len() == shard.len(),
+            "the device optimizer's shard {shard:?} has {} elements, the host master {}",
+            shard.len(),
+            host.master.len()
+        );
+        let opt = Self::build(
+            dev,
+            &host.optimizer,
+            layout,
+            shard,
+            &host.scaler,
+            grad_clip,
+            rounding,
+        )?;
+        let master = dev
+            .htod(&host.master)
+            .context("uploading the master weights of the shard")?;
+        Ok((opt, master))
+    }
+
     fn build(
         dev: &Device,
         optimizer: &Optimizer,
         layout: &ParamLayout,
+        shard: std::ops::Range<usize>,
         scaler: &LossScaler,
         grad_clip: f64,
         rounding: Rounding,
@@ -190,10 +238,15 @@ impl DeviceOptimizer {
             grad_clip.is_finite() && grad_clip >= 0.0,
             "--grad-clip must be finite and >= 0 (got {grad_clip})"
         );
-        let len = layout.len();
+        ensure!(
+            shard.start <= shard.end && shard.end <= layout.len(),
+            "the optimizer's range {shard:?} is outside the {} parameters",
+            layout.len()
+        );
+        let len = shard.len();
         ensure!(
             optimizer.len() == len,
-            "the optimizer state has {} elements, the parameter layout {len}",
+            "the optimizer state has {} elements, its range of the parameters {len}",
             optimizer.len()
         );
         let step = u32::try_from(optimizer.step_count()).map_err(|_| {
@@ -254,6 +307,7 @@ impl DeviceOptimizer {
             rule,
             grad_clip,
             rounding,
+            offset: shard.start,
             len,
             m,
             v,
@@ -311,7 +365,56 @@ impl DeviceOptimizer {
         lr: f32,
         inject_nonfinite: bool,
     ) -> Result<()> {
-        self.check_step(master, grads, &working, lr)?;
+        ensure!(
+            self.offset == 0,
+            "device optimizer: built for a shard starting at {}; use step_shard",
+            self.offset
+        );
+        self.queue_step(master, grads, None, working, lr, inject_nonfinite)
+    }
+
+    /// One step of a shard optimizer ([`DeviceOptimizer::from_host_shard`]), queued on the
+    /// compute stream: the non-finite check, the norm and the clip factor over `grads`, the
+    /// full averaged gradients (identical on every rank, so every rank finds the same norm and
+    /// skip decision as one unsharded optimizer would), then AdamW over the shard: `master`,
+    /// `grad_shard` (the shard's gradients, copied out of `grads`) and `working` have the
+    /// shard's length. Then the loss-scale update, and `grads = 0`. `inject_nonfinite` writes
+    /// `+inf` into `grads[0]` first, as [`DeviceOptimizer::step`] does.
+    pub fn step_shard(
+        &mut self,
+        master: &mut DeviceBuffer<f32>,
+        grads: &mut DeviceBuffer<f32>,
+        grad_shard: &DeviceBuffer<f32>,
+        working: WorkingCopyMut<'_>,
+        lr: f32,
+        inject_nonfinite: bool,
+    ) -> Result<()> {
+        ensure!(
+            grads.len() >= self.offset + self.len,
+            "device optimizer: the gradients have {} elements, the shard ends at {}",
+            grads.len(),
+            self.offset + self.len
+        );
+        self.queue_step(
+            master,
+            grads,
+            Some(grad_shard),
+            working,
+            lr,
+            inject_nonfinite,
+        )
+    }
+
+    fn queue_step(
+        &mut self,
+        master: &mut DeviceBuffer<f32>,
+        grads: &mut DeviceBuffer<f32>,
+        grad_shard: Option<&DeviceBuffer<f32>>,
+        working: WorkingCopyMut<'_>,
+        lr: f32,
+        inject_nonfinite: bool,
+    ) -> Result<()> {
+        self.check_step(master, grad_shard.unwrap_or(&*grads), &working, lr)?;
         let dev = &self.dev;
         if inject_nonfinite && !grads.is_empty() {
             // One-element fill of grads[0]: a kernel on the compute stream, no host copy.
@@ -332,7 +435,7 @@ impl DeviceOptimizer {
             beta2: self.config.beta2,
             eps: self.config.eps,
             weight_decay: self.config.weight_decay,
-            offset: 0,
+            offset: self.offset as u64,
             seed: match self.rounding {
                 Rounding::Stochastic { seed } => seed,
                 Rounding::Nearest => 0,
@@ -343,7 +446,7 @@ impl DeviceOptimizer {
         };
         dev.adamw_step(
             master,
-            grads,
+            grad_shard.unwrap_or(&*grads),
             &mut self.m,
             &mut self.v,
             working,
@@ -409,7 +512,8 @@ impl DeviceOptimizer {
     }
 
     /// Downloads everything a checkpoint needs (synchronous: waits for the compute stream).
-    /// `master`: the fp32 master weights this optimizer updates.
+    /// `master`: the fp32 master weights this optimizer updates. A shard optimizer returns
+    /// its shard (`len()` elements of master weights and moments).
     pub fn to_host(&self, master: &DeviceBuffer<f32>) -> Result<HostOptimizerState> {
         ensure!(
             master.len() == self.len,

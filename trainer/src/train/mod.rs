@@ -17,6 +17,12 @@
 //! scaler (GradScaler semantics in fp16). Then rank 0 logs, evaluates, checkpoints. The loss
 //! reported is the mean of the ranks' losses.
 //!
+//! On a device (`--device sim|cuda`) each rank opens its own device (`cuda:N`: rank `r` on GPU
+//! `N + r`; `sim`: a simulated device per rank) and runs the step there (`device_step`): ZeRO
+//! stages 0 and 1, the gradients averaged in buckets during the last backward pass by
+//! [`crate::device::DeviceGradReducer`]; stages 2 and 3 are refused with a message naming
+//! them.
+//!
 //! Determinism: the same settings and seed give the same losses bit for bit; a run resumed from
 //! a checkpoint reproduces the uninterrupted run's losses exactly (the checkpoint holds the full
 //! master weights, optimizer moments, scaler, data position and step, gathered from the shards);
@@ -119,9 +125,14 @@ struct RankResult {
     report: RankReport,
 }
 
-fn run_rank(cfg: TrainConfig, comm: LocalComm, pre: preflight::Preflight) -> Result<RankResult> {
+fn run_rank(
+    cfg: TrainConfig,
+    comm: LocalComm,
+    grad_comm: LocalComm,
+    pre: preflight::Preflight,
+) -> Result<RankResult> {
     let rank = comm.rank();
-    let mut t = Trainer::new(cfg, comm)?;
+    let mut t = Trainer::new(cfg, comm, grad_comm)?;
     t.overwrite_pending = pre.overwrite_existing;
     let outcome = t.run()?;
     Ok(RankResult {
@@ -140,20 +151,24 @@ fn run_rank(cfg: TrainConfig, comm: LocalComm, pre: preflight::Preflight) -> Res
 fn train_ranks(cfg: TrainConfig, pre: preflight::Preflight) -> Result<TrainOutcome> {
     let world = cfg.world;
     let comms = LocalGroup::with_timeout(world, RANK_TIMEOUT);
+    // A second group of the same ranks for the device gradient reducer, which runs inside the
+    // backward pass (see `crate::device::DeviceGradReducer`).
+    let grad_comms = LocalGroup::with_timeout(world, RANK_TIMEOUT);
     let results: Vec<Result<RankResult>> = if world == 1 {
         comms
             .into_iter()
-            .map(|c| run_rank(cfg.clone(), c, pre.clone()))
+            .zip(grad_comms)
+            .map(|(c, g)| run_rank(cfg.clone(), c, g, pre.clone()))
             .collect()
     } else {
         std::thread::scope(|s| {
             let mut handles = Vec::with_capacity(world);
-            for comm in comms {
+            for (comm, grad_comm) in comms.into_iter().zip(grad_comms) {
                 let (cfg, rank, pre) = (cfg.clone(), comm.rank(), pre.clone());
                 let h = std::thread::Builder::new()
                     .name(format!("lathe-rank-{rank}"))
                     .stack_size(RANK_STACK_BYTES)
-                    .spawn_scoped(s, move || run_rank(cfg, comm, pre))
+                    .spawn_scoped(s, move || run_rank(cfg, comm, grad_comm, pre))
                     .with_context(|| format!("starting the thread of rank {rank}"));
                 handles.push(h);
             }
@@ -356,19 +371,29 @@ pub struct Trainer {
     saved_step: Option<u64>,
     /// The device the step runs on (`None`: the CPU reference backend).
     dev: Option<device_step::DeviceRun>,
+    /// The gradient reducer's communicator until a multi-rank device run takes it.
+    grad_comm: Option<LocalComm>,
 }
 
 impl Trainer {
     /// Builds rank `comm.rank()`: the model (initialised in full, then sharded), optimizer
     /// state, loader; resumes from `--resume` if given. Every rank of `comm`'s group must be
-    /// built with the same `cfg`.
-    pub fn new(cfg: TrainConfig, comm: LocalComm) -> Result<Self> {
-        if comm.world_size() != cfg.world {
-            bail!(
-                "--world {} but the communicator has {} ranks",
-                cfg.world,
-                comm.world_size()
-            );
+    /// built with the same `cfg`. `grad_comm` is this rank's endpoint of a second group of the
+    /// same ranks, used by a device run's gradient reducer from inside the backward pass
+    /// ([`crate::device::DeviceGradReducer`]); the CPU path does not use it.
+    pub fn new(cfg: TrainConfig, comm: LocalComm, grad_comm: LocalComm) -> Result<Self> {
+        for (what, c) in [
+            ("communicator", &comm),
+            ("gradient communicator", &grad_comm),
+        ] {
+            if c.world_size() != cfg.world || c.rank() != comm.rank() {
+                bail!(
+                    "--world {} but rank {} of the {what} has {} ranks",
+                    cfg.world,
+                    c.rank(),
+                    c.world_size()
+                );
+            }
         }
         let data = data_for(&cfg)?;
         let gcfg = GptConfig::from_name(&cfg.model)?.with_vocab_size(data.vocab);
@@ -437,14 +462,21 @@ impl Trainer {
             overwrite_pending: false,
             saved_step: None,
             dev: None,
+            grad_comm: Some(grad_comm),
         };
         if let Some(dev) = open_device(t.cfg.device, t.comm.rank())? {
-            if t.cfg.world > 1 {
+            if t.cfg.zero > 1 {
                 bail!(
-                    "--world {} on {}: data-parallel training on devices is not available yet; \
-                     use --world 1, or --device cpu",
-                    t.cfg.world,
-                    dev.describe()
+                    "--zero {} on {}: ZeRO stage {} (sharded {}) is not available on devices \
+                     yet; use --zero 0 (data parallel, every rank keeps the full state) or \
+                     --zero 1 (optimizer state sharded), or --device cpu",
+                    t.cfg.zero,
+                    dev.describe(),
+                    t.cfg.zero,
+                    match t.cfg.zero {
+                        2 => "optimizer state and gradients",
+                        _ => "optimizer state, gradients and parameters",
+                    }
                 );
             }
             if matches!(t.cfg.optimizer, OptimizerArg::Sgd) {

@@ -22,10 +22,11 @@
 //! - **0 (plain data parallel).** Backward accumulates the rank's gradients into the full
 //!   buffer; the buffer is all-reduced (average) in buckets — slices of the flat buffer of
 //!   [`DEFAULT_BUCKET_BYTES`] (25 MiB, PyTorch DDP's default), last slice first. Every rank then
-//!   runs the whole optimizer step on identical inputs. **No overlap:** on the CPU backend the
-//!   buckets are reduced after the backward pass has finished. Overlapping them with backward
-//!   needs a hook that fires when a parameter's gradient is complete, and autograd's backward
-//!   has no such hook yet; the buckets are there so that adding the hook is the only change.
+//!   runs the whole optimizer step on identical inputs. **No overlap on the CPU backend:** the
+//!   buckets are reduced after the backward pass has finished (its backward and the
+//!   reduction would compete for the same cores). Device ranks reduce the same buckets from
+//!   the tape's gradient-ready hook while the backward pass goes on: see
+//!   [`crate::device::DeviceGradReducer`].
 //! - **1 (optimizer state).** Gradients as in stage 0. Each rank keeps the fp32 master weights
 //!   and AdamW/SGD state for its shard only (the ZeRO paper counts the fp32 master as optimizer
 //!   state), updates that shard, and the updated working-copy shards are all-gathered (in fp32,
