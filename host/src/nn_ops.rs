@@ -203,11 +203,13 @@ impl Device {
             && !(rule.growth_interval > 0
                 && rule.growth_factor > 1.0
                 && rule.backoff_factor > 0.0
-                && rule.backoff_factor < 1.0)
+                && rule.backoff_factor < 1.0
+                && rule.min_scale.is_finite()
+                && rule.min_scale >= 0.0)
         {
             return Err(invalid(format!(
                 "loss-scale rule {rule:?}: needs growth_interval > 0, growth_factor > 1, \
-                 0 < backoff_factor < 1"
+                 0 < backoff_factor < 1, a finite min_scale >= 0"
             )));
         }
         let args = [
@@ -216,6 +218,7 @@ impl Device {
             KernelArg::U32(rule.growth_interval),
             KernelArg::U64(rule.growth_factor.to_bits()),
             KernelArg::U64(rule.backoff_factor.to_bits()),
+            KernelArg::F32(rule.min_scale),
         ];
         self.launch(
             &amp::AMP_UPDATE,

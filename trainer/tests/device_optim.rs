@@ -35,7 +35,9 @@ use lathe_trainer::optim::{
     AdamWConfig, Optimizer, OptimizerConfig, ParamLayout, Rounding, SgdConfig, StepArgs,
     WorkingCopy, clip_factor, grad_norm, write_working_copy,
 };
-use lathe_trainer::precision::{LossScaler, NonFiniteInjection, Precision, has_nonfinite};
+use lathe_trainer::precision::{
+    LossScaler, NonFiniteInjection, Precision, ScalerConfig, has_nonfinite,
+};
 
 const NORM_REL: f64 = 1e-5;
 const CLIPPED_REL: f64 = 1e-5;
@@ -212,13 +214,22 @@ struct Pair {
 }
 
 fn pair(test: &str, mode: Mode, grad_clip: f64, seed: u64) -> Pair {
+    pair_with(
+        test,
+        mode,
+        grad_clip,
+        seed,
+        LossScaler::for_precision(mode.precision()),
+    )
+}
+
+fn pair_with(test: &str, mode: Mode, grad_clip: f64, seed: u64, scaler: LossScaler) -> Pair {
     let dev = test_device(test);
     let layout = layout();
     let n = layout.len();
     let mut rng = Rng::new(seed);
     let master = random(&mut rng, n, 0.05, 1.0);
     let config = OptimizerConfig::AdamW(AdamWConfig::default());
-    let scaler = LossScaler::for_precision(mode.precision());
     let rounding = mode.rounding();
     let mut work = match mode.precision() {
         Precision::Fp32 => HostWork::None,
@@ -524,6 +535,31 @@ fn fp16_injected_nonfinite_steps_are_skipped_and_back_off() {
     assert_eq!(reports[5].applied_total, 4);
     assert_eq!(p.cpu.scaler.skipped_steps(), 2);
     assert_eq!(p.cpu.opt.step_count(), 4);
+}
+
+#[test]
+fn the_device_scale_stops_at_the_host_scalers_floor() {
+    // From a scale of 4, four non-finite steps in a row: the host scaler backs off to
+    // min(MIN_SCALE, init_scale) = 1 and stays there; the device's update does the same.
+    let scaler = LossScaler::new(ScalerConfig {
+        init_scale: 4.0,
+        ..ScalerConfig::default()
+    })
+    .unwrap();
+    let mut p = pair_with("scale_floor", Mode::Fp16, 0.0, 71, scaler);
+    let mut rng = Rng::new(72);
+    // Step 0 is clean (it writes the working copy, which starts as NaN), then four skips.
+    let inject = [1u64, 2, 3, 4];
+    let mut used = Vec::new();
+    for k in 0..6 {
+        let cpu_scale = p.cpu.scaler.scale();
+        p.step(k, &mut rng, &inject);
+        used.push(p.used_state().scale);
+        assert_eq!(p.used_state().scale, cpu_scale, "scale used at step {k}");
+        p.assert_exact(&format!("floor step {k}"));
+    }
+    assert_eq!(used, vec![4.0, 4.0, 2.0, 1.0, 1.0, 1.0]);
+    assert_eq!(p.host().scaler.scale(), 1.0);
 }
 
 #[test]

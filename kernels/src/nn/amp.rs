@@ -124,6 +124,9 @@ pub struct ScalerRule {
     pub growth_interval: u32,
     pub growth_factor: f64,
     pub backoff_factor: f64,
+    /// A backoff never takes the scale below this (f32; 0: no floor). The trainer's scaler
+    /// uses `min(1, init_scale)`, as DeepSpeed's `min_loss_scale`.
+    pub min_scale: f32,
 }
 
 impl Default for ScalerRule {
@@ -133,6 +136,7 @@ impl Default for ScalerRule {
             growth_interval: 2000,
             growth_factor: 2.0,
             backoff_factor: 0.5,
+            min_scale: 0.0,
         }
     }
 }
@@ -245,6 +249,7 @@ pub static AMP_UPDATE: KernelDesc = KernelDesc {
         arg("growth_interval", ArgKind::U32),
         arg("growth_factor", ArgKind::U64),
         arg("backoff_factor", ArgKind::U64),
+        arg("min_scale", ArgKind::F32),
     ],
     geometry: one_thread,
     cost: |_| Cost {
@@ -309,7 +314,7 @@ pub mod twin {
         }
         if rule.dynamic {
             if found {
-                s.scale = (s.scale as f64 * rule.backoff_factor) as f32;
+                s.scale = ((s.scale as f64 * rule.backoff_factor) as f32).max(rule.min_scale);
                 s.growth_tracker = 0;
             } else {
                 let next = s.growth_tracker + 1;

@@ -202,8 +202,8 @@ pub(crate) fn norm_finish(name: &str) -> String {
     a.s
 }
 
-/// The loss-scale update: `entry(state, dynamic, growth_interval, growth_factor, backoff)`,
-/// factors as f64 bit patterns. One thread.
+/// The loss-scale update: `entry(state, dynamic, growth_interval, growth_factor, backoff,
+/// min_scale)`, factors as f64 bit patterns; a backoff stops at `min_scale`. One thread.
 pub(crate) fn update(name: &str) -> String {
     let mut a = Asm::default();
     entry(
@@ -215,11 +215,12 @@ pub(crate) fn update(name: &str) -> String {
             ("growth_interval", "u32"),
             ("growth_factor", "u64"),
             ("backoff_factor", "u64"),
+            ("min_scale", "f32"),
         ],
     );
     a.l(".reg .b64 %st, %bits;");
     a.l(".reg .b32 %tx, %found, %step, %skipped, %dyn, %interval, %tr, %s, %zero;");
-    a.l(".reg .f32 %scale, %inv, %grown;");
+    a.l(".reg .f32 %scale, %inv, %grown, %min;");
     a.l(".reg .f64 %growth, %backoff, %d;");
     a.l(".reg .pred %pf, %p, %pfin;");
     a.l("mov.u32 %tx, %tid.x;");
@@ -264,6 +265,8 @@ pub(crate) fn update(name: &str) -> String {
     a.l("cvt.f64.f32 %d, %scale;");
     a.l("mul.rn.f64 %d, %d, %backoff;");
     a.l("cvt.rn.f32.f64 %scale, %d;");
+    a.l("ld.param.f32 %min, [p_min_scale];");
+    a.l("max.f32 %scale, %scale, %min;");
     a.l("mov.u32 %tr, 0;");
     a.label("$STORE");
     a.c("inv_scale = 1 / scale in f64, rounded to f32 (as GradScaler)");

@@ -99,29 +99,48 @@ fn amp_check_unscale_norm_and_update() {
             }
         }
     }
-    // The update kernel follows the twin word for word.
-    let rule = ScalerRule {
+    // The update kernel follows the twin word for word, without a floor and with one that
+    // stops the backoff (4 -> 2 -> 1.5 -> 1.5).
+    let free = ScalerRule {
         growth_interval: 3,
         ..ScalerRule::default()
     };
-    let mut host = StepState::new(1024.0);
-    let mut gpu = Gpu::new();
-    let ds = gpu.upload(&host.to_words());
-    for found in [false, false, false, true, false, true, true, false] {
-        host.found_inf = found;
-        let mut w = gpu.read::<u32>(ds, STATE_WORDS);
-        w[FOUND_INF] = found as u32;
-        gpu.write(ds, &w);
-        let args = [
-            Arg::Ptr(ds),
-            Arg::U32(1),
-            Arg::U32(rule.growth_interval),
-            Arg::U64(rule.growth_factor.to_bits()),
-            Arg::U64(rule.backoff_factor.to_bits()),
-        ];
-        gpu.launch(&AMP_UPDATE, &Problem::default(), &args).unwrap();
-        twin::update(&mut host, &rule);
-        assert_eq!(gpu.read::<u32>(ds, STATE_WORDS), host.to_words().to_vec());
+    let floored = ScalerRule {
+        min_scale: 1.5,
+        ..free
+    };
+    let cases = [
+        (
+            free,
+            1024.0,
+            vec![false, false, false, true, false, true, true, false],
+        ),
+        (floored, 4.0, vec![true, true, true, false, true]),
+    ];
+    for (rule, init, founds) in cases {
+        let mut host = StepState::new(init);
+        let mut gpu = Gpu::new();
+        let ds = gpu.upload(&host.to_words());
+        for found in founds {
+            host.found_inf = found;
+            let mut w = gpu.read::<u32>(ds, STATE_WORDS);
+            w[FOUND_INF] = found as u32;
+            gpu.write(ds, &w);
+            let args = [
+                Arg::Ptr(ds),
+                Arg::U32(1),
+                Arg::U32(rule.growth_interval),
+                Arg::U64(rule.growth_factor.to_bits()),
+                Arg::U64(rule.backoff_factor.to_bits()),
+                Arg::F32(rule.min_scale),
+            ];
+            gpu.launch(&AMP_UPDATE, &Problem::default(), &args).unwrap();
+            twin::update(&mut host, &rule);
+            assert_eq!(gpu.read::<u32>(ds, STATE_WORDS), host.to_words().to_vec());
+        }
+        if rule.min_scale > 0.0 {
+            assert_eq!(host.scale, 1.5, "the backoff stops at the floor");
+        }
     }
 }
 

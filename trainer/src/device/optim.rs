@@ -40,10 +40,8 @@ pub struct HostOptimizerState {
 /// needs a value the device has just computed. It learns them later, a step behind, through
 /// [`super::StepReadback`]. Only [`DeviceOptimizer::to_host`] (for checkpoints) waits.
 ///
-/// The loss-scale update is the device kernel's GradScaler rule. It has no floor, where the
-/// CPU [`LossScaler`] stops backing off at `min(MIN_SCALE, init_scale)`: the two agree until a
-/// run has skipped 16 steps in a row from the default 65536 (the scale then goes below 1 on
-/// the device), by which point the trainer stops the run as diverged anyway.
+/// The loss-scale update is the device kernel's GradScaler rule with the CPU
+/// [`LossScaler`]'s floor: a backoff stops at `min(MIN_SCALE, init_scale)`.
 pub struct DeviceOptimizer {
     dev: Device,
     config: AdamWConfig,
@@ -281,6 +279,8 @@ impl DeviceOptimizer {
             growth_interval: sc.growth_interval,
             growth_factor: sc.growth_factor,
             backoff_factor: sc.backoff_factor,
+            // The host scaler's floor (it never backs off below min(MIN_SCALE, init_scale)).
+            min_scale: crate::precision::MIN_SCALE.min(sc.init_scale),
         };
         let init = StepState {
             found_inf: false,
