@@ -50,7 +50,7 @@ pub mod scalar;
 pub mod tape;
 pub mod tensor;
 
-pub use device::{DevBuf, DeviceParams, WorkingMut};
+pub use device::{DevBuf, DeviceParams, ParamGatherHook, WorkingMut};
 pub use dtype::{DType, Device};
 pub use error::{Error, Result};
 pub use models::{Activation, ActivationMemory, Gpt, GptConfig, Mlp};

@@ -101,6 +101,29 @@ impl<T: DeviceElem> DeviceBuffer<T> {
         }
     }
 
+    /// A read-only kernel argument for the elements `range` of the buffer (the kernel sees a
+    /// buffer of `range.len()` elements starting at `range.start`).
+    pub fn arg_range(&self, range: std::ops::Range<usize>) -> Result<KernelArg> {
+        self.range_check("kernel argument", range.start, range.len())?;
+        Ok(KernelArg::Ptr {
+            addr: self.addr() + (range.start * size_of::<T>()) as u64,
+            elem: T::ELEM,
+            len: range.len(),
+            writable: false,
+        })
+    }
+
+    /// [`DeviceBuffer::arg_range`] the kernel may write.
+    pub fn arg_range_mut(&mut self, range: std::ops::Range<usize>) -> Result<KernelArg> {
+        self.range_check("kernel argument", range.start, range.len())?;
+        Ok(KernelArg::Ptr {
+            addr: self.addr() + (range.start * size_of::<T>()) as u64,
+            elem: T::ELEM,
+            len: range.len(),
+            writable: true,
+        })
+    }
+
     /// Marks the buffer as used on `stream` too: when freed, its block is reused only after
     /// the work `stream` has at that time is done.
     pub fn record_stream(&mut self, stream: &Stream) {

@@ -159,6 +159,67 @@ impl Device {
         )
     }
 
+    /// The first half of [`Device::grad_check_norm`] over `grads[range]` only: sets the
+    /// state's `FOUND_INF` when that range holds inf/NaN and writes the range's
+    /// `check_blocks(range.len())` per-block sums of `(g * INV_SCALE)^2` into
+    /// `partials[at..]`. Returns how many partials it wrote. A norm split over shards (ZeRO)
+    /// runs this once per shard, in shard order, then [`Device::grad_norm_finish`] over all
+    /// the partials: the same arithmetic whether the shards sit in one buffer or on several
+    /// ranks.
+    pub fn grad_check_partials(
+        &self,
+        grads: &DeviceBuffer<f32>,
+        range: std::ops::Range<usize>,
+        state: &mut DeviceBuffer<u32>,
+        partials: &mut DeviceBuffer<f32>,
+        at: usize,
+    ) -> Result<usize> {
+        Self::check_state(state)?;
+        let n = range.len() as u64;
+        let blocks = amp::check_blocks(n) as usize;
+        let args = [
+            grads.arg_range(range)?,
+            KernelArg::U64(n),
+            state.arg_mut(),
+            partials.arg_range_mut(at..at + blocks)?,
+        ];
+        self.launch(
+            &amp::CHECK_NORM_F32,
+            &Problem::elems(n),
+            &args,
+            self.compute_stream(),
+        )?;
+        Ok(blocks)
+    }
+
+    /// The second half of [`Device::grad_check_norm`]: the norm of `partials[..count]` (in
+    /// order) into the state's `GRAD_NORM`, and `CLIP`.
+    pub fn grad_norm_finish(
+        &self,
+        partials: &DeviceBuffer<f32>,
+        count: usize,
+        state: &mut DeviceBuffer<u32>,
+        max_norm: f32,
+    ) -> Result<()> {
+        Self::check_state(state)?;
+        let args = [
+            partials.arg_range(0..count)?,
+            KernelArg::U32(u32::try_from(count).map_err(|_| {
+                invalid(format!(
+                    "{count} norm partials do not fit the finish kernel"
+                ))
+            })?),
+            state.arg_mut(),
+            KernelArg::F32(max_norm),
+        ];
+        self.launch(
+            &amp::NORM_FINISH_F32,
+            &Problem::elems(count as u64),
+            &args,
+            self.compute_stream(),
+        )
+    }
+
     /// Non-finite check and global norm of `grads * INV_SCALE` (grads unchanged): sets the
     /// state's `FOUND_INF`, writes `GRAD_NORM` and `CLIP = min(1, max_norm / (norm + 1e-6))`
     /// (`max_norm <= 0` turns clipping off). Two deterministic launches, no host sync.

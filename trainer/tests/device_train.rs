@@ -232,3 +232,36 @@ fn checkpoints_cross_between_the_cpu_and_the_device() {
         );
     }
 }
+
+#[test]
+fn early_stopping_on_the_device_stops_where_the_cpu_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("run.jsonl");
+    let stop = |d| TrainArgs {
+        eval_every: Some(1),
+        early_stop_patience: Some(2),
+        // An impossible improvement: every evaluation after the first counts as bad.
+        early_stop_min_delta: Some(1e9),
+        ..args(d, Precision::Bf16, 2, 16, 20)
+    };
+    let dev = run(TrainArgs {
+        log: Some(log.clone()),
+        ..stop(DeviceSpec::Sim)
+    });
+    let cpu = run(stop(DeviceSpec::Cpu));
+    assert!(dev.stopped_early && cpu.stopped_early);
+    assert_eq!(dev.steps, 3, "best at step 1, two bad evaluations, stop");
+    assert_eq!(dev.steps, cpu.steps);
+    // Every step evaluated on the device, its record complete and in order.
+    let steps = steps_of(&log);
+    assert_eq!(
+        steps.iter().map(|s| s.step).collect::<Vec<_>>(),
+        vec![0, 1, 2]
+    );
+    let (dv, cv) = (dev.final_val_loss.unwrap(), cpu.final_val_loss.unwrap());
+    assert!(
+        ((dv - cv) / cv).abs() <= BF16_TOL,
+        "val loss {dv} vs cpu {cv}"
+    );
+    assert!(steps.iter().all(|s| s.val_loss.is_some()));
+}

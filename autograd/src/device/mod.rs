@@ -16,7 +16,7 @@ pub(crate) mod ops;
 pub mod params;
 
 pub(crate) use params::param_leaf;
-pub use params::{DeviceParams, WorkingMut};
+pub use params::{DeviceParams, ParamGatherHook, WorkingMut};
 
 use std::collections::HashMap;
 use std::sync::Arc;

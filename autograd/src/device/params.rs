@@ -4,6 +4,8 @@
 
 use half::{bf16, f16};
 use lathe_host::{Device, DeviceBuffer};
+use std::ops::Range;
+use std::sync::Arc;
 
 use super::{DevBuf, DevCtx, dev_err};
 use crate::dtype::DType;
@@ -19,7 +21,19 @@ pub struct DeviceParams {
     grads: DevBuf,
     /// The bf16 / f16 working copy; `None` when the forward reads the f32 master itself.
     working: Option<DevBuf>,
+    /// Sharded parameters ([`ParamStore::to_device_sharded`]): no full master or working copy
+    /// on this device; a tape's parameter leaves are filled by this hook.
+    gather: Option<ParamGatherHook>,
 }
+
+/// Fills a device buffer (in the store's working dtype, `range.len()` elements) with the
+/// working values of the parameters `range` of the flat buffer. A ZeRO stage 3 rank installs
+/// one that gathers them from the ranks' shards: a tape calls it the first time it uses a
+/// parameter, so parameters are gathered as the forward reaches them, not the whole model up
+/// front. Every rank's tape must ask for the same parameters in the same order when the hook
+/// is a collective (they run the same model).
+pub type ParamGatherHook =
+    Arc<dyn Fn(Range<usize>, &mut DevBuf) -> std::result::Result<(), String> + Send + Sync>;
 
 /// The working copy an optimizer writes next to the master weights.
 pub enum WorkingMut<'a> {
@@ -35,10 +49,15 @@ impl std::fmt::Debug for DeviceParams {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "DeviceParams({} parameters on {}, working {:?})",
-            self.master.len(),
+            "DeviceParams({} parameters on {}, working {:?}{})",
+            self.grads.len(),
             self.dev.describe(),
-            self.working.as_ref().map(|w| w.dtype())
+            self.working.as_ref().map(|w| w.dtype()),
+            if self.gather.is_some() {
+                ", sharded"
+            } else {
+                ""
+            }
         )
     }
 }
@@ -48,7 +67,12 @@ impl DeviceParams {
     pub fn device(&self) -> &Device {
         &self.dev
     }
-    /// The f32 master weights.
+    /// Whether the parameters are sharded ([`ParamStore::to_device_sharded`]): then the
+    /// master buffer is empty and there is no working copy.
+    pub fn is_sharded(&self) -> bool {
+        self.gather.is_some()
+    }
+    /// The f32 master weights (empty when sharded).
     pub fn master(&self) -> &DeviceBuffer<f32> {
         &self.master
     }
@@ -126,6 +150,31 @@ impl ParamStore<f32> {
             master,
             grads,
             working,
+            gather: None,
+        });
+        self.bump_working_version();
+        Ok(())
+    }
+
+    /// Puts the store on `dev` without its parameters: only the full-size f32 gradient buffer
+    /// (zeroed) goes up, and a tape gets each parameter's working values (in the store's
+    /// working dtype) from `gather` when it first uses it. ZeRO stage 3 keeps each rank's
+    /// shard of the parameters elsewhere and gathers through the hook.
+    pub fn to_device_sharded(&mut self, dev: &Device, gather: ParamGatherHook) -> Result<()> {
+        if !self.has_data() {
+            return Err(Error::Params(
+                "a layout-only store has no buffers to move to a device".into(),
+            ));
+        }
+        let e = dev_err("ParamStore::to_device_sharded");
+        let master = dev.alloc::<f32>(0).map_err(e)?;
+        let grads = DevBuf::zeros(dev, DType::F32, self.num_params())?;
+        self.device_params = Some(DeviceParams {
+            dev: dev.clone(),
+            master,
+            grads,
+            working: None,
+            gather: Some(gather),
         });
         self.bump_working_version();
         Ok(())
@@ -139,9 +188,13 @@ impl ParamStore<f32> {
         };
         let r = (|| {
             let e = || dev_err("ParamStore::fetch_from_device");
-            d.master.copy_to_host(self.master_mut()).map_err(e())?;
             let g = d.grads.download()?;
             self.grads_mut().copy_from_slice(&g);
+            if d.gather.is_some() {
+                // Sharded: the parameters are not on this device.
+                return Ok(());
+            }
+            d.master.copy_to_host(self.master_mut()).map_err(e())?;
             match &d.working {
                 Some(w) => {
                     let w = w.download()?;
@@ -173,6 +226,12 @@ impl ParamStore<f32> {
         let Some(d) = self.device_params.as_mut() else {
             return Err(Error::Params("the store is not on a device".into()));
         };
+        if d.gather.is_some() {
+            return Err(Error::Params(
+                "the store's parameters are sharded: the ranks' shards hold the working copy"
+                    .into(),
+            ));
+        }
         d.working = match dtype {
             DType::F32 => None,
             dt => {
@@ -212,6 +271,18 @@ pub(crate) fn param_leaf<T: Scalar>(
     }
     let n = view.numel();
     let mut out = DevBuf::alloc(&ctx.dev, dtype, n)?;
+    if let Some(gather) = &d.gather {
+        if store.working_dtype() != dtype {
+            return Err(Error::Params(format!(
+                "parameter `{}`: the sharded working copy is in {} but the tape computes in {dtype}",
+                view.name,
+                store.working_dtype()
+            )));
+        }
+        gather(view.range(), &mut out)
+            .map_err(|m| Error::Params(format!("gathering parameter `{}`: {m}", view.name)))?;
+        return Ok(out);
+    }
     let e = || dev_err("param");
     match (dtype, &d.working) {
         (DType::F32, _) => ctx

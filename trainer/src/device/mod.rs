@@ -32,4 +32,6 @@ mod reduce;
 pub use batch::DeviceBatch;
 pub use optim::{DeviceOptimizer, HostOptimizerState};
 pub use readback::{StepReadback, StepReport};
-pub use reduce::{DeviceGradReducer, ReduceStats, SharedReducer, grad_ready_hook, lock_reducer};
+pub use reduce::{
+    DeviceGradReducer, ReduceStats, SharedReducer, gather_pieces, grad_ready_hook, lock_reducer,
+};

@@ -2,12 +2,14 @@
 //! queued on the device's compute stream with no host synchronisation.
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
+use lathe_host::comm::{Communicator, LocalComm, ReduceOp};
 use lathe_host::nn_ops::{AdamWLaunch, DeviceDecayRanges, WorkingCopyMut};
 use lathe_host::{Device, DeviceBuffer, KernelArg};
 use lathe_kernels::Problem;
 use lathe_kernels::elementwise::FILL_F32;
 use lathe_kernels::nn::adamw::DecayRanges;
-use lathe_kernels::nn::amp::{STATE_WORDS, ScalerRule, StepState};
+use lathe_kernels::nn::amp::{FOUND_INF, STATE_WORDS, ScalerRule, StepState, check_blocks};
+use std::ops::Range;
 
 use crate::optim::{
     AdamWConfig, Optimizer, OptimizerConfig, OptimizerState, ParamLayout, Rounding,
@@ -60,6 +62,9 @@ pub struct DeviceOptimizer {
     state: DeviceBuffer<u32>,
     used: DeviceBuffer<u32>,
     decay: DeviceDecayRanges,
+    /// The ZeRO shards of the whole parameter buffer, in rank order, over which the gradient
+    /// norm is summed shard by shard (one shard, `0..len`, without ZeRO).
+    norm_shards: Vec<Range<usize>>,
 }
 
 impl std::fmt::Debug for DeviceOptimizer {
@@ -314,7 +319,31 @@ impl DeviceOptimizer {
             state,
             used,
             decay,
+            norm_shards: std::iter::once(0..layout.len()).collect(),
         })
+    }
+
+    /// Sums the gradient norm shard by shard over `shards` (the ranks' ZeRO shards of the
+    /// whole parameter buffer, in rank order, tiling it): per-shard partials, then one
+    /// finish over them in shard order. A run whose ranks each hold only their shard's
+    /// gradients ([`DeviceOptimizer::step_own_shard`]) computes the same partials on
+    /// different ranks, so every ZeRO stage finds the same norm bit for bit.
+    pub fn set_norm_shards(&mut self, shards: Vec<Range<usize>>) -> Result<()> {
+        let mut at = 0;
+        for r in &shards {
+            ensure!(
+                r.start == at && r.start <= r.end,
+                "norm shards {shards:?} do not tile the parameters from 0 in order"
+            );
+            at = r.end;
+        }
+        let whole = self.norm_shards.last().map_or(0, |r| r.end);
+        ensure!(
+            at == whole,
+            "norm shards {shards:?} cover {at} parameters, the layout has {whole}"
+        );
+        self.norm_shards = shards;
+        Ok(())
     }
 
     /// Parameter elements this optimizer updates.
@@ -370,7 +399,7 @@ impl DeviceOptimizer {
             "device optimizer: built for a shard starting at {}; use step_shard",
             self.offset
         );
-        self.queue_step(master, grads, None, working, lr, inject_nonfinite)
+        self.queue_step(master, grads, None, working, lr, inject_nonfinite, None)
     }
 
     /// One step of a shard optimizer ([`DeviceOptimizer::from_host_shard`]), queued on the
@@ -384,7 +413,7 @@ impl DeviceOptimizer {
         &mut self,
         master: &mut DeviceBuffer<f32>,
         grads: &mut DeviceBuffer<f32>,
-        grad_shard: &DeviceBuffer<f32>,
+        grad_shard: &mut DeviceBuffer<f32>,
         working: WorkingCopyMut<'_>,
         lr: f32,
         inject_nonfinite: bool,
@@ -402,33 +431,158 @@ impl DeviceOptimizer {
             working,
             lr,
             inject_nonfinite,
+            None,
         )
     }
 
+    /// One step of a shard optimizer whose rank holds the averaged gradients of its shard
+    /// only (ZeRO stages 2 and 3): the non-finite check and the norm partials run over
+    /// `grad_shard`, and the ranks exchange them over `comm` (collective; one host wait per
+    /// step: the partials and the flag go through host memory), so every rank finishes the
+    /// same global norm and skip decision. Then AdamW over the shard and the loss-scale
+    /// update; `grads`, the tape's full-size accumulation buffer, is zeroed.
+    /// `inject_nonfinite` writes `+inf` into `grad_shard[0]` first.
+    #[allow(clippy::too_many_arguments)]
+    pub fn step_own_shard(
+        &mut self,
+        master: &mut DeviceBuffer<f32>,
+        grads: &mut DeviceBuffer<f32>,
+        grad_shard: &mut DeviceBuffer<f32>,
+        working: WorkingCopyMut<'_>,
+        lr: f32,
+        inject_nonfinite: bool,
+        comm: &LocalComm,
+    ) -> Result<()> {
+        ensure!(
+            self.norm_shards.len() == comm.world_size(),
+            "device optimizer: {} norm shards for {} ranks",
+            self.norm_shards.len(),
+            comm.world_size()
+        );
+        self.queue_step(
+            master,
+            grads,
+            Some(grad_shard),
+            working,
+            lr,
+            inject_nonfinite,
+            Some(comm),
+        )
+    }
+
+    /// Non-finite check and norm over `grads`, the whole buffer, shard by shard.
+    fn check_whole(&mut self, grads: &DeviceBuffer<f32>) -> Result<()> {
+        let total: usize = self
+            .norm_shards
+            .iter()
+            .map(|r| check_blocks(r.len() as u64) as usize)
+            .sum();
+        let mut partials = self.dev.alloc::<f32>(total)?;
+        let mut at = 0;
+        for r in &self.norm_shards {
+            at += self.dev.grad_check_partials(
+                grads,
+                r.clone(),
+                &mut self.state,
+                &mut partials,
+                at,
+            )?;
+        }
+        // max_norm <= 0 turns clipping off in the finish kernel, as `--grad-clip 0` does.
+        self.dev
+            .grad_norm_finish(&partials, total, &mut self.state, self.grad_clip as f32)?;
+        Ok(())
+    }
+
+    /// Non-finite check and norm partials over this rank's `shard`, exchanged with the
+    /// other ranks through host memory, then the finish over every rank's partials.
+    fn check_exchanged(&mut self, shard: &DeviceBuffer<f32>, comm: &LocalComm) -> Result<()> {
+        let counts: Vec<usize> = self
+            .norm_shards
+            .iter()
+            .map(|r| check_blocks(r.len() as u64) as usize)
+            .collect();
+        let total: usize = counts.iter().sum();
+        let rank = comm.rank();
+        let at: usize = counts[..rank].iter().sum();
+        let mut partials = self.dev.alloc::<f32>(total)?;
+        self.dev
+            .grad_check_partials(shard, 0..shard.len(), &mut self.state, &mut partials, at)?;
+        // Every slot but one rank's is zero, so the sum over ranks is each partial exactly;
+        // the last slot counts the ranks that found a non-finite value.
+        let mut host = vec![0.0f32; total + 1];
+        partials
+            .copy_to_host_at(at, &mut host[at..at + counts[rank]])
+            .context("copying the norm partials to the host")?;
+        let mut found = [0u32];
+        self.state
+            .copy_to_host_at(FOUND_INF, &mut found)
+            .context("reading the non-finite flag")?;
+        host[total] = if found[0] != 0 { 1.0 } else { 0.0 };
+        comm.all_reduce(&mut host, ReduceOp::Sum)
+            .map_err(anyhow::Error::new)
+            .context("exchanging the gradient norm partials")?;
+        partials
+            .copy_from_host(&host[..total])
+            .context("copying the norm partials to the device")?;
+        if host[total] > 0.0 && found[0] == 0 {
+            self.state
+                .copy_from_host_at(FOUND_INF, &[1])
+                .context("setting the non-finite flag")?;
+        }
+        self.dev
+            .grad_norm_finish(&partials, total, &mut self.state, self.grad_clip as f32)?;
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
     fn queue_step(
         &mut self,
         master: &mut DeviceBuffer<f32>,
         grads: &mut DeviceBuffer<f32>,
-        grad_shard: Option<&DeviceBuffer<f32>>,
+        grad_shard: Option<&mut DeviceBuffer<f32>>,
         working: WorkingCopyMut<'_>,
         lr: f32,
         inject_nonfinite: bool,
+        exchange: Option<&LocalComm>,
     ) -> Result<()> {
-        self.check_step(master, grad_shard.unwrap_or(&*grads), &working, lr)?;
-        let dev = &self.dev;
-        if inject_nonfinite && !grads.is_empty() {
-            // One-element fill of grads[0]: a kernel on the compute stream, no host copy.
+        let mut grad_shard = grad_shard;
+        self.check_step(
+            master,
+            grad_shard.as_deref().unwrap_or(&*grads),
+            &working,
+            lr,
+        )?;
+        // The buffer the check covers: the shard when ranks exchange partials, else the
+        // whole gradients.
+        let checked: &mut DeviceBuffer<f32> = match (exchange.is_some(), grad_shard.as_deref_mut())
+        {
+            (true, Some(s)) => s,
+            (true, None) => bail!("device optimizer: an exchanged check needs the gradient shard"),
+            (false, _) => &mut *grads,
+        };
+        if inject_nonfinite && !checked.is_empty() {
+            // One-element fill of [0]: a kernel on the compute stream, no host copy.
             let args = [
-                grads.arg_mut(),
+                checked.arg_mut(),
                 KernelArg::U64(1),
                 KernelArg::F32(f32::INFINITY),
             ];
+            let dev = &self.dev;
             dev.launch(&FILL_F32, &Problem::elems(1), &args, dev.compute_stream())
                 .context("injecting +inf into the gradients")?;
         }
-        // max_norm <= 0 turns clipping off in the finish kernel, as `--grad-clip 0` does.
-        dev.grad_check_norm(grads, &mut self.state, self.grad_clip as f32)
-            .context("gradient check and norm")?;
+        match exchange {
+            Some(comm) => {
+                let shard = grad_shard
+                    .as_deref()
+                    .ok_or_else(|| anyhow!("device optimizer: no gradient shard"))?;
+                self.check_exchanged(shard, comm)
+            }
+            None => self.check_whole(grads),
+        }
+        .context("gradient check and norm")?;
+        let dev = &self.dev;
         let launch = AdamWLaunch {
             lr,
             beta1: self.config.beta1,
@@ -446,7 +600,7 @@ impl DeviceOptimizer {
         };
         dev.adamw_step(
             master,
-            grad_shard.unwrap_or(&*grads),
+            grad_shard.as_deref().unwrap_or(&*grads),
             &mut self.m,
             &mut self.v,
             working,

@@ -70,6 +70,9 @@ pub struct DeviceGradReducer {
     in_backward: usize,
     /// The error a hook call hit (the tape only sees a summary of it).
     error: Option<anyhow::Error>,
+    /// ZeRO stages 2-3: the rank's shard of the parameters and the buffer that receives the
+    /// averaged gradients of that shard (the rest of each averaged bucket is not copied back).
+    keep: Option<(Range<usize>, DeviceBuffer<f32>)>,
 }
 
 /// What one pass of a [`DeviceGradReducer`] did.
@@ -116,7 +119,46 @@ impl DeviceGradReducer {
             inject: false,
             in_backward: 0,
             error: None,
+            keep: None,
         }
+    }
+
+    /// ZeRO stages 2-3: from now on each averaged bucket's part inside `shard` goes into
+    /// `buf` (`shard.len()` elements, at `element - shard.start`) instead of back into the
+    /// full gradient buffer.
+    pub fn keep_shard(&mut self, shard: Range<usize>, buf: DeviceBuffer<f32>) -> Result<()> {
+        if shard.end > self.len || shard.len() != buf.len() {
+            bail!(
+                "gradient reducer: shard {shard:?} with a buffer of {} elements does not fit \
+                 {} gradients",
+                buf.len(),
+                self.len
+            );
+        }
+        self.keep = Some((shard, buf));
+        Ok(())
+    }
+
+    /// The averaged gradients of the rank's shard ([`DeviceGradReducer::keep_shard`]).
+    pub fn shard_grads_mut(&mut self) -> Option<&mut DeviceBuffer<f32>> {
+        self.keep.as_mut().map(|(_, b)| b)
+    }
+
+    /// ZeRO stage 3 (collective): `out` receives the parameters `range` of the flat buffer,
+    /// whose pieces live on the ranks owning them (`shards[r]`, this rank's values in `mine`).
+    /// Each owner broadcasts its piece through host memory, in rank order; the values are
+    /// copied, never combined, so every rank gets the owners' bits.
+    pub fn gather_range<T>(
+        &self,
+        range: Range<usize>,
+        shards: &[Range<usize>],
+        mine: &DeviceBuffer<T>,
+        out: &mut DeviceBuffer<T>,
+    ) -> Result<()>
+    where
+        T: lathe_host::comm::CommElement + lathe_host::DeviceElem,
+    {
+        gather_pieces(Some(&self.comm), range, shards, mine, out)
     }
 
     /// Wraps the reducer for sharing with a tape hook.
@@ -229,9 +271,20 @@ impl DeviceGradReducer {
                     self.comm.world_size()
                 )
             })?;
-        grads
-            .copy_from_host_at(b.start, stage)
-            .with_context(|| format!("copying averaged gradient bucket {b:?} to the device"))?;
+        match &mut self.keep {
+            None => grads
+                .copy_from_host_at(b.start, stage)
+                .with_context(|| format!("copying averaged gradient bucket {b:?} to the device"))?,
+            Some((shard, buf)) => {
+                let (lo, hi) = (b.start.max(shard.start), b.end.min(shard.end));
+                if lo < hi {
+                    buf.copy_from_host_at(lo - shard.start, &stage[lo - b.start..hi - b.start])
+                        .with_context(|| {
+                            format!("copying the averaged gradients {lo}..{hi} to the shard")
+                        })?;
+                }
+            }
+        }
         self.done[i] = true;
         Ok(())
     }
@@ -269,4 +322,65 @@ pub fn grad_ready_hook(reducer: &SharedReducer) -> GradReadyHook<f32> {
             fail(msg)
         })
     })
+}
+
+/// `out` = the parameters `range` of a flat buffer split over the ranks as `shards` (rank `r`
+/// owns `shards[r]`; this rank's piece is `mine`): each owner of a piece of `range`
+/// broadcasts it, in rank order (collective over `comm`). Without a communicator (one rank),
+/// a device copy.
+pub fn gather_pieces<T>(
+    comm: Option<&LocalComm>,
+    range: Range<usize>,
+    shards: &[Range<usize>],
+    mine: &DeviceBuffer<T>,
+    out: &mut DeviceBuffer<T>,
+) -> Result<()>
+where
+    T: lathe_host::comm::CommElement + lathe_host::DeviceElem,
+{
+    let rank = comm.map_or(0, |c| c.rank());
+    let own = shards
+        .get(rank)
+        .cloned()
+        .ok_or_else(|| anyhow!("gathering parameters: no shard for rank {rank}"))?;
+    if out.len() != range.len() || mine.len() != own.len() {
+        bail!(
+            "gathering parameters {range:?}: the output holds {} elements, this rank's shard \
+             {own:?} {}",
+            out.len(),
+            mine.len()
+        );
+    }
+    let Some(comm) = comm.filter(|c| c.world_size() > 1) else {
+        return mine
+            .device()
+            .copy_2d(
+                mine,
+                range.start - own.start,
+                range.len(),
+                out,
+                0,
+                range.len(),
+                1,
+                range.len(),
+            )
+            .context("copying the parameters out of the shard");
+    };
+    let mut host = vec![T::default(); range.len()];
+    for (r, s) in shards.iter().enumerate() {
+        let (lo, hi) = (range.start.max(s.start), range.end.min(s.end));
+        if lo >= hi {
+            continue;
+        }
+        let piece = &mut host[lo - range.start..hi - range.start];
+        if r == rank {
+            mine.copy_to_host_at(lo - own.start, piece)
+                .context("copying this rank's parameters to the host")?;
+        }
+        comm.broadcast(piece, r)
+            .map_err(anyhow::Error::new)
+            .with_context(|| format!("broadcasting parameters {lo}..{hi} from rank {r}"))?;
+    }
+    out.copy_from_host(&host)
+        .context("copying the gathered parameters to the device")
 }

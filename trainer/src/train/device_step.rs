@@ -34,8 +34,27 @@
 //! stage 1 takes stage 0's steps bit for bit. The Device API has no copy between ranges of
 //! two device buffers, so the gradient shard goes out through host staging too, and the
 //! all-gather runs over [`LocalComm`](lathe_host::comm::LocalComm) host buffers: one host wait
-//! per step, which an NCCL all-gather on device buffers removes on GPUs. Stages 2 and 3 are
-//! not available on devices (refused when the trainer is built).
+//! per step, which an NCCL all-gather on device buffers removes on GPUs.
+//!
+//! ZeRO stage 2 (`--zero 2`) on devices: as stage 1, except that the gradient reducer keeps,
+//! of each averaged bucket, only the part inside the rank's shard (in a shard-sized buffer),
+//! and the non-finite check and norm run over that shard on each rank: the ranks exchange
+//! their per-block norm partials (and non-finite flags) through host memory, and every rank
+//! finishes the same norm. The norm is summed shard by shard in every stage with several
+//! ranks, so stages 0, 1 and 2 take the same steps bit for bit. The tape still accumulates
+//! the backward into a full-size f32 gradient buffer, so on a device stage 2 holds what
+//! stage 1 holds; what it changes is what is reduced and read.
+//!
+//! ZeRO stage 3 (`--zero 3`) on devices: stage 2, and no rank keeps the full parameters. The
+//! workspace store goes to the device sharded ([`ParamStore::to_device_sharded`]): its
+//! gather hook fills a tape's parameter leaf from the owners' shards (a broadcast per owner,
+//! through host memory) the first time the forward uses the parameter, so parameters arrive
+//! as the forward reaches their block. After the update each rank keeps its shard; nothing
+//! is all-gathered. The tape keeps the gathered leaves until it is cleared, so the peak
+//! within a step still holds every parameter once. Evaluation gathers the weights to rank 0
+//! and runs there on a temporary full copy.
+//!
+//! [`ParamStore::to_device_sharded`]: lathe_autograd::ParamStore::to_device_sharded
 //!
 //! [`Tape::bind_ids`]: lathe_autograd::Tape::bind_ids
 //! [`Tape::backward_scaled`]: lathe_autograd::Tape::backward_scaled
@@ -43,20 +62,21 @@
 use super::Trainer;
 use crate::device::{
     DeviceBatch, DeviceGradReducer, DeviceOptimizer, HostOptimizerState, SharedReducer,
-    StepReadback, StepReport, grad_ready_hook, lock_reducer,
+    StepReadback, StepReport, gather_pieces, grad_ready_hook, lock_reducer,
 };
 use crate::metrics::StepRecord;
 use crate::optim::Rounding;
 use crate::profiler::Phase;
 use crate::zero::mean_over_ranks;
 use anyhow::{Context, Result, anyhow, bail};
-use lathe_autograd::{DevBuf, WorkingMut};
+use lathe_autograd::{DType, DevBuf, ParamGatherHook, ParamStore, WorkingMut};
 use lathe_host::Device;
 use lathe_host::DeviceBuffer;
-use lathe_host::comm::{CommElement, Communicator, LocalComm};
+use lathe_host::comm::{CommElement, Communicator, LocalComm, shard_range};
 use lathe_host::nn_ops::WorkingCopyMut;
 use std::collections::VecDeque;
 use std::ops::Range;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 /// What a device run holds besides the parameters (which live in the workspace store's
@@ -74,23 +94,80 @@ pub(super) struct DeviceRun {
     scale: f32,
     /// Averages the gradients over the ranks (`--world N`; `None` with one rank).
     reducer: Option<SharedReducer>,
-    /// ZeRO stage 1: this rank's shard of the optimizer's state (`None` in stage 0).
+    /// ZeRO stages 1-3: this rank's shard of the optimizer's state (`None` in stage 0).
     shard: Option<DeviceShard>,
 }
 
-/// What a rank holds for its shard of the optimizer in stage 1 (besides the moments, which
-/// are in the [`DeviceOptimizer`]).
+/// What a rank holds for its shard in ZeRO stages 1-3 (besides the moments, which are in the
+/// [`DeviceOptimizer`]).
 struct DeviceShard {
     /// The rank's global range of the flat parameter buffers.
     range: Range<usize>,
+    /// The shard's master weights and working copy (shared with stage 3's gather hook).
+    params: Arc<Mutex<ShardParams>>,
+    /// The shard of the averaged gradients, copied out of the full gradient buffer (stage 1,
+    /// and stages 2-3 with one rank; with several, the reducer holds it).
+    grads: Option<DeviceBuffer<f32>>,
+    /// Whether the full working copy is all-gathered after each update (stages 1-2).
+    gather_after_step: bool,
+    /// Whether each rank holds only its shard's gradients and the ranks exchange the norm
+    /// (stages 2-3).
+    own_grads: bool,
+}
+
+/// A rank's shard of the parameters on its device.
+struct ShardParams {
     /// fp32 master weights of the shard (the optimizer updates these).
     master: DeviceBuffer<f32>,
-    /// The shard of the averaged gradients (copied out of the full gradient buffer).
-    grads: DeviceBuffer<f32>,
-    /// The shard's bf16 / f16 working copy (`None` in fp32: the master shard is gathered).
+    /// The shard's bf16 / f16 working copy (`None` in fp32: the master shard is the working
+    /// copy).
     working: Option<DevBuf>,
-    /// Host staging of the gradient shard.
-    host_grads: Vec<f32>,
+}
+
+fn lock_shard(p: &Mutex<ShardParams>) -> Result<MutexGuard<'_, ShardParams>> {
+    p.lock()
+        .map_err(|_| anyhow!("the parameter shard's lock was poisoned by a panic"))
+}
+
+/// Stage 3's parameter gather hook: a leaf's values from the ranks' shards (collective over
+/// the reducer's communicator; a device copy with one rank).
+fn param_gather_hook(
+    params: &Arc<Mutex<ShardParams>>,
+    reducer: Option<&SharedReducer>,
+    shards: Vec<Range<usize>>,
+) -> ParamGatherHook {
+    let params = Arc::clone(params);
+    let reducer = reducer.cloned();
+    Arc::new(move |range: Range<usize>, out: &mut DevBuf| {
+        let run = || -> Result<()> {
+            let p = lock_shard(&params)?;
+            let red = reducer.as_ref().map(lock_reducer).transpose()?;
+            macro_rules! gather {
+                ($mine:expr, $out:expr) => {
+                    match &red {
+                        Some(r) => r.gather_range(range.clone(), &shards, $mine, $out),
+                        None => gather_pieces(None, range.clone(), &shards, $mine, $out),
+                    }
+                };
+            }
+            match (out, p.working.as_ref()) {
+                (DevBuf::F32(o), None) => gather!(&p.master, o),
+                (DevBuf::Bf16(o), Some(DevBuf::Bf16(w))) => gather!(w, o),
+                (DevBuf::F16(o), Some(DevBuf::F16(w))) => gather!(w, o),
+                (o, w) => bail!(
+                    "a {} leaf cannot be filled from a {} shard",
+                    o.dtype(),
+                    w.map_or(DType::F32, |w| w.dtype())
+                ),
+            }
+        };
+        run().map_err(|e| format!("{e:#}"))
+    })
+}
+
+/// The ranks' shards of `len` parameters, in rank order.
+fn all_shards(len: usize, world: usize) -> Vec<Range<usize>> {
+    (0..world).map(|r| shard_range(len, world, r)).collect()
 }
 
 /// Every rank's `shard` (a device buffer) gathered into `full` on every rank, through host
@@ -140,9 +217,7 @@ fn optimizer_from_host(
     dev: &Device,
 ) -> Result<(DeviceOptimizer, Option<DeviceShard>)> {
     let stage = t.zero.stage();
-    if stage.shards_gradients() {
-        bail!("{stage} is not available on devices (use --zero 0 or 1, or --device cpu)");
-    }
+    let (len, world) = (t.zero.len(), t.cfg.world);
     // Stage 0: every rank holds the full master weights; stage 1: its shard.
     let host = HostOptimizerState {
         master: t.zero.optimizer_shard().master().to_vec(),
@@ -159,33 +234,49 @@ fn optimizer_from_host(
             .device_mut()
             .ok_or_else(|| anyhow!("the parameters are not on the device"))?;
         let (master, _, _) = dp.parts_mut();
-        let opt = DeviceOptimizer::from_host(dev, &host, &layout, grad_clip, rounding, master)?;
+        let mut opt = DeviceOptimizer::from_host(dev, &host, &layout, grad_clip, rounding, master)?;
+        opt.set_norm_shards(all_shards(len, world))?;
         return Ok((opt, None));
     }
-    let (opt, master) =
+    let (mut opt, master) =
         DeviceOptimizer::from_host_shard(dev, &host, &layout, range.clone(), grad_clip, rounding)?;
-    let full_working = ws.working().to_vec();
-    let dp = ws
-        .device_mut()
-        .ok_or_else(|| anyhow!("the parameters are not on the device"))?;
-    let working = match dp.working() {
-        None => None,
-        Some(w) => Some(DevBuf::alloc(dev, w.dtype(), range.len())?),
+    opt.set_norm_shards(all_shards(len, world))?;
+    // The shard's working copy, from the host model's (exact f32 image of its values).
+    let wdt = ws.working_dtype();
+    let working = match wdt {
+        DType::F32 => None,
+        dt => Some(DevBuf::upload(
+            dev,
+            dt,
+            &t.zero.working_image(range.clone())?,
+        )?),
     };
-    if working.is_none() {
+    if working.is_none() && !stage.shards_parameters() {
         // fp32: the forward reads the device master, which must hold the full weights (the
         // host workspace's working copy; its master buffer is not the optimizer's).
+        let full_working = t.zero.working_image(0..len)?;
+        let dp = t
+            .zero
+            .workspace_mut()?
+            .device_mut()
+            .ok_or_else(|| anyhow!("the parameters are not on the device"))?;
         let (master_full, _, _) = dp.parts_mut();
         master_full
             .copy_from_host(&full_working)
             .context("uploading the full weights")?;
     }
+    let own_grads = stage.shards_gradients();
+    let grads = if own_grads && world > 1 {
+        None
+    } else {
+        Some(dev.alloc::<f32>(range.len()).context("gradient shard")?)
+    };
     let shard = DeviceShard {
-        grads: dev.alloc::<f32>(range.len()).context("gradient shard")?,
-        host_grads: vec![0.0; range.len()],
+        grads,
         range,
-        master,
-        working,
+        params: Arc::new(Mutex::new(ShardParams { master, working })),
+        gather_after_step: !stage.shards_parameters(),
+        own_grads,
     };
     Ok((opt, Some(shard)))
 }
@@ -202,26 +293,38 @@ impl Trainer {
     /// Moves the model state to `dev`: the workspace's parameters into device buffers (the
     /// working copy in the compute dtype) and the optimizer into a [`DeviceOptimizer`].
     pub(super) fn attach_device(&mut self, dev: Device) -> Result<()> {
-        // The workspace's working copy (in the compute dtype) goes up as it is; its master
-        // buffer is not the optimizer's, whose master weights `optimizer_from_host` uploads.
-        let ws = self.zero.workspace_mut()?;
-        ws.to_device(&dev)
-            .with_context(|| format!("moving the model to {}", dev.describe()))?;
-        let (opt, shard) = optimizer_from_host(self, &dev)?;
-        let tokens = self.cfg.micro_batch * self.seq_len;
-        let loss_sum = DevBuf::zeros(&dev, lathe_autograd::DType::F32, 1)?;
-        let reducer = if self.cfg.world > 1 {
+        let stage = self.zero.stage();
+        let (len, world) = (self.zero.len(), self.cfg.world);
+        self.zero.keep_workspace()?;
+        let reducer = if world > 1 {
             let comm = self
                 .grad_comm
                 .take()
                 .ok_or_else(|| anyhow!("the gradient communicator was already taken"))?;
-            let len = self.zero.len();
             Some(
                 DeviceGradReducer::new(comm, len, DeviceGradReducer::DEFAULT_BUCKET_ELEMS).shared(),
             )
         } else {
             None
         };
+        if !stage.shards_parameters() {
+            // The workspace's working copy (in the compute dtype) goes up as it is; its master
+            // buffer is not the optimizer's, whose master weights `optimizer_from_host`
+            // uploads.
+            let ws = self.zero.workspace_mut()?;
+            ws.to_device(&dev)
+                .with_context(|| format!("moving the model to {}", dev.describe()))?;
+        }
+        let (opt, shard) = optimizer_from_host(self, &dev)?;
+        if let (Some(r), Some(sh)) = (&reducer, &shard)
+            && sh.own_grads
+        {
+            let buf = dev.alloc::<f32>(sh.range.len()).context("gradient shard")?;
+            lock_reducer(r)?.keep_shard(sh.range.clone(), buf)?;
+        }
+        self.shard_params_to_device(&dev, shard.as_ref(), reducer.as_ref())?;
+        let tokens = self.cfg.micro_batch * self.seq_len;
+        let loss_sum = DevBuf::zeros(&dev, lathe_autograd::DType::F32, 1)?;
         self.dev = Some(DeviceRun {
             reducer,
             shard,
@@ -241,14 +344,36 @@ impl Trainer {
         let Some(dev) = self.dev.as_ref().map(|d| d.dev.clone()) else {
             return Ok(());
         };
-        let ws = self.zero.workspace_mut()?;
-        ws.upload_to_device()?;
+        if !self.zero.stage().shards_parameters() {
+            self.zero.workspace_mut()?.upload_to_device()?;
+        }
         let (opt, shard) = optimizer_from_host(self, &dev)?;
+        let reducer = self.dev.as_ref().and_then(|d| d.reducer.clone());
+        self.shard_params_to_device(&dev, shard.as_ref(), reducer.as_ref())?;
         if let Some(d) = self.dev.as_mut() {
             d.opt = opt;
             d.shard = shard;
         }
         Ok(())
+    }
+
+    /// Stage 3: puts the workspace on `dev` sharded, its parameter leaves gathered from the
+    /// ranks' shards (`shard`'s parameters here). Other stages: nothing to do.
+    fn shard_params_to_device(
+        &mut self,
+        dev: &Device,
+        shard: Option<&DeviceShard>,
+        reducer: Option<&SharedReducer>,
+    ) -> Result<()> {
+        if !self.zero.stage().shards_parameters() {
+            return Ok(());
+        }
+        let sh = shard.ok_or_else(|| anyhow!("stage 3 without a parameter shard"))?;
+        let shards = all_shards(self.zero.len(), self.cfg.world);
+        let hook = param_gather_hook(&sh.params, reducer, shards);
+        let ws = self.zero.workspace_mut()?;
+        ws.to_device_sharded(dev, hook)
+            .with_context(|| format!("moving the model to {} (sharded)", dev.describe()))
     }
 
     /// Copies the device's model and optimizer state into the host structures a checkpoint
@@ -276,8 +401,9 @@ impl Trainer {
                 (host, opt_state, buffers)
             }
             Some(sh) => {
-                // Stage 1 (collective): every rank assembles the full state from the shards.
-                let mut host = d.opt.to_host(&sh.master)?;
+                // Stages 1-3 (collective): every rank assembles the full state from the
+                // shards.
+                let mut host = d.opt.to_host(&lock_shard(&sh.params)?.master)?;
                 host.master = all_gather_host(&self.comm, &host.master, len, "master weight")?;
                 let opt_state = crate::optim::OptimizerState {
                     len,
@@ -295,6 +421,15 @@ impl Trainer {
         // same values (one rounding of the same master).
         self.scaler = host.scaler;
         Ok(())
+    }
+
+    /// A device run in ZeRO stage 3: the device on which rank 0 evaluates a temporary full
+    /// copy of the weights ([`store_on_device`]); `None` otherwise (the workspace serves).
+    pub(super) fn stage3_eval_device(&self) -> Option<Device> {
+        self.dev
+            .as_ref()
+            .filter(|_| self.zero.stage().shards_parameters())
+            .map(|d| d.dev.clone())
     }
 
     /// The loss scale the next step uses, as far as the host knows (a device run learns it
@@ -413,39 +548,78 @@ impl Trainer {
                     d.opt.step(master, grads, working, lr as f32, inject_here)?
                 }
                 Some(sh) => {
-                    // Stage 1: the shard of the averaged gradients, through host staging.
-                    grads
-                        .copy_to_host_at(sh.range.start, &mut sh.host_grads)
-                        .context("copying the gradient shard to the host")?;
-                    sh.grads
-                        .copy_from_host(&sh.host_grads)
-                        .context("copying the gradient shard to the device")?;
                     let stochastic = self.cfg.stochastic_rounding;
-                    let shard_working = match sh.working.as_mut() {
+                    let mut p = lock_shard(&sh.params)?;
+                    let ShardParams {
+                        master: shard_master,
+                        working: shard_w,
+                    } = &mut *p;
+                    let shard_working = match shard_w.as_mut() {
                         None => WorkingCopyMut::None,
                         Some(DevBuf::Bf16(w)) if stochastic => WorkingCopyMut::Bf16Stochastic(w),
                         Some(DevBuf::Bf16(w)) => WorkingCopyMut::Bf16(w),
                         Some(DevBuf::F16(w)) => WorkingCopyMut::F16(w),
                         Some(DevBuf::F32(_)) => WorkingCopyMut::None,
                     };
-                    d.opt.step_shard(
-                        &mut sh.master,
-                        grads,
-                        &sh.grads,
-                        shard_working,
-                        lr as f32,
-                        inject_here,
-                    )?;
-                    let _g = self.prof.span("gather_params", Phase::Communication);
-                    match (working, sh.working.as_ref()) {
-                        (WorkingMut::None, _) => all_gather_device(&self.comm, &sh.master, master)?,
-                        (WorkingMut::Bf16(full), Some(DevBuf::Bf16(w))) => {
-                            all_gather_device(&self.comm, w, full)?
+                    // The averaged gradients of the shard: kept by the reducer (stages 2-3
+                    // with several ranks), else copied out of the full buffer on the device.
+                    let mut red = match (&d.reducer, sh.own_grads) {
+                        (Some(r), true) => Some(lock_reducer(r)?),
+                        _ => None,
+                    };
+                    let grad_shard: &mut DeviceBuffer<f32> = match red.as_mut() {
+                        Some(r) => r
+                            .shard_grads_mut()
+                            .ok_or_else(|| anyhow!("the reducer holds no gradient shard"))?,
+                        None => {
+                            let n = sh.range.len();
+                            let g = sh
+                                .grads
+                                .as_mut()
+                                .ok_or_else(|| anyhow!("no gradient shard buffer"))?;
+                            d.dev
+                                .copy_2d(&*grads, sh.range.start, n, g, 0, n, 1, n)
+                                .context("copying the gradient shard")?;
+                            g
                         }
-                        (WorkingMut::F16(full), Some(DevBuf::F16(w))) => {
-                            all_gather_device(&self.comm, w, full)?
+                    };
+                    if sh.own_grads {
+                        d.opt.step_own_shard(
+                            shard_master,
+                            grads,
+                            grad_shard,
+                            shard_working,
+                            lr as f32,
+                            inject_here,
+                            &self.comm,
+                        )?;
+                    } else {
+                        d.opt.step_shard(
+                            shard_master,
+                            grads,
+                            grad_shard,
+                            shard_working,
+                            lr as f32,
+                            inject_here,
+                        )?;
+                    }
+                    drop(red);
+                    if sh.gather_after_step {
+                        let _g = self.prof.span("gather_params", Phase::Communication);
+                        match (working, shard_w.as_ref()) {
+                            (WorkingMut::None, _) => {
+                                all_gather_device(&self.comm, shard_master, master)?
+                            }
+                            (WorkingMut::Bf16(full), Some(DevBuf::Bf16(w))) => {
+                                all_gather_device(&self.comm, w, full)?
+                            }
+                            (WorkingMut::F16(full), Some(DevBuf::F16(w))) => {
+                                all_gather_device(&self.comm, w, full)?
+                            }
+                            _ => {
+                                bail!("the working copy's shard and the full copy differ in dtype")
+                            }
                         }
-                        _ => bail!("the working copy's shard and the full copy differ in dtype"),
                     }
                 }
             }
@@ -496,6 +670,17 @@ impl Trainer {
         }
         Ok(out)
     }
+}
+
+/// A full copy of `p`'s working weights on `dev` (stage 3's evaluation on rank 0: the weights
+/// were gathered to the host).
+pub(super) fn store_on_device(p: &ParamStore, dev: &Device) -> Result<ParamStore> {
+    let mut s = ParamStore::new(&p.specs()).context("a store for evaluation")?;
+    s.working_mut().copy_from_slice(p.working());
+    s.set_working_dtype(p.working_dtype());
+    s.to_device(dev)
+        .with_context(|| format!("copying the weights to {} for evaluation", dev.describe()))?;
+    Ok(s)
 }
 
 fn record_of(q: &Queued, r: &StepReport, accum: usize, peak: u64) -> StepRecord {

@@ -18,9 +18,9 @@
 //! reported is the mean of the ranks' losses.
 //!
 //! On a device (`--device sim|cuda`) each rank opens its own device (`cuda:N`: rank `r` on GPU
-//! `N + r`; `sim`: a simulated device per rank) and runs the step there (`device_step`): ZeRO
-//! stages 0 and 1, the gradients averaged in buckets during the last backward pass by
-//! [`crate::device::DeviceGradReducer`]; stages 2 and 3 are refused with a message naming
+//! `N + r`; `sim`: a simulated device per rank) and runs the step there (`device_step`): every
+//! ZeRO stage, the gradients averaged in buckets during the last backward pass by
+//! [`crate::device::DeviceGradReducer`], stage 3's parameters gathered as the forward uses
 //! them.
 //!
 //! Determinism: the same settings and seed give the same losses bit for bit; a run resumed from
@@ -465,20 +465,6 @@ impl Trainer {
             grad_comm: Some(grad_comm),
         };
         if let Some(dev) = open_device(t.cfg.device, t.comm.rank())? {
-            if t.cfg.zero > 1 {
-                bail!(
-                    "--zero {} on {}: ZeRO stage {} (sharded {}) is not available on devices \
-                     yet; use --zero 0 (data parallel, every rank keeps the full state) or \
-                     --zero 1 (optimizer state sharded), or --device cpu",
-                    t.cfg.zero,
-                    dev.describe(),
-                    t.cfg.zero,
-                    match t.cfg.zero {
-                        2 => "optimizer state and gradients",
-                        _ => "optimizer state, gradients and parameters",
-                    }
-                );
-            }
             if matches!(t.cfg.optimizer, OptimizerArg::Sgd) {
                 bail!("--optimizer sgd: the device step has fused AdamW only; use adamw");
             }

@@ -95,6 +95,11 @@ impl Trainer {
 
     /// Validation loss on rank 0 (`None` elsewhere); a collective in stage 3.
     fn val_loss(&mut self) -> Result<Option<f64>> {
+        let stage3_dev = self.stage3_eval_device();
+        if stage3_dev.is_some() {
+            // The host model's shards are refreshed from the devices, then gathered to rank 0.
+            self.sync_device_to_host()?;
+        }
         let (cfg, data, model, tape, seq_len) = (
             &self.cfg,
             &self.data,
@@ -103,8 +108,16 @@ impl Trainer {
             self.seq_len,
         );
         self.zero
-            .with_root_params(&self.comm, |p| {
-                eval::val_loss(cfg, data, model, tape, seq_len, p)
+            .with_root_params(&self.comm, |p| match &stage3_dev {
+                Some(dev) => eval::val_loss(
+                    cfg,
+                    data,
+                    model,
+                    tape,
+                    seq_len,
+                    &super::device_step::store_on_device(p, dev)?,
+                ),
+                None => eval::val_loss(cfg, data, model, tape, seq_len, p),
             })?
             .transpose()
     }
@@ -370,9 +383,18 @@ impl Trainer {
             );
         }
         let eval = {
+            let stage3_dev = self.stage3_eval_device();
             let (cfg, data, model) = (&self.cfg, &self.data, &self.model);
             self.zero
-                .with_root_params(&self.comm, |p| eval::final_evaluation(cfg, data, model, p))?
+                .with_root_params(&self.comm, |p| match &stage3_dev {
+                    Some(dev) => eval::final_evaluation(
+                        cfg,
+                        data,
+                        model,
+                        &super::device_step::store_on_device(p, dev)?,
+                    ),
+                    None => eval::final_evaluation(cfg, data, model, p),
+                })?
                 .transpose()?
                 .unwrap_or_default()
         };

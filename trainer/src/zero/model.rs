@@ -229,9 +229,13 @@ impl ShardedModel {
         self.refresh_image();
     }
 
-    /// Stages 0-1: copies the full working copy into the persistent workspace's f32 image.
+    /// Stages 0-2: copies the full working copy into the workspace's f32 image (stage 3
+    /// holds a shard only; a device run's stage-3 workspace holds no weights).
     fn refresh_image(&mut self) {
         let dtype = self.opts.dtype;
+        if self.opts.stage.shards_parameters() {
+            return;
+        }
         let Some(ws) = self.workspace.as_mut() else {
             return;
         };
@@ -308,6 +312,53 @@ impl ShardedModel {
         };
         self.workspace = Some(ws);
         Ok(())
+    }
+
+    /// A device run keeps one workspace in every stage (stages 2-3 otherwise build one per
+    /// step): stage 2's holds the full working copy as stages 0-1 do, stage 3's only the
+    /// layout's buffers (the device run gathers the weights itself). Not collective.
+    pub fn keep_workspace(&mut self) -> Result<(), ZeroError> {
+        if self.workspace.is_none() {
+            let ws = if self.opts.stage.shards_parameters() {
+                self.new_store(|_| Ok(()))?
+            } else {
+                self.store_from_full_working()?
+            };
+            self.workspace = Some(ws);
+        }
+        Ok(())
+    }
+
+    /// The working copy's values over the global `range` of the flat buffers, as f32 (exact:
+    /// bf16 and f16 widen without rounding). `range` must lie in what this rank holds: its
+    /// shard in stage 3, anything otherwise.
+    pub fn working_image(&self, range: Range<usize>) -> Result<Vec<f32>, ZeroError> {
+        let base = if self.opts.stage.shards_parameters() {
+            self.shard.start
+        } else {
+            0
+        };
+        let held = match &self.working {
+            Working::InWorkspace => self.workspace.as_ref().map_or(0, |w| w.working().len()),
+            Working::F32(b) => b.len(),
+            Working::Bf16(b) => b.len(),
+            Working::F16(b) => b.len(),
+        };
+        if range.start < base || range.end > base + held || range.start > range.end {
+            return Err(ZeroError::OutOfOrder(
+                "working_image: the range lies outside what this rank holds",
+            ));
+        }
+        let r = range.start - base..range.end - base;
+        Ok(match &self.working {
+            Working::InWorkspace => self
+                .workspace
+                .as_ref()
+                .map_or_else(Vec::new, |w| w.working()[r].to_vec()),
+            Working::F32(b) => b[r].to_vec(),
+            Working::Bf16(b) => b[r].iter().map(|x| x.to_f32()).collect(),
+            Working::F16(b) => b[r].iter().map(|x| x.to_f32()).collect(),
+        })
     }
 
     /// The parameter store forward and backward use (between `begin_step` and
