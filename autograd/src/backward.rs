@@ -321,8 +321,8 @@ impl<T: Scalar> Tape<T> {
     /// later node reads.
     fn free_after(&mut self, n: usize, inputs: &[usize], filled: &[usize], last_use: &[usize]) {
         for &i in inputs {
-            if last_use[i] == n && self.slots[i].kind == SlotKind::Computed && !self.slots[i].pinned
-            {
+            let droppable = self.slots[i].kind == SlotKind::Computed || self.is_refillable(i);
+            if last_use[i] == n && droppable && !self.slots[i].pinned {
                 self.free_value(i);
             }
         }

@@ -114,7 +114,10 @@ impl<T: Scalar> Tape<T> {
             .get(mark.node)
             .map_or(self.slots.len(), |n| n.first_out);
         for s in first_slot..self.slots.len() {
-            if self.slots[s].kind == SlotKind::Computed && !keep.contains(&s) {
+            // Op outputs, and the parameters of a sharded store first used in the segment
+            // (gathered again when the segment is recomputed).
+            let droppable = self.slots[s].kind == SlotKind::Computed || self.is_refillable(s);
+            if droppable && !keep.contains(&s) {
                 self.free_value(s);
             }
         }

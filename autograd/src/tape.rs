@@ -154,10 +154,17 @@ pub struct Tape<T: Scalar = f32> {
     pub(crate) pool: Pool<T>,
     /// Parameter leaves by offset, with the store stamp they were copied at.
     param_vars: HashMap<usize, ((u64, u64), usize)>,
+    /// Parameter leaves of a sharded device store, by slot: the store's gather hook and the
+    /// parameter's flat range. Their values may be dropped (by [`Tape::drop_since`] and after
+    /// their last use in the backward) and gathered again when needed.
+    param_refill: HashMap<usize, (crate::device::ParamGatherHook, std::ops::Range<usize>)>,
     pub(crate) param_len: Option<usize>,
     pub(crate) live: usize,
     pub(crate) peak: usize,
     param_bytes: usize,
+    /// Bytes of parameter leaves holding their values now, and the high-water mark.
+    live_params: usize,
+    peak_params: usize,
     pub(crate) recomputed: usize,
     pub(crate) phase: Phase,
     pub(crate) profile: Option<Vec<OpProfile>>,
@@ -304,6 +311,9 @@ impl<T: Scalar> Tape<T> {
             slots: Vec::new(),
             pool: Pool::new(),
             param_vars: HashMap::new(),
+            param_refill: HashMap::new(),
+            live_params: 0,
+            peak_params: 0,
             param_len: None,
             live: 0,
             peak: 0,
@@ -368,9 +378,11 @@ impl<T: Scalar> Tape<T> {
         }
         self.nodes.clear();
         self.param_vars.clear();
+        self.param_refill.clear();
         self.param_len = None;
         self.live = 0;
         self.param_bytes = 0;
+        self.live_params = 0;
         self.phase = Phase::Recording;
         self.id = next_id();
     }
@@ -393,10 +405,31 @@ impl<T: Scalar> Tape<T> {
     /// Restarts the high-water mark from the current live bytes.
     pub fn reset_peak(&mut self) {
         self.peak = self.live;
+        self.peak_params = self.live_params;
     }
     /// Bytes of parameter working copies on the tape (not counted as activations).
     pub fn param_bytes(&self) -> usize {
         self.param_bytes
+    }
+    /// The most bytes of parameter working copies the tape held at once (kept by `clear`,
+    /// reset by [`Tape::reset_peak`]). Below [`Tape::param_bytes`] when a sharded store's
+    /// parameters were dropped after use and gathered again ([`Tape::drop_since`]).
+    pub fn peak_param_bytes(&self) -> usize {
+        self.peak_params
+    }
+
+    /// Bytes of slot `s`'s value when it is a parameter leaf (0 otherwise).
+    fn param_value_bytes(&self, s: usize) -> usize {
+        let slot = &self.slots[s];
+        match slot.kind {
+            SlotKind::Param { .. } => numel(&slot.shape) * slot.dtype.size_of(),
+            _ => 0,
+        }
+    }
+
+    fn param_value_set(&mut self, s: usize) {
+        self.live_params += self.param_value_bytes(s);
+        self.peak_params = self.peak_params.max(self.live_params);
     }
 
     fn counted(&self, s: usize) -> usize {
@@ -412,15 +445,18 @@ impl<T: Scalar> Tape<T> {
         self.slots[s].value = Some(buf);
         self.live += self.counted(s);
         self.peak = self.peak.max(self.live);
+        self.param_value_set(s);
     }
 
     pub(crate) fn free_value(&mut self, s: usize) {
         if let Some(v) = self.slots[s].value.take() {
             self.live -= self.counted(s);
+            self.live_params -= self.param_value_bytes(s);
             self.pool.give(v);
         }
         if self.slots[s].dvalue.take().is_some() {
             self.live -= self.counted(s);
+            self.live_params -= self.param_value_bytes(s);
         }
     }
 
@@ -429,6 +465,7 @@ impl<T: Scalar> Tape<T> {
         self.slots[s].dvalue = Some(buf);
         self.live += self.counted(s);
         self.peak = self.peak.max(self.live);
+        self.param_value_set(s);
     }
 
     pub(crate) fn set_dgrad(&mut self, s: usize, buf: DevBuf) {
@@ -740,7 +777,39 @@ impl<T: Scalar> Tape<T> {
         };
         let var = self.push_leaf(view.shape.clone(), self.dtype, data, true, kind);
         self.param_vars.insert(view.offset, (stamp, var.index()));
+        if !self.dry
+            && let Some(hook) = store.device().and_then(|d| d.gather_hook())
+        {
+            self.param_refill
+                .insert(var.index(), (hook.clone(), view.range()));
+        }
         Ok(var)
+    }
+
+    /// Whether slot `s` is a parameter leaf whose value can be gathered again.
+    pub(crate) fn is_refillable(&self, s: usize) -> bool {
+        self.param_refill.contains_key(&s)
+    }
+
+    /// Gathers the value of the parameter leaf `s` again (a sharded store's hook).
+    fn refill_param(&mut self, s: usize) -> Result<()> {
+        let (hook, range) =
+            self.param_refill
+                .get(&s)
+                .cloned()
+                .ok_or_else(|| Error::Unavailable {
+                    index: s as u32,
+                    detail: "an input leaf lost its value".into(),
+                })?;
+        let ctx = self.dev.as_ref().ok_or_else(|| Error::Unavailable {
+            index: s as u32,
+            detail: "a sharded parameter on a host tape".into(),
+        })?;
+        let mut buf = DevBuf::alloc(&ctx.dev, self.slots[s].dtype, range.len())?;
+        hook(range.clone(), &mut buf)
+            .map_err(|m| Error::Params(format!("gathering parameters {range:?} again: {m}")))?;
+        self.set_dvalue(s, buf);
+        Ok(())
     }
 
     // ---- recording -------------------------------------------------------------------------
@@ -897,7 +966,17 @@ impl<T: Scalar> Tape<T> {
         }
         let mut nodes = Vec::new();
         let mut seen = std::collections::HashSet::new();
+        let mut filled = Vec::new();
         while let Some(s) = stack.pop() {
+            if self.slots[s].has_value() {
+                continue;
+            }
+            if self.is_refillable(s) {
+                // A sharded parameter dropped after use: gathered again.
+                self.refill_param(s)?;
+                filled.push(s);
+                continue;
+            }
             let slot = &self.slots[s];
             if slot.kind != SlotKind::Computed {
                 return Err(Error::Unavailable {
@@ -915,7 +994,6 @@ impl<T: Scalar> Tape<T> {
             }
         }
         nodes.sort_unstable();
-        let mut filled = Vec::new();
         for &n in &nodes {
             filled.extend(
                 self.nodes[n]

@@ -114,7 +114,7 @@ fn two_device_ranks_follow_one_rank_at_twice_the_batch_and_track_the_cpu() {
 }
 
 #[test]
-fn with_accumulation_the_last_backward_reduces_and_ranks_agree() {
+fn with_accumulation_and_stage_3_recomputation_the_ranks_follow_one_rank() {
     // Two micro-batches per step: only the second backward's gradients are final, and the
     // reduction happens there; two ranks at B 1 x K 2 (with block recomputation) follow one
     // rank at B 2 x K 2.
@@ -124,9 +124,12 @@ fn with_accumulation_the_last_backward_reduces_and_ranks_agree() {
     };
     let one = run(accum(args(DeviceSpec::Sim, Precision::Fp32, 1, 2, 2)));
     // Recomputation re-runs forward segments inside the backward pass: each parameter's
-    // gradient must still be reported once, when final.
+    // gradient must still be reported once, when final. At ZeRO 3 the recomputed blocks
+    // also gather their parameters again (collectives inside the backward, between the
+    // bucket reductions).
     let two = run(TrainArgs {
         recompute: Some(RecomputeArg::Block),
+        zero: Some(3),
         ..accum(args(DeviceSpec::Sim, Precision::Fp32, 2, 1, 2))
     });
     let e = max_rel(&one.losses, &two.losses);
@@ -137,7 +140,9 @@ fn with_accumulation_the_last_backward_reduces_and_ranks_agree() {
         two.losses,
         one.losses
     );
-    assert_same_weights_on_every_rank(&two, "world 2, accumulation 2");
+    // Stage 3's ranks hold different shards; that they hold the right ones shows in the
+    // losses, which every rank's forward computes from all the shards.
+    assert_eq!(two.ranks.len(), 2);
 }
 
 #[test]

@@ -72,6 +72,10 @@ impl DeviceParams {
     pub fn is_sharded(&self) -> bool {
         self.gather.is_some()
     }
+    /// The gather hook of a sharded store.
+    pub(crate) fn gather_hook(&self) -> Option<&ParamGatherHook> {
+        self.gather.as_ref()
+    }
     /// The f32 master weights (empty when sharded).
     pub fn master(&self) -> &DeviceBuffer<f32> {
         &self.master

@@ -50,9 +50,11 @@
 //! gather hook fills a tape's parameter leaf from the owners' shards (a broadcast per owner,
 //! through host memory) the first time the forward uses the parameter, so parameters arrive
 //! as the forward reaches their block. After the update each rank keeps its shard; nothing
-//! is all-gathered. The tape keeps the gathered leaves until it is cleared, so the peak
-//! within a step still holds every parameter once. Evaluation gathers the weights to rank 0
-//! and runs there on a temporary full copy.
+//! is all-gathered. With `--recompute block` a block's parameters are dropped with its
+//! activations after its forward and gathered again (only those a gradient reads) when the
+//! backward recomputes it, so a rank holds the parameters outside the blocks plus about one
+//! block's at a time; without it the gathered leaves stay on the tape until the step ends.
+//! Evaluation gathers the weights to rank 0 and runs there on a temporary full copy.
 //!
 //! [`ParamStore::to_device_sharded`]: lathe_autograd::ParamStore::to_device_sharded
 //!
