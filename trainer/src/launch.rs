@@ -100,8 +100,49 @@ pub struct LaunchArgs {
     pub command: Vec<String>,
 }
 
+/// Which launcher's variables a [`LaunchEnv`] was read from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LaunchSource {
+    /// `lathe launch` (`LATHE_RANK`, ...).
+    #[default]
+    Lathe,
+    /// torchrun and launchers that follow it (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`,
+    /// `LOCAL_WORLD_SIZE`, `GROUP_RANK`, `MASTER_ADDR`, `MASTER_PORT`).
+    Torchrun,
+    /// A Slurm job step (`SLURM_PROCID`, `SLURM_STEP_NUM_TASKS`, `SLURM_LOCALID`, `SLURM_NODEID`, the
+    /// tasks on this node from `SLURM_NTASKS_PER_NODE` or `SLURM_STEP_TASKS_PER_NODE`, the
+    /// master from `MASTER_ADDR` or the first host of `SLURM_STEP_NODELIST` /
+    /// `SLURM_JOB_NODELIST`, the port from `MASTER_PORT` or [`SLURM_BASE_PORT`]).
+    Slurm,
+}
+
+impl std::fmt::Display for LaunchSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            LaunchSource::Lathe => "`lathe launch`",
+            LaunchSource::Torchrun => "a torchrun-style launcher (RANK, WORLD_SIZE)",
+            LaunchSource::Slurm => "Slurm's srun (SLURM_PROCID, SLURM_STEP_NUM_TASKS)",
+        })
+    }
+}
+
+/// Torchrun's variables.
+pub const TORCHRUN_VARS: [&str; 7] = [
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+];
+
+/// The rendezvous port of a Slurm run that sets no `MASTER_PORT`: this base plus the job id
+/// modulo 1000, so that two jobs sharing a node do not collide.
+pub const SLURM_BASE_PORT: u16 = 29500;
+
 /// A rank's place in a launched run, as read from the environment the launcher set.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct LaunchEnv {
     pub rank: usize,
     pub local_rank: usize,
@@ -110,20 +151,137 @@ pub struct LaunchEnv {
     pub node_rank: usize,
     pub master_addr: String,
     pub master_port: u16,
+    /// Which launcher set the variables.
+    pub source: LaunchSource,
 }
 
 impl LaunchEnv {
-    /// Reads the process environment. `Ok(None)` when `LATHE_RANK` is not set (the process was
-    /// not started by `lathe launch`); an error when the variables are incomplete or malformed.
+    /// Reads the process environment: `lathe launch`'s variables, else torchrun's (`RANK`
+    /// with `WORLD_SIZE`), else those of a Slurm job step started by `srun` (`SLURM_PROCID`
+    /// with `SLURM_STEP_NUM_TASKS`). `Ok(None)` when
+    /// none is set (a process started by hand); an error when the variables of the launcher
+    /// found are incomplete, malformed or inconsistent.
     pub fn from_env() -> anyhow::Result<Option<Self>> {
         Self::from_lookup(|name| std::env::var(name).ok())
     }
 
     /// Like [`LaunchEnv::from_env`] with another source of variables.
     pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> anyhow::Result<Option<Self>> {
-        if get(ENV_RANK).is_none() {
+        let env = if get(ENV_RANK).is_some() {
+            Self::lathe(&get)?
+        } else if get("RANK").is_some() && get("WORLD_SIZE").is_some() {
+            Self::torchrun(&get).context("reading torchrun's environment")?
+        } else if get("SLURM_PROCID").is_some() && get("SLURM_STEP_NUM_TASKS").is_some() {
+            Self::slurm(&get).context("reading Slurm's environment")?
+        } else {
             return Ok(None);
+        };
+        if env.rank >= env.world_size
+            || env.local_rank >= env.local_world_size
+            || env.local_world_size > env.world_size
+        {
+            bail!(
+                "inconsistent launch environment ({}): rank {} of {}, local rank {} of {}",
+                env.source,
+                env.rank,
+                env.world_size,
+                env.local_rank,
+                env.local_world_size
+            );
         }
+        Ok(Some(env))
+    }
+
+    fn torchrun(get: &impl Fn(&str) -> Option<String>) -> anyhow::Result<Self> {
+        let number = |name: &str| -> anyhow::Result<usize> {
+            let v = get(name).with_context(|| format!("RANK is set but {name} is not"))?;
+            parse_count(name, &v)
+        };
+        let world_size = number("WORLD_SIZE")?;
+        let local_world_size = match get("LOCAL_WORLD_SIZE") {
+            Some(v) => parse_count("LOCAL_WORLD_SIZE", &v)?,
+            None => world_size,
+        };
+        Ok(LaunchEnv {
+            rank: number("RANK")?,
+            local_rank: number("LOCAL_RANK")?,
+            world_size,
+            local_world_size,
+            node_rank: match get("GROUP_RANK") {
+                Some(v) => parse_count("GROUP_RANK", &v)?,
+                None => 0,
+            },
+            master_addr: get("MASTER_ADDR").context("RANK is set but MASTER_ADDR is not")?,
+            master_port: parse_port(
+                "MASTER_PORT",
+                &get("MASTER_PORT").context("RANK is set but MASTER_PORT is not")?,
+            )?,
+            source: LaunchSource::Torchrun,
+        })
+    }
+
+    fn slurm(get: &impl Fn(&str) -> Option<String>) -> anyhow::Result<Self> {
+        let number = |name: &str| -> anyhow::Result<usize> {
+            let v = get(name).with_context(|| format!("SLURM_PROCID is set but {name} is not"))?;
+            parse_count(name, &v)
+        };
+        // The job step's tasks (a batch script's own process, outside any step, has
+        // SLURM_NTASKS but no step and is not a launched rank).
+        let world_size = number("SLURM_STEP_NUM_TASKS")?;
+        let node_rank = match get("SLURM_NODEID") {
+            Some(v) => parse_count("SLURM_NODEID", &v)?,
+            None => 0,
+        };
+        // Tasks on this node: SLURM_NTASKS_PER_NODE when given, else this node's entry of the
+        // step's (or job's) compressed tasks-per-node list, else all of them.
+        let local_world_size = if let Some(v) = get("SLURM_NTASKS_PER_NODE") {
+            parse_count("SLURM_NTASKS_PER_NODE", &v)?
+        } else if let Some(v) =
+            get("SLURM_STEP_TASKS_PER_NODE").or_else(|| get("SLURM_TASKS_PER_NODE"))
+        {
+            tasks_on_node(&v, node_rank)
+                .with_context(|| format!("SLURM_STEP_TASKS_PER_NODE={v:?}"))?
+        } else {
+            world_size
+        };
+        let nodelist = get("SLURM_STEP_NODELIST")
+            .or_else(|| get("SLURM_JOB_NODELIST"))
+            .or_else(|| get("SLURM_NODELIST"));
+        let master_addr = match get("MASTER_ADDR") {
+            Some(a) => a,
+            None => {
+                let list = nodelist.context(
+                    "SLURM_PROCID is set but neither MASTER_ADDR nor SLURM_JOB_NODELIST is",
+                )?;
+                first_host(&list).with_context(|| format!("SLURM_JOB_NODELIST={list:?}"))?
+            }
+        };
+        let master_port = match get("MASTER_PORT") {
+            Some(p) => parse_port("MASTER_PORT", &p)?,
+            None => {
+                let job = match get("SLURM_JOB_ID") {
+                    Some(j) => parse_count("SLURM_JOB_ID", &j)?,
+                    None => 0,
+                };
+                SLURM_BASE_PORT + (job % 1000) as u16
+            }
+        };
+        Ok(LaunchEnv {
+            rank: number("SLURM_PROCID")?,
+            local_rank: match get("SLURM_LOCALID") {
+                Some(v) => parse_count("SLURM_LOCALID", &v)?,
+                None => 0,
+            },
+            world_size,
+            local_world_size,
+            node_rank,
+            master_addr,
+            master_port,
+            source: LaunchSource::Slurm,
+        })
+    }
+
+    fn lathe(get: &impl Fn(&str) -> Option<String>) -> anyhow::Result<Self> {
         let number = |name: &str| -> anyhow::Result<usize> {
             let v = get(name).with_context(|| format!("{ENV_RANK} is set but {name} is not"))?;
             v.trim()
@@ -145,23 +303,99 @@ impl LaunchEnv {
                     .parse()
                     .with_context(|| format!("{ENV_MASTER_PORT}={v:?} is not a port number"))?
             },
+            source: LaunchSource::Lathe,
         };
-        if env.rank >= env.world_size || env.local_rank >= env.local_world_size {
-            bail!(
-                "inconsistent launch environment: rank {} of {}, local rank {} of {}",
-                env.rank,
-                env.world_size,
-                env.local_rank,
-                env.local_world_size
-            );
-        }
-        Ok(Some(env))
+        Ok(env)
     }
 
     /// The rendezvous address `HOST:PORT` (IPv6 hosts in brackets).
     pub fn master(&self) -> String {
         join_host_port(&self.master_addr, self.master_port)
     }
+}
+
+fn parse_count(name: &str, v: &str) -> anyhow::Result<usize> {
+    v.trim()
+        .parse()
+        .with_context(|| format!("{name}={v:?} is not a non-negative integer"))
+}
+
+fn parse_port(name: &str, v: &str) -> anyhow::Result<u16> {
+    match v.trim().parse::<u16>() {
+        Ok(p) if p > 0 => Ok(p),
+        _ => bail!("{name}={v:?} is not a port number (1-65535)"),
+    }
+}
+
+/// This node's task count from Slurm's compressed tasks-per-node list: `2(x3),1` means nodes
+/// 0-2 run 2 tasks each and node 3 runs 1.
+pub fn tasks_on_node(list: &str, node: usize) -> anyhow::Result<usize> {
+    let mut first = 0usize;
+    for entry in list.split(',') {
+        let entry = entry.trim();
+        let (count, repeat) = match entry.split_once("(x") {
+            Some((c, r)) => {
+                let r = r
+                    .strip_suffix(')')
+                    .with_context(|| format!("entry {entry:?} lacks its closing parenthesis"))?;
+                (c, parse_count("the repeat count", r)?)
+            }
+            None => (entry, 1),
+        };
+        let count = parse_count("the task count", count)?;
+        if node < first + repeat {
+            return Ok(count);
+        }
+        first += repeat;
+    }
+    bail!("the list covers {first} nodes, this is node {node}")
+}
+
+/// The first host of a Slurm hostlist: `gpu[07-09,12],login1` gives `gpu07`, and
+/// `rack[1-2]-n[01-04]` gives `rack1-n01` (the first value of every bracket, zero padding kept).
+pub fn first_host(list: &str) -> anyhow::Result<String> {
+    // The first entry: up to the first comma outside brackets.
+    let mut depth = 0i32;
+    let mut end = list.len();
+    for (i, c) in list.char_indices() {
+        match c {
+            '[' => depth += 1,
+            ']' => depth -= 1,
+            ',' if depth == 0 => {
+                end = i;
+                break;
+            }
+            _ => {}
+        }
+        if depth < 0 {
+            bail!("unbalanced brackets");
+        }
+    }
+    let entry = list[..end].trim();
+    let mut host = String::new();
+    let mut rest = entry;
+    while let Some(open) = rest.find('[') {
+        host.push_str(&rest[..open]);
+        let close = rest[open..]
+            .find(']')
+            .map(|c| open + c)
+            .context("unbalanced brackets")?;
+        let inner = &rest[open + 1..close];
+        let first = inner
+            .split(',')
+            .next()
+            .and_then(|r| r.split('-').next())
+            .map(str::trim)
+            .filter(|f| !f.is_empty() && f.chars().all(|c| c.is_ascii_digit()))
+            .with_context(|| format!("bracket [{inner}] holds no number range"))?;
+        host.push_str(first);
+        rest = &rest[close + 1..];
+    }
+    host.push_str(rest);
+    if host.is_empty() {
+        bail!("no host in the list");
+    }
+    Ok(host)
 }
 
 fn join_host_port(host: &str, port: u16) -> String {

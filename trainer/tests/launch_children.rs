@@ -4,7 +4,9 @@
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use lathe_trainer::launch::{LaunchArgs, LaunchEnv, run_launch};
+use lathe_trainer::launch::{
+    LaunchArgs, LaunchEnv, LaunchSource, SLURM_BASE_PORT, first_host, run_launch, tasks_on_node,
+};
 
 fn args(nproc: usize, nnodes: usize, node_rank: usize, script: &str, arg: &str) -> LaunchArgs {
     LaunchArgs {
@@ -146,6 +148,117 @@ fn launch_env_reads_back_what_the_launcher_sets() {
         }
     };
     assert!(LaunchEnv::from_lookup(broken).is_err());
+}
+
+fn lookup_in<'a>(vars: &'a [(&'static str, &'static str)]) -> impl Fn(&str) -> Option<String> + 'a {
+    move |name: &str| {
+        vars.iter()
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| v.to_string())
+    }
+}
+
+#[test]
+fn torchrun_and_slurm_environments_give_the_ranks() {
+    let torchrun = [
+        ("RANK", "5"),
+        ("WORLD_SIZE", "8"),
+        ("LOCAL_RANK", "1"),
+        ("LOCAL_WORLD_SIZE", "4"),
+        ("GROUP_RANK", "1"),
+        ("MASTER_ADDR", "10.0.0.7"),
+        ("MASTER_PORT", "29400"),
+    ];
+    let env = LaunchEnv::from_lookup(lookup_in(&torchrun))
+        .expect("valid")
+        .expect("launched");
+    assert_eq!(
+        (
+            env.rank,
+            env.local_rank,
+            env.world_size,
+            env.local_world_size,
+            env.node_rank
+        ),
+        (5, 1, 8, 4, 1)
+    );
+    assert_eq!(env.source, LaunchSource::Torchrun);
+    assert_eq!(env.master(), "10.0.0.7:29400");
+
+    // srun over 3 nodes, 2 tasks each except the last: rank 4 is node 2's first task. The
+    // master is the first host of the compressed node list; the port follows the job id.
+    let slurm = [
+        ("SLURM_PROCID", "4"),
+        ("SLURM_NTASKS", "5"),
+        ("SLURM_STEP_NUM_TASKS", "5"),
+        ("SLURM_LOCALID", "0"),
+        ("SLURM_NODEID", "2"),
+        ("SLURM_STEP_TASKS_PER_NODE", "2(x2),1"),
+        ("SLURM_JOB_NODELIST", "gpu[07-08,12],login1"),
+        ("SLURM_JOB_ID", "123456"),
+    ];
+    let env = LaunchEnv::from_lookup(lookup_in(&slurm))
+        .expect("valid")
+        .expect("launched");
+    assert_eq!(
+        (
+            env.rank,
+            env.local_rank,
+            env.world_size,
+            env.local_world_size,
+            env.node_rank
+        ),
+        (4, 0, 5, 1, 2)
+    );
+    assert_eq!(env.source, LaunchSource::Slurm);
+    assert_eq!(env.master(), format!("gpu07:{}", SLURM_BASE_PORT + 456));
+
+    // Lathe's own variables win over the others; an inconsistent set is an error naming the
+    // launcher.
+    let both = [("LATHE_RANK", "0"), ("RANK", "1"), ("WORLD_SIZE", "2")];
+    let e = LaunchEnv::from_lookup(lookup_in(&both)).unwrap_err();
+    assert!(format!("{e:#}").contains("LATHE_LOCAL_RANK"), "{e:#}");
+    let bad = [
+        ("SLURM_PROCID", "3"),
+        ("SLURM_STEP_NUM_TASKS", "2"),
+        ("MASTER_ADDR", "n1"),
+    ];
+    let e = LaunchEnv::from_lookup(lookup_in(&bad)).unwrap_err();
+    assert!(
+        format!("{e:#}").contains("Slurm") && format!("{e:#}").contains("rank 3 of 2"),
+        "{e:#}"
+    );
+    let bad_port = [
+        ("RANK", "0"),
+        ("WORLD_SIZE", "1"),
+        ("LOCAL_RANK", "0"),
+        ("MASTER_ADDR", "h"),
+        ("MASTER_PORT", "0"),
+    ];
+    let e = LaunchEnv::from_lookup(lookup_in(&bad_port)).unwrap_err();
+    assert!(format!("{e:#}").contains("MASTER_PORT"), "{e:#}");
+    // A batch script's own process (a job, no step) is not a launched rank.
+    let batch = [
+        ("SLURM_PROCID", "0"),
+        ("SLURM_NTASKS", "4"),
+        ("SLURM_JOB_ID", "7"),
+    ];
+    assert_eq!(LaunchEnv::from_lookup(lookup_in(&batch)).unwrap(), None);
+}
+
+#[test]
+fn slurm_hostlists_and_task_lists_are_read() {
+    assert_eq!(first_host("node01").unwrap(), "node01");
+    assert_eq!(first_host("a,b").unwrap(), "a");
+    assert_eq!(first_host("gpu[007-010]").unwrap(), "gpu007");
+    assert_eq!(first_host("rack[3,5]-n[01-04],x").unwrap(), "rack3-n01");
+    assert!(first_host("gpu[07").is_err());
+    assert!(first_host("gpu[]").is_err());
+    assert_eq!(tasks_on_node("4", 0).unwrap(), 4);
+    assert_eq!(tasks_on_node("2(x3),1", 2).unwrap(), 2);
+    assert_eq!(tasks_on_node("2(x3),1", 3).unwrap(), 1);
+    assert!(tasks_on_node("2(x3),1", 4).is_err());
+    assert!(tasks_on_node("2(x3", 0).is_err());
 }
 
 #[test]

@@ -33,17 +33,18 @@ pub(crate) fn check(cfg: &TrainConfig) -> Result<Preflight> {
     Ok(out)
 }
 
-/// Refuses to run as one of several processes started by `lathe launch`: this build trains in
-/// one process (`--world N` runs N ranks as threads), so each process would be a whole
-/// independent run writing the same log and checkpoints.
+/// Refuses to run as one of several processes started by a launcher (`lathe launch`,
+/// torchrun, Slurm): the trainer runs every rank of a run in one process (`--world N`, ranks
+/// as threads), so each launched process would be a whole independent run writing the same
+/// log and checkpoints.
 pub fn check_launch_env(env: Option<LaunchEnv>) -> Result<()> {
     match env {
         Some(env) if env.world_size > 1 => bail!(
-            "this process was started by `lathe launch` as rank {} of {} processes, but \
-             multi-process training needs the CUDA backend, which this build does not have: \
-             training runs on the CPU, where every process would be a separate full run writing \
-             the same log and checkpoints. Run `lathe train --world {}` (ranks as threads of one \
-             process) instead",
+            "this process was started by {} as rank {} of {} processes, but this build trains \
+             the ranks of a run as threads of one process: every launched process would be a \
+             separate full run writing the same log and checkpoints. Run one process with \
+             `lathe train --world {}` instead",
+            env.source,
             env.rank,
             env.world_size,
             env.world_size
@@ -167,10 +168,14 @@ mod tests {
             node_rank: 0,
             master_addr: "127.0.0.1".into(),
             master_port: 29500,
+            source: crate::launch::LaunchSource::Slurm,
         };
         assert!(check_launch_env(Some(env(1))).is_ok());
         let e = check_launch_env(Some(env(2))).unwrap_err().to_string();
-        assert!(e.contains("rank 0 of 2") && e.contains("--world 2"), "{e}");
+        assert!(
+            e.contains("rank 0 of 2") && e.contains("--world 2") && e.contains("Slurm"),
+            "{e}"
+        );
     }
 
     #[test]
