@@ -9,6 +9,9 @@
 //! - [`Nccl`]: one rank per process (or per thread) and GPU, over NCCL through cudarc, on device
 //!   buffers (`cudarc::driver::CudaSlice<T>`; its inherent methods also take cudarc views, so a
 //!   bucket or a ZeRO shard of a flat buffer can be passed without a copy).
+//! - [`TcpComm`]: one rank per process, on host buffers, over TCP through rank 0, with
+//!   [`LocalComm`]'s arithmetic (so N processes reproduce N threads bit for bit). [`HostComm`]
+//!   holds either of the two host-buffer communicators.
 //! - The rendezvous ([`rendezvous`], [`RendezvousServer`]): a small TCP exchange that rank 0
 //!   serves, used to hand NCCL's unique id to every rank and as a process-level barrier.
 //!
@@ -34,17 +37,21 @@
 
 mod element;
 mod error;
+mod host_comm;
 mod local;
 mod nccl;
 mod rendezvous;
 mod shard;
+mod tcp;
 
 pub use element::{CommElement, ReduceOp};
 pub use error::CommError;
+pub use host_comm::HostComm;
 pub use local::{LocalComm, LocalGroup};
 pub use nccl::{Nccl, NcclId, nccl_available};
 pub use rendezvous::{RendezvousServer, rendezvous, rendezvous_join};
 pub use shard::{padded_shard_len, shard_range, shard_ranges};
+pub use tcp::TcpComm;
 
 /// Collectives among the `world_size()` ranks of a group; this endpoint is rank `rank()`.
 ///

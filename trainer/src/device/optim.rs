@@ -2,7 +2,7 @@
 //! queued on the device's compute stream with no host synchronisation.
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
-use lathe_host::comm::{Communicator, LocalComm, ReduceOp};
+use lathe_host::comm::{Communicator, HostComm, ReduceOp};
 use lathe_host::nn_ops::{AdamWLaunch, DeviceDecayRanges, WorkingCopyMut};
 use lathe_host::{Device, DeviceBuffer, KernelArg};
 use lathe_kernels::Problem;
@@ -451,7 +451,7 @@ impl DeviceOptimizer {
         working: WorkingCopyMut<'_>,
         lr: f32,
         inject_nonfinite: bool,
-        comm: &LocalComm,
+        comm: &HostComm,
     ) -> Result<()> {
         ensure!(
             self.norm_shards.len() == comm.world_size(),
@@ -496,7 +496,7 @@ impl DeviceOptimizer {
 
     /// Non-finite check and norm partials over this rank's `shard`, exchanged with the
     /// other ranks through host memory, then the finish over every rank's partials.
-    fn check_exchanged(&mut self, shard: &DeviceBuffer<f32>, comm: &LocalComm) -> Result<()> {
+    fn check_exchanged(&mut self, shard: &DeviceBuffer<f32>, comm: &HostComm) -> Result<()> {
         let counts: Vec<usize> = self
             .norm_shards
             .iter()
@@ -544,7 +544,7 @@ impl DeviceOptimizer {
         working: WorkingCopyMut<'_>,
         lr: f32,
         inject_nonfinite: bool,
-        exchange: Option<&LocalComm>,
+        exchange: Option<&HostComm>,
     ) -> Result<()> {
         let mut grad_shard = grad_shard;
         self.check_step(

@@ -19,7 +19,7 @@
 //!
 //! # Where the host staging is
 //!
-//! Simulated devices do not share memory and [`LocalComm`] reduces host slices, so one bucket's
+//! Simulated devices do not share memory and [`HostComm`] reduces host slices, so one bucket's
 //! reduction is: copy the bucket range of the device gradients into a host staging buffer
 //! (waiting for the compute stream, which has queued every addition into that range), average
 //! the staging buffers over the ranks with an all-reduce (`ReduceOp::Avg`: an f32 sum in rank
@@ -41,16 +41,16 @@ use crate::zero::{DEFAULT_BUCKET_BYTES, bucket_ranges};
 use anyhow::{Context, Result, anyhow, bail};
 use lathe_autograd::{GradReadyHook, ParamStore};
 use lathe_host::DeviceBuffer;
-use lathe_host::comm::{Communicator, LocalComm, ReduceOp};
+use lathe_host::comm::{Communicator, HostComm, ReduceOp};
 use std::ops::Range;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-/// Averages the gradients of device ranks over a [`LocalComm`] group, in buckets, through
+/// Averages the gradients of device ranks over a [`HostComm`] group, in buckets, through
 /// host staging. See the module documentation.
 pub struct DeviceGradReducer {
     /// A communicator used by this reducer only: the hook runs inside the backward pass,
     /// while the trainer holds its own endpoint of the same ranks.
-    comm: LocalComm,
+    comm: HostComm,
     len: usize,
     /// Elements per bucket (the last-listed bucket, which starts at 0, may be shorter).
     bucket_elems: usize,
@@ -104,7 +104,8 @@ impl DeviceGradReducer {
 
     /// A reducer for a flat gradient buffer of `len` f32 elements, `bucket_elems` per bucket
     /// (0: one bucket). Every rank of `comm`'s group must build it with the same arguments.
-    pub fn new(comm: LocalComm, len: usize, bucket_elems: usize) -> Self {
+    pub fn new(comm: impl Into<HostComm>, len: usize, bucket_elems: usize) -> Self {
+        let comm = comm.into();
         let buckets = bucket_ranges(len, bucket_elems);
         let bucket_elems = buckets.first().map_or(0, |b| b.len());
         DeviceGradReducer {
@@ -329,7 +330,7 @@ pub fn grad_ready_hook(reducer: &SharedReducer) -> GradReadyHook<f32> {
 /// broadcasts it, in rank order (collective over `comm`). Without a communicator (one rank),
 /// a device copy.
 pub fn gather_pieces<T>(
-    comm: Option<&LocalComm>,
+    comm: Option<&HostComm>,
     range: Range<usize>,
     shards: &[Range<usize>],
     mine: &DeviceBuffer<T>,

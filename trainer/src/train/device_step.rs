@@ -33,7 +33,7 @@
 //! all-gathered into every rank's full working copy — the elementwise update of stage 0, so
 //! stage 1 takes stage 0's steps bit for bit. The Device API has no copy between ranges of
 //! two device buffers, so the gradient shard goes out through host staging too, and the
-//! all-gather runs over [`LocalComm`](lathe_host::comm::LocalComm) host buffers: one host wait
+//! all-gather runs over [`HostComm`](lathe_host::comm::HostComm) host buffers: one host wait
 //! per step, which an NCCL all-gather on device buffers removes on GPUs.
 //!
 //! ZeRO stage 2 (`--zero 2`) on devices: as stage 1, except that the gradient reducer keeps,
@@ -74,7 +74,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use lathe_autograd::{DType, DevBuf, ParamGatherHook, ParamStore, WorkingMut};
 use lathe_host::Device;
 use lathe_host::DeviceBuffer;
-use lathe_host::comm::{CommElement, Communicator, LocalComm, shard_range};
+use lathe_host::comm::{CommElement, Communicator, HostComm, shard_range};
 use lathe_host::nn_ops::WorkingCopyMut;
 use std::collections::VecDeque;
 use std::ops::Range;
@@ -175,7 +175,7 @@ fn all_shards(len: usize, world: usize) -> Vec<Range<usize>> {
 /// Every rank's `shard` (a device buffer) gathered into `full` on every rank, through host
 /// memory (collective on `comm`).
 fn all_gather_device<T>(
-    comm: &LocalComm,
+    comm: &HostComm,
     shard: &DeviceBuffer<T>,
     full: &mut DeviceBuffer<T>,
 ) -> Result<()>
@@ -194,7 +194,7 @@ where
 }
 
 /// Every rank's shard of a host vector, gathered to full length on every rank.
-fn all_gather_host(comm: &LocalComm, shard: &[f32], len: usize, what: &str) -> Result<Vec<f32>> {
+fn all_gather_host(comm: &HostComm, shard: &[f32], len: usize, what: &str) -> Result<Vec<f32>> {
     let mut all = vec![0.0f32; len];
     comm.all_gather_uneven(shard, &mut all[..])
         .map_err(anyhow::Error::new)

@@ -4,7 +4,9 @@
 //! `--zero S` shards their model state (stages 0-3) and `--offload-optimizer` keeps the
 //! optimizer in host memory — see [`crate::zero`] for what each stage holds and exchanges.
 //! Rank 0 logs, evaluates and checkpoints; every rank holds the same weights after every step.
-//! One rank (`--world 1`, the default) runs the same code on the calling thread.
+//! One rank (`--world 1`, the default) runs the same code on the calling thread. A process
+//! that a launcher started as one of several ([`LaunchEnv`]) is one rank of a device run, its
+//! collectives over [`TcpComm`] (the same arithmetic as the in-process group).
 //!
 //! One optimizer step, per rank: make the full working copy available (stage 3: all-gather);
 //! zero the gradients; for each of `accum` micro-batches run the forward on the tape and
@@ -40,6 +42,7 @@ mod step;
 use crate::config::{DeviceSpec, OptimizerArg, RecomputeArg, TrainArgs, TrainConfig};
 use crate::data::{AdditionConfig, Loader, LoaderConfig, LoaderPosition, Source, Split};
 use crate::early_stop::EarlyStopping;
+use crate::launch::LaunchEnv;
 use crate::optim::{AdamWConfig, OptimizerConfig, Rounding, SgdConfig};
 use crate::precision::{LossScaler, NonFiniteInjection, Precision};
 use crate::profiler::{Profiler, RangeSink};
@@ -49,7 +52,7 @@ use crate::zero::{
 };
 use anyhow::{Context, Result, anyhow, bail};
 use lathe_autograd::{DType, Gpt, GptConfig, Recompute, Tape};
-use lathe_host::comm::{CommError, Communicator, LocalComm, LocalGroup};
+use lathe_host::comm::{CommError, Communicator, HostComm, LocalGroup, TcpComm};
 use std::time::Duration;
 
 pub use eval::EvalOutcome;
@@ -92,19 +95,38 @@ pub struct RankReport {
 /// fails or panics drops its endpoint, which ends every peer's wait at once.
 const RANK_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 
+/// How long a launched process waits for the others to join the run.
+const RENDEZVOUS_TIMEOUT: Duration = Duration::from_secs(5 * 60);
+
 /// Stack of each rank's thread (the main thread's usual size).
 const RANK_STACK_BYTES: usize = 8 << 20;
 
 /// Entry point of `lathe train`.
 pub fn run_train(args: TrainArgs) -> Result<TrainOutcome> {
-    let args = args.with_config_file()?;
+    let mut args = args.with_config_file()?;
+    // Started by a launcher as one of several processes: this process is one rank.
+    let launch = LaunchEnv::from_env()?.filter(|e| e.world_size > 1);
     let device = args.device.unwrap_or(DeviceSpec::Auto);
+    let device_index = launch.as_ref().map_or(0, |e| e.local_rank);
     // Fail early on a device that cannot be opened (a simulated device always can).
     let on_device = match device {
         DeviceSpec::Cpu => false,
         DeviceSpec::Sim => true,
-        spec => open_device(spec, 0)?.is_some(),
+        spec => open_device(spec, device_index)?.is_some(),
     };
+    preflight::check_launch_env(launch.clone(), on_device)?;
+    if let Some(env) = &launch {
+        match args.world {
+            Some(w) if w != env.world_size => bail!(
+                "--world {w}: this process was started by {} as rank {} of {} processes, and \
+                 the launcher's processes are the ranks; drop --world",
+                env.source,
+                env.rank,
+                env.world_size
+            ),
+            _ => args.world = Some(env.world_size),
+        }
+    }
     let cfg = TrainConfig::resolve(args, on_device)?;
     let pre = preflight::check(&cfg)?;
     {
@@ -116,7 +138,42 @@ pub fn run_train(args: TrainArgs) -> Result<TrainOutcome> {
             memory::check(&cfg, &gcfg, seq_len, recompute_of(cfg.recompute))?;
         }
     }
-    train_ranks(cfg, pre)
+    match launch {
+        Some(env) => train_launched(cfg, pre, env),
+        None => train_ranks(cfg, pre),
+    }
+}
+
+/// One rank of a run whose ranks are processes (a launcher started them): connects to the
+/// other processes through the rendezvous at the master address, then trains as that rank,
+/// on device `local rank`. Rank 0 alone logs, evaluates and writes checkpoints, as with
+/// in-process ranks.
+fn train_launched(
+    cfg: TrainConfig,
+    pre: preflight::Preflight,
+    env: LaunchEnv,
+) -> Result<TrainOutcome> {
+    let who = format!("rank {} of {} ({})", env.rank, env.world_size, env.source);
+    let mut comms = TcpComm::connect_group(
+        env.rank,
+        env.world_size,
+        &env.master(),
+        2,
+        RENDEZVOUS_TIMEOUT,
+    )
+    .with_context(|| format!("{who}: joining the other processes at {}", env.master()))?;
+    for c in &mut comms {
+        c.set_timeout(RANK_TIMEOUT);
+    }
+    let (Some(grad_comm), Some(comm)) = (comms.pop(), comms.pop()) else {
+        bail!("{who}: the process group has too few communicators");
+    };
+    let rr = run_rank(cfg, comm.into(), grad_comm.into(), pre, env.local_rank)
+        .with_context(|| format!("{who} failed"))?;
+    Ok(TrainOutcome {
+        ranks: vec![rr.report],
+        ..rr.outcome
+    })
 }
 
 /// What one rank's thread hands back.
@@ -127,12 +184,13 @@ struct RankResult {
 
 fn run_rank(
     cfg: TrainConfig,
-    comm: LocalComm,
-    grad_comm: LocalComm,
+    comm: HostComm,
+    grad_comm: HostComm,
     pre: preflight::Preflight,
+    device_index: usize,
 ) -> Result<RankResult> {
     let rank = comm.rank();
-    let mut t = Trainer::new(cfg, comm, grad_comm)?;
+    let mut t = Trainer::new(cfg, comm, grad_comm, device_index)?;
     t.overwrite_pending = pre.overwrite_existing;
     let outcome = t.run()?;
     Ok(RankResult {
@@ -158,7 +216,7 @@ fn train_ranks(cfg: TrainConfig, pre: preflight::Preflight) -> Result<TrainOutco
         comms
             .into_iter()
             .zip(grad_comms)
-            .map(|(c, g)| run_rank(cfg.clone(), c, g, pre.clone()))
+            .map(|(c, g)| run_rank(cfg.clone(), c.into(), g.into(), pre.clone(), 0))
             .collect()
     } else {
         std::thread::scope(|s| {
@@ -168,7 +226,9 @@ fn train_ranks(cfg: TrainConfig, pre: preflight::Preflight) -> Result<TrainOutco
                 let h = std::thread::Builder::new()
                     .name(format!("lathe-rank-{rank}"))
                     .stack_size(RANK_STACK_BYTES)
-                    .spawn_scoped(s, move || run_rank(cfg, comm, grad_comm, pre))
+                    .spawn_scoped(s, move || {
+                        run_rank(cfg, comm.into(), grad_comm.into(), pre, rank)
+                    })
                     .with_context(|| format!("starting the thread of rank {rank}"));
                 handles.push(h);
             }
@@ -341,7 +401,7 @@ fn optimizer_config(cfg: &TrainConfig) -> OptimizerConfig {
 /// One rank of a training run in progress.
 pub struct Trainer {
     cfg: TrainConfig,
-    comm: LocalComm,
+    comm: HostComm,
     model: Gpt,
     /// This rank's (sharded) model state and the parameter store its tape uses.
     zero: ShardedModel,
@@ -372,7 +432,7 @@ pub struct Trainer {
     /// The device the step runs on (`None`: the CPU reference backend).
     dev: Option<device_step::DeviceRun>,
     /// The gradient reducer's communicator until a multi-rank device run takes it.
-    grad_comm: Option<LocalComm>,
+    grad_comm: Option<HostComm>,
 }
 
 impl Trainer {
@@ -381,7 +441,15 @@ impl Trainer {
     /// built with the same `cfg`. `grad_comm` is this rank's endpoint of a second group of the
     /// same ranks, used by a device run's gradient reducer from inside the backward pass
     /// ([`crate::device::DeviceGradReducer`]); the CPU path does not use it.
-    pub fn new(cfg: TrainConfig, comm: LocalComm, grad_comm: LocalComm) -> Result<Self> {
+    /// The trainer of rank `comm.rank()`; a device run opens device `device_index` of the
+    /// `--device` spec (`cuda:N`: GPU `N + device_index`; the rank for in-process ranks, the
+    /// local rank for launched processes).
+    pub fn new(
+        cfg: TrainConfig,
+        comm: HostComm,
+        grad_comm: HostComm,
+        device_index: usize,
+    ) -> Result<Self> {
         for (what, c) in [
             ("communicator", &comm),
             ("gradient communicator", &grad_comm),
@@ -464,7 +532,7 @@ impl Trainer {
             dev: None,
             grad_comm: Some(grad_comm),
         };
-        if let Some(dev) = open_device(t.cfg.device, t.comm.rank())? {
+        if let Some(dev) = open_device(t.cfg.device, device_index)? {
             if matches!(t.cfg.optimizer, OptimizerArg::Sgd) {
                 bail!("--optimizer sgd: the device step has fused AdamW only; use adamw");
             }

@@ -19,7 +19,6 @@ pub(crate) struct Preflight {
 
 /// Runs every startup check on resolved settings.
 pub(crate) fn check(cfg: &TrainConfig) -> Result<Preflight> {
-    check_launch_env(LaunchEnv::from_env()?)?;
     let mut out = Preflight::default();
     if let Some(save) = &cfg.save {
         out.overwrite_existing = check_save_dir(save, cfg.resume.as_deref(), cfg.overwrite)?;
@@ -33,17 +32,17 @@ pub(crate) fn check(cfg: &TrainConfig) -> Result<Preflight> {
     Ok(out)
 }
 
-/// Refuses to run as one of several processes started by a launcher (`lathe launch`,
-/// torchrun, Slurm): the trainer runs every rank of a run in one process (`--world N`, ranks
-/// as threads), so each launched process would be a whole independent run writing the same
-/// log and checkpoints.
-pub fn check_launch_env(env: Option<LaunchEnv>) -> Result<()> {
+/// Refuses a CPU run started by a launcher (`lathe launch`, torchrun, Slurm) as one of several
+/// processes: the CPU backend runs the ranks of a run as threads of one process (`--world N`).
+/// On a device (`--device sim|cuda`) each launched process is one rank.
+pub fn check_launch_env(env: Option<LaunchEnv>, on_device: bool) -> Result<()> {
     match env {
-        Some(env) if env.world_size > 1 => bail!(
-            "this process was started by {} as rank {} of {} processes, but this build trains \
-             the ranks of a run as threads of one process: every launched process would be a \
-             separate full run writing the same log and checkpoints. Run one process with \
-             `lathe train --world {}` instead",
+        Some(env) if env.world_size > 1 && !on_device => bail!(
+            "this process was started by {} as rank {} of {} processes, but it would train on \
+             the CPU, whose ranks are threads of one process: every launched process would be \
+             a separate full run writing the same log and checkpoints. Run one process with \
+             `lathe train --world {}`, or give each process a device (`--device sim`, \
+             `--device cuda`)",
             env.source,
             env.rank,
             env.world_size,
@@ -159,7 +158,7 @@ mod tests {
 
     #[test]
     fn launched_ranks_are_refused_and_single_processes_run() {
-        assert!(check_launch_env(None).is_ok());
+        assert!(check_launch_env(None, false).is_ok());
         let env = |world| LaunchEnv {
             rank: 0,
             local_rank: 0,
@@ -170,8 +169,11 @@ mod tests {
             master_port: 29500,
             source: crate::launch::LaunchSource::Slurm,
         };
-        assert!(check_launch_env(Some(env(1))).is_ok());
-        let e = check_launch_env(Some(env(2))).unwrap_err().to_string();
+        assert!(check_launch_env(Some(env(1)), false).is_ok());
+        assert!(check_launch_env(Some(env(2)), true).is_ok());
+        let e = check_launch_env(Some(env(2)), false)
+            .unwrap_err()
+            .to_string();
         assert!(
             e.contains("rank 0 of 2") && e.contains("--world 2") && e.contains("Slurm"),
             "{e}"

@@ -1,10 +1,10 @@
-//! The collectives of a data-parallel step, over [`LocalComm`]'s host buffers.
+//! The collectives of a data-parallel step, over [`HostComm`]'s host buffers.
 //!
 //! Every function here is a collective: all ranks of the group call it in the same order with
 //! matching lengths. Reductions fold the ranks in rank order (see `lathe_host::comm`), so the
 //! results are identical run to run.
 
-use lathe_host::comm::{CommElement, CommError, Communicator, LocalComm, ReduceOp, shard_range};
+use lathe_host::comm::{CommElement, CommError, Communicator, HostComm, ReduceOp, shard_range};
 use std::ops::Range;
 
 /// Gradient bucket size: 25 MiB, PyTorch DDP's `bucket_cap_mb` default.
@@ -35,7 +35,7 @@ pub fn bucket_ranges(len: usize, bucket_elems: usize) -> Vec<Range<usize>> {
 /// the result does not depend on the bucket size (each element is reduced over the ranks in
 /// rank order whatever slice it travels in).
 pub fn all_reduce_buckets(
-    comm: &LocalComm,
+    comm: &HostComm,
     grads: &mut [f32],
     bucket_elems: usize,
 ) -> Result<usize, CommError> {
@@ -47,7 +47,7 @@ pub fn all_reduce_buckets(
 }
 
 /// Whether `local` is true on any rank (an all-reduce `Max` of one flag).
-pub fn any_rank(comm: &LocalComm, local: bool) -> Result<bool, CommError> {
+pub fn any_rank(comm: &HostComm, local: bool) -> Result<bool, CommError> {
     let mut flag = [if local { 1.0f32 } else { 0.0 }];
     comm.all_reduce(&mut flag, ReduceOp::Max)?;
     Ok(flag[0] != 0.0)
@@ -57,7 +57,7 @@ pub fn any_rank(comm: &LocalComm, local: bool) -> Result<bool, CommError> {
 /// slot of a `world`-long vector, the vector is all-reduced (a slot's other contributions are
 /// zeros, so the slots arrive exact), and the slots are summed in order. With one rank the
 /// result is `local` itself, bit for bit.
-pub fn sum_over_ranks(comm: &LocalComm, local: f64) -> Result<f64, CommError> {
+pub fn sum_over_ranks(comm: &HostComm, local: f64) -> Result<f64, CommError> {
     let mut slots = vec![0.0f64; comm.world_size()];
     slots[comm.rank()] = local;
     comm.all_reduce(&mut slots, ReduceOp::Sum)?;
@@ -65,7 +65,7 @@ pub fn sum_over_ranks(comm: &LocalComm, local: f64) -> Result<f64, CommError> {
 }
 
 /// The mean over ranks of `local` (an all-reduce `Avg` of one value).
-pub fn mean_over_ranks(comm: &LocalComm, local: f64) -> Result<f64, CommError> {
+pub fn mean_over_ranks(comm: &HostComm, local: f64) -> Result<f64, CommError> {
     let mut v = [local];
     comm.all_reduce(&mut v, ReduceOp::Avg)?;
     Ok(v[0])
@@ -78,7 +78,7 @@ pub fn mean_over_ranks(comm: &LocalComm, local: f64) -> Result<f64, CommError> {
 /// buffer (an all-gather would give every rank a full-size copy). Meant for rare events —
 /// checkpoints and evaluation — not for every step.
 pub fn gather_to_root<T: CommElement>(
-    comm: &LocalComm,
+    comm: &HostComm,
     shard: &[T],
     len: usize,
     root: usize,
@@ -116,8 +116,8 @@ mod tests {
     use super::*;
     use lathe_host::comm::LocalGroup;
 
-    fn on_ranks<R: Send>(world: usize, f: impl Fn(LocalComm) -> R + Sync) -> Vec<R> {
-        let comms = LocalGroup::new(world);
+    fn on_ranks<R: Send>(world: usize, f: impl Fn(HostComm) -> R + Sync) -> Vec<R> {
+        let comms: Vec<HostComm> = LocalGroup::new(world).into_iter().map(Into::into).collect();
         std::thread::scope(|s| {
             let hs: Vec<_> = comms.into_iter().map(|c| s.spawn(|| f(c))).collect();
             hs.into_iter().map(|h| h.join().unwrap()).collect()

@@ -85,7 +85,7 @@ pub use collectives::{
     DEFAULT_BUCKET_BYTES, all_reduce_buckets, any_rank, bucket_ranges, gather_to_root,
     mean_over_ranks, sum_over_ranks,
 };
-pub use lathe_host::comm::{LocalComm, LocalGroup, shard_range};
+pub use lathe_host::comm::{HostComm, LocalComm, LocalGroup, shard_range};
 pub use memory::{
     MemoryRow, MemoryTable, RankMemory, StateWidths, memory_table, paper_bytes_per_param,
     rank_report,

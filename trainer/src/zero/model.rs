@@ -23,7 +23,7 @@ use crate::optim::{
 use crate::precision::has_nonfinite;
 use half::{bf16, f16};
 use lathe_autograd::{DType, ParamSpec, ParamStore};
-use lathe_host::comm::{CommElement, CommError, Communicator, LocalComm, ReduceOp, shard_range};
+use lathe_host::comm::{CommElement, CommError, Communicator, HostComm, ReduceOp, shard_range};
 use rayon::prelude::*;
 use std::borrow::Cow;
 use std::ops::Range;
@@ -86,7 +86,7 @@ fn image<T: Copy + Sync>(src: &[T], dst: &mut [f32], f: impl Fn(T) -> f32 + Sync
 
 /// All-gathers this rank's `shard` of `buf` into the whole of `buf`.
 fn gather_in_place<T: CommElement>(
-    comm: &LocalComm,
+    comm: &HostComm,
     buf: &mut [T],
     shard: &Range<usize>,
 ) -> Result<(), CommError> {
@@ -106,7 +106,7 @@ fn fnv(words: impl Iterator<Item = u64>) -> u64 {
 impl ShardedModel {
     /// This rank's state from the full initial parameters `init` (every rank passes the same):
     /// keeps the master shard, builds fresh optimizer state, writes the working copy.
-    pub fn new(opts: ZeroOptions, comm: &LocalComm, init: &ParamStore) -> Result<Self, ZeroError> {
+    pub fn new(opts: ZeroOptions, comm: &HostComm, init: &ParamStore) -> Result<Self, ZeroError> {
         let (rank, world, len) = (comm.rank(), comm.world_size(), init.num_params());
         let stage = opts.stage;
         let shard = shard_range(len, world, rank);
@@ -278,7 +278,7 @@ impl ShardedModel {
 
     /// Step phase 1 (collective in stage 3): makes the workspace hold the full working copy
     /// and zero gradients.
-    pub fn begin_step(&mut self, comm: &LocalComm) -> Result<(), ZeroError> {
+    pub fn begin_step(&mut self, comm: &HostComm) -> Result<(), ZeroError> {
         let stage = self.opts.stage;
         if !stage.shards_gradients() {
             let ws = self
@@ -379,7 +379,7 @@ impl ShardedModel {
     /// Step phase 3 (collective): averages the gradients over the ranks. Stages 0-1:
     /// all-reduce in buckets, in place; stages 2-3: reduce-scatter into the rank's shard and
     /// release the workspace. Returns the number of reductions made.
-    pub fn reduce_gradients(&mut self, comm: &LocalComm) -> Result<usize, ZeroError> {
+    pub fn reduce_gradients(&mut self, comm: &HostComm) -> Result<usize, ZeroError> {
         let ws = self.workspace.as_mut().ok_or(ZeroError::OutOfOrder(
             "reduce_gradients needs the step's workspace",
         ))?;
@@ -409,7 +409,7 @@ impl ShardedModel {
     /// global L2 norm of the unscaled gradients (NaN when a non-finite value was found).
     pub fn check_gradients(
         &self,
-        comm: &LocalComm,
+        comm: &HostComm,
         inv_scale: f32,
     ) -> Result<(bool, f64), ZeroError> {
         let g = self.grad_shard()?;
@@ -425,7 +425,7 @@ impl ShardedModel {
 
     /// Step phase 5 (collective where the stage gathers): updates this rank's master shard
     /// (`args.offset` is replaced by the shard's start) and brings the working copy up to date.
-    pub fn step(&mut self, comm: &LocalComm, args: &StepArgs) -> Result<StepOutcome, ZeroError> {
+    pub fn step(&mut self, comm: &HostComm, args: &StepArgs) -> Result<StepOutcome, ZeroError> {
         let stage = self.opts.stage;
         let args = StepArgs {
             offset: self.own.start,
@@ -460,7 +460,7 @@ impl ShardedModel {
 
     /// After an applied update: makes the working copy whole again where the stage keeps it
     /// whole (all-gather), and refreshes the workspace image (stages 0-1).
-    fn publish(&mut self, comm: &LocalComm) -> Result<(), ZeroError> {
+    fn publish(&mut self, comm: &HostComm) -> Result<(), ZeroError> {
         let stage = self.opts.stage;
         let master = self.opt.master();
         match &mut self.working {
@@ -495,7 +495,7 @@ impl ShardedModel {
     /// elsewhere. Evaluation and decoding use it.
     pub fn with_root_params<R>(
         &self,
-        comm: &LocalComm,
+        comm: &HostComm,
         f: impl FnOnce(&ParamStore) -> R,
     ) -> Result<Option<R>, ZeroError> {
         if self.opts.stage.shards_parameters() {
@@ -538,7 +538,7 @@ impl ShardedModel {
     }
 
     /// The full fp32 master on rank 0 (collective from stage 1 on: gathered), `None` elsewhere.
-    pub fn master_on_root(&self, comm: &LocalComm) -> Result<Option<Cow<'_, [f32]>>, ZeroError> {
+    pub fn master_on_root(&self, comm: &HostComm) -> Result<Option<Cow<'_, [f32]>>, ZeroError> {
         if !self.opts.stage.shards_optimizer() {
             return Ok((self.rank == 0).then(|| Cow::Borrowed(self.opt.master())));
         }
@@ -550,7 +550,7 @@ impl ShardedModel {
     #[allow(clippy::type_complexity)]
     pub fn optimizer_on_root(
         &self,
-        comm: &LocalComm,
+        comm: &HostComm,
     ) -> Result<Option<(OptimizerState, Vec<(&'static str, Cow<'_, [f32]>)>)>, ZeroError> {
         let o = self.opt.optimizer();
         let state = OptimizerState {
