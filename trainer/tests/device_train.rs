@@ -10,7 +10,7 @@
 //! relative difference: 2^-7 ~ 7.8e-3 in bf16 (8-bit significand), 2^-10 ~ 9.8e-4 in f16 (11
 //! bits), and 1e-5 in f32 (the f32 kernel tolerance of the project). Measured on the simulated
 //! device over the 20 steps of the default schedule at this test's batches: 4.3e-4 (bf16),
-//! 6.6e-5 (f16), 1.6e-7 (f32). At a high learning rate straight away (3e-3 after 2 warm-up steps) the same flips grow
+//! 6.6e-5 (f16), 1.9e-7 (f32, at 1 x 16). At a high learning rate straight away (3e-3 after 2 warm-up steps) the same flips grow
 //! through the loss spikes of the tiny model to about 1e-2 by step 11 in f16: that is the
 //! training dynamics, not the kernels, so the tracking check uses the default schedule.
 
@@ -73,11 +73,11 @@ fn max_rel(a: &[f64], b: &[f64]) -> f64 {
 fn twenty_steps_track_the_cpu_in_every_precision() {
     // Batches the simulator runs in about half a second a step: 2 x 32 tokens on the
     // tensor-core kernels; f32 runs on the SIMT kernel, which the simulator interprets lane by
-    // lane, at 2 x 16.
+    // lane, at 1 x 16.
     for (p, b, t, tol) in [
         (Precision::Bf16, 2, 32, BF16_TOL),
         (Precision::Fp16, 2, 32, F16_TOL),
-        (Precision::Fp32, 2, 16, F32_TOL),
+        (Precision::Fp32, 1, 16, F32_TOL),
     ] {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("dev.jsonl");
@@ -93,6 +93,7 @@ fn twenty_steps_track_the_cpu_in_every_precision() {
         });
         assert_eq!(dev.losses.len(), 20);
         let e = max_rel(&dev.losses, &cpu.losses);
+        eprintln!("{p:?} {b} x {t}: device vs CPU over 20 steps: {e:.2e} (bound {tol:.2e})");
         assert!(
             e <= tol,
             "{p:?}: device losses {:?} vs cpu {:?}: {e:.2e}",
@@ -140,11 +141,11 @@ fn fp16_skips_injected_non_finite_steps_on_the_device_and_halves_the_scale() {
 fn accumulation_of_k_micro_batches_equals_one_batch_of_k_b() {
     let one = run(TrainArgs {
         accum: Some(1),
-        ..args(DeviceSpec::Sim, Precision::Fp32, 2, 16, 3)
+        ..args(DeviceSpec::Sim, Precision::Fp32, 2, 16, 2)
     });
     let two = run(TrainArgs {
         accum: Some(2),
-        ..args(DeviceSpec::Sim, Precision::Fp32, 1, 16, 3)
+        ..args(DeviceSpec::Sim, Precision::Fp32, 1, 16, 2)
     });
     // Same tokens per step; the weight gradients sum the same rows in two groups instead of
     // one, which moves f32 results by a few ulp.
