@@ -7,6 +7,9 @@
 //! - `lathe bench step [--model M] ...`: wall time of training steps on the CPU backend.
 //! - `lathe bench zero [--model M] [--worlds 1,2,4,8] [--precision P]`: model-state bytes per
 //!   rank at every ZeRO stage (Lathe's layout next to the ZeRO paper's formulas).
+//! - `lathe bench gemm|adamw|attention [--device cuda|sim] [--shape ...] [--iters N]`: the
+//!   device step's kernels, timed on a GPU, counted on the simulator
+//!   ([`crate::bench_kernels`]).
 
 use crate::precision::Precision;
 use anyhow::Result;
@@ -21,6 +24,12 @@ pub enum BenchKind {
     Step,
     /// Per-rank model-state memory at every ZeRO stage, next to the ZeRO paper's formulas.
     Zero,
+    /// The three GEMMs of a linear layer (`--shape M,N,K`).
+    Gemm,
+    /// The fused AdamW step (`--shape N` parameters).
+    Adamw,
+    /// Causal attention forward + backward (`--shape B,HEADS,T,HEAD_SIZE`).
+    Attention,
 }
 
 /// Flags of `lathe bench`.
@@ -44,6 +53,18 @@ pub struct BenchArgs {
     /// World sizes for the `zero` table.
     #[arg(long, value_delimiter = ',', default_value = "1,2,4,8")]
     pub worlds: Vec<usize>,
+    /// Device of the kernel benchmarks: `cuda[:N]`, `sim`, or `auto` (a GPU if one is usable,
+    /// else the simulated device).
+    #[arg(long, default_value = "auto")]
+    pub device: crate::config::DeviceSpec,
+    /// Problem shapes of the kernel benchmarks (repeatable): `M,N,K` for gemm, `N` for adamw,
+    /// `B,HEADS,T,HEAD_SIZE` for attention. Defaults: GPT-2 124M's shapes on a GPU, small ones
+    /// on the simulator.
+    #[arg(long)]
+    pub shape: Vec<String>,
+    /// Timed runs of each kernel benchmark on a GPU (after one warm-up; the median is shown).
+    #[arg(long, default_value_t = 20)]
+    pub iters: usize,
 }
 
 fn dtype(p: Precision) -> DType {
@@ -101,6 +122,16 @@ pub fn recompute_memory(
 
 /// Entry point of `lathe bench`.
 pub fn run_bench(args: BenchArgs) -> Result<()> {
+    use crate::bench_kernels::{KernelBench, run as run_kernels};
+    let kernel = match args.kind {
+        BenchKind::Gemm => Some(KernelBench::Gemm),
+        BenchKind::Adamw => Some(KernelBench::Adamw),
+        BenchKind::Attention => Some(KernelBench::Attention),
+        _ => None,
+    };
+    if let Some(k) = kernel {
+        return run_kernels(k, args.device, &args.shape, args.iters).map(|_| ());
+    }
     match args.kind {
         BenchKind::Memory => {
             let models = if args.model.is_empty() {
@@ -155,6 +186,8 @@ pub fn run_bench(args: BenchArgs) -> Result<()> {
             println!("{table}");
             Ok(())
         }
+        // Run above.
+        BenchKind::Gemm | BenchKind::Adamw | BenchKind::Attention => Ok(()),
         BenchKind::Step => {
             let model = args.model.first().cloned().unwrap_or_else(|| "tiny".into());
             let targs = crate::config::TrainArgs {

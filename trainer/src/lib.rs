@@ -2,6 +2,7 @@
 //! `lathe` command line.
 
 pub mod bench;
+pub mod bench_kernels;
 pub mod checkpoint;
 pub mod config;
 pub mod data;

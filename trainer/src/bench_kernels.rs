@@ -1,0 +1,514 @@
+//! `lathe bench gemm|adamw|attention`: the kernels the device step spends its time in, one
+//! problem at a time.
+//!
+//! On a GPU (`--device cuda[:N]`): the median time of `--iters` launches timed with CUDA events
+//! after a warm-up, and the rate (TFLOP/s for products, GB/s for AdamW). On the simulated
+//! device (`--device sim`): no time (the simulator has no timing model) but what each launch
+//! did, next to the problem's napkin math — tensor-core FLOPs against `2 M N K`, global bytes
+//! against the bytes the problem must move, 32-byte sectors per request (4 is a perfectly
+//! coalesced 4-byte-per-lane warp access, 8 and 16 for 8 and 16 bytes per lane), shared-memory bank
+//! conflicts (extra wavefronts; 0 for a conflict-free kernel) and warp instructions per
+//! thousand tensor-core FLOPs: an efficiency report a kernel author can act on without a GPU.
+//!
+//! The products are the three of a linear layer in training, as the device step launches
+//! them: forward `Y = X W^T`, input gradient `dX = dY W`, weight gradient `dW += dY^T X` (f32,
+//! beta = 1). Attention is the device step's unfused causal attention (batched products and
+//! softmax kernels), forward and backward through the tape.
+//!
+//! The peers (cuBLASLt for GEMM, PyTorch for AdamW and attention) are measured by the criterion
+//! benchmarks in `benches/` (`cargo bench -p lathe-benches --bench gemm|nn`) on a GPU; this
+//! command prints Lathe's side only.
+
+use crate::config::DeviceSpec;
+use anyhow::{Context, Result, bail};
+use half::bf16;
+use lathe_autograd::{DType, Tape, Tensor};
+use lathe_host::gemm_ops::{Gemm, Op};
+use lathe_host::nn_ops::{AdamWLaunch, WorkingCopyMut};
+use lathe_host::timing::KernelTiming;
+use lathe_host::{Device, DeviceBuffer};
+use lathe_kernels::nn::adamw::DecayRanges;
+use lathe_kernels::nn::amp::StepState;
+use lathe_kernels::rng::Rng;
+
+/// Which kernel family to measure.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KernelBench {
+    Gemm,
+    Adamw,
+    Attention,
+}
+
+fn open(spec: DeviceSpec) -> Result<Device> {
+    match spec {
+        DeviceSpec::Sim => Device::sim().context("--device sim"),
+        DeviceSpec::Cuda(n) => Device::cuda(n).with_context(|| format!("--device cuda:{n}")),
+        DeviceSpec::Auto => match Device::cuda(0) {
+            Ok(d) => Ok(d),
+            Err(_) => Device::sim().context("no usable GPU; the simulated device"),
+        },
+        DeviceSpec::Cpu => bail!("kernel benchmarks run on a device: --device cuda or sim"),
+    }
+}
+
+fn random_bf16(rng: &mut Rng, n: usize) -> Vec<bf16> {
+    (0..n)
+        .map(|_| bf16::from_f32(rng.range_f32(-1.0, 1.0)))
+        .collect()
+}
+
+fn random_f32(rng: &mut Rng, n: usize, scale: f32) -> Vec<f32> {
+    (0..n).map(|_| rng.range_f32(-1.0, 1.0) * scale).collect()
+}
+
+/// Parses `a,b,c` (or `axbxc`) into `want` positive numbers.
+fn parse_shape(s: &str, want: usize, what: &str) -> Result<Vec<usize>> {
+    let v: Vec<usize> = s
+        .split([',', 'x'])
+        .map(|p| p.trim().parse::<usize>())
+        .collect::<std::result::Result<_, _>>()
+        .with_context(|| format!("--shape {s:?}: {what} are {want} positive integers"))?;
+    if v.len() != want || v.contains(&0) {
+        bail!("--shape {s:?}: {what} are {want} positive integers");
+    }
+    Ok(v)
+}
+
+/// Runs `f` with kernel timing on: on a GPU `iters` times after one warm-up, returning the
+/// launches of the timed runs; on the simulator once.
+fn measured(
+    dev: &Device,
+    iters: usize,
+    mut f: impl FnMut() -> Result<()>,
+) -> Result<(Vec<KernelTiming>, usize)> {
+    let runs = if dev.is_sim() { 1 } else { iters.max(1) };
+    if !dev.is_sim() {
+        f()?;
+        dev.synchronize()?;
+    }
+    dev.enable_kernel_timing()?;
+    for _ in 0..runs {
+        f()?;
+    }
+    dev.synchronize()?;
+    let t = dev.take_kernel_timings()?;
+    dev.disable_kernel_timing();
+    Ok((t.map(|t| t.kernels).unwrap_or_default(), runs))
+}
+
+/// What a problem must do at least: FLOPs (tensor-core work for products) and bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Napkin {
+    pub flops: u64,
+    pub bytes: u64,
+}
+
+/// What one benchmarked problem did, summed over its launches (simulator counters; zeros on a
+/// GPU, where only time is known).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Measured {
+    pub title: String,
+    pub napkin: Napkin,
+    pub launches: usize,
+    pub tensor_flops: u64,
+    pub global_bytes: u64,
+    pub bank_conflicts: u64,
+    /// Median seconds on a GPU (`None` on the simulator).
+    pub median_s: Option<f64>,
+}
+
+fn report(
+    dev: &Device,
+    title: &str,
+    launches: &[KernelTiming],
+    runs: usize,
+    napkin: &Napkin,
+) -> Measured {
+    println!("{title}");
+    let mut out = Measured {
+        title: title.to_string(),
+        napkin: *napkin,
+        launches: launches.len() / runs.max(1),
+        tensor_flops: 0,
+        global_bytes: 0,
+        bank_conflicts: 0,
+        median_s: None,
+    };
+    if dev.is_sim() {
+        let mut tflops = 0u64;
+        let mut gbytes = 0u64;
+        let (mut lreq, mut lsec, mut sreq, mut ssec) = (0u64, 0u64, 0u64, 0u64);
+        let (mut conflicts, mut warp) = (0u64, 0u64);
+        for k in launches {
+            let Some(c) = &k.counters else { continue };
+            let w = &c.warp_instructions;
+            let warp_k = w.total();
+            let ratio = |a: u64, b: u64| {
+                if b == 0 {
+                    "-".to_string()
+                } else {
+                    format!("{:.2}", a as f64 / b as f64)
+                }
+            };
+            println!(
+                "  {:<44} blocks {:>6} x {:>4}  smem {:>6} B  sectors/req load {:>5} store {:>5}  \
+                 bank conflicts {:>8}  tensor FLOPs {:>13}",
+                k.entry,
+                c.blocks,
+                c.threads_per_block,
+                c.static_shared_bytes + c.dynamic_shared_bytes,
+                ratio(c.global_load_sectors, c.global_load_requests),
+                ratio(c.global_store_sectors, c.global_store_requests),
+                c.shared_bank_conflicts,
+                c.tensor_flops
+            );
+            tflops += c.tensor_flops;
+            gbytes += c.global_load_bytes + c.global_store_bytes;
+            lreq += c.global_load_requests;
+            lsec += c.global_load_sectors;
+            sreq += c.global_store_requests;
+            ssec += c.global_store_sectors;
+            conflicts += c.shared_bank_conflicts;
+            warp += warp_k;
+        }
+        let pct = |a: u64, b: u64| {
+            if b == 0 {
+                "-".into()
+            } else {
+                format!("{:.1}%", 100.0 * a as f64 / b as f64)
+            }
+        };
+        println!(
+            "  total: tensor FLOPs {tflops} ({} of the napkin {}), global bytes {gbytes} ({} of \
+             the napkin {}), sectors/request load {:.2} store {:.2}, bank conflicts {conflicts}, \
+             warp instructions per 1000 tensor FLOPs {}",
+            pct(tflops, napkin.flops),
+            napkin.flops,
+            pct(gbytes, napkin.bytes),
+            napkin.bytes,
+            if lreq == 0 {
+                0.0
+            } else {
+                lsec as f64 / lreq as f64
+            },
+            if sreq == 0 {
+                0.0
+            } else {
+                ssec as f64 / sreq as f64
+            },
+            if tflops == 0 {
+                "-".to_string()
+            } else {
+                format!("{:.3}", 1000.0 * warp as f64 / tflops as f64)
+            }
+        );
+        out.tensor_flops = tflops;
+        out.global_bytes = gbytes;
+        out.bank_conflicts = conflicts;
+        return out;
+    }
+    // A GPU: each run's launches add up to one time; the median over runs.
+    let per_run = launches.len() / runs.max(1);
+    let mut times: Vec<f64> = launches
+        .chunks(per_run.max(1))
+        .map(|c| c.iter().map(|k| k.dur_ns as f64).sum::<f64>())
+        .collect();
+    times.sort_by(f64::total_cmp);
+    let median_ns = times.get(times.len() / 2).copied().unwrap_or(f64::NAN);
+    let s = median_ns * 1e-9;
+    println!(
+        "  median {:.3} ms over {} runs ({} launches each): {:.1} TFLOP/s, {:.0} GB/s of the \
+         napkin traffic",
+        s * 1e3,
+        times.len(),
+        per_run,
+        napkin.flops as f64 / s / 1e12,
+        napkin.bytes as f64 / s / 1e9
+    );
+    out.median_s = Some(s);
+    out
+}
+
+/// `lathe bench gemm|adamw|attention`.
+pub fn run(
+    kind: KernelBench,
+    spec: DeviceSpec,
+    shapes: &[String],
+    iters: usize,
+) -> Result<Vec<Measured>> {
+    let dev = open(spec)?;
+    println!(
+        "{} on {}{}",
+        match kind {
+            KernelBench::Gemm => "GEMM (bf16 operands)",
+            KernelBench::Adamw => "fused AdamW (f32 state, bf16 working copy)",
+            KernelBench::Attention => "causal attention, unfused (bf16), forward + backward",
+        },
+        dev.describe(),
+        if dev.is_sim() {
+            ": what each launch did (the simulator has no timing model)"
+        } else {
+            ""
+        }
+    );
+    let sim = dev.is_sim();
+    let mut rng = Rng::new(7);
+    let mut all = Vec::new();
+    match kind {
+        KernelBench::Gemm => {
+            let defaults: &[&str] = if sim {
+                &["256,256,256", "130,200,72"]
+            } else {
+                &[
+                    "8192,8192,8192",
+                    "16384,2304,768",
+                    "16384,3072,768",
+                    "16384,768,3072",
+                    "16384,50304,768",
+                ]
+            };
+            for s in shapes_or(shapes, defaults) {
+                let v = parse_shape(&s, 3, "M, N, K")?;
+                all.extend(gemm_layouts(&dev, &mut rng, v[0], v[1], v[2], iters)?);
+            }
+        }
+        KernelBench::Adamw => {
+            let defaults: &[&str] = if sim { &["262144"] } else { &["124475904"] };
+            for s in shapes_or(shapes, defaults) {
+                let n = parse_shape(&s, 1, "the parameter count")?[0];
+                all.push(adamw(&dev, &mut rng, n, iters)?);
+            }
+        }
+        KernelBench::Attention => {
+            let defaults: &[&str] = if sim {
+                &["1,2,64,64"]
+            } else {
+                &["16,12,1024,64"]
+            };
+            for s in shapes_or(shapes, defaults) {
+                let v = parse_shape(&s, 4, "B, heads, T, head size")?;
+                all.push(attention(&dev, &mut rng, v[0], v[1], v[2], v[3], iters)?);
+            }
+        }
+    }
+    if !sim {
+        println!(
+            "peers (cuBLASLt; PyTorch's fused AdamW and scaled_dot_product_attention): \
+             cargo bench -p lathe-benches --bench gemm|nn on this machine"
+        );
+    }
+    Ok(all)
+}
+
+fn shapes_or(shapes: &[String], defaults: &[&str]) -> Vec<String> {
+    if shapes.is_empty() {
+        defaults.iter().map(|s| s.to_string()).collect()
+    } else {
+        shapes.to_vec()
+    }
+}
+
+/// The three products of a linear layer with `M` rows, `K` inputs and `N` outputs.
+fn gemm_layouts(
+    dev: &Device,
+    rng: &mut Rng,
+    m: usize,
+    n: usize,
+    k: usize,
+    iters: usize,
+) -> Result<Vec<Measured>> {
+    let x = dev.htod(&random_bf16(rng, m * k))?;
+    let w = dev.htod(&random_bf16(rng, n * k))?;
+    let dy = dev.htod(&random_bf16(rng, m * n))?;
+    let mut y = dev.alloc::<bf16>(m * n)?;
+    let mut dx = dev.alloc::<bf16>(m * k)?;
+    let mut dw = dev.htod(&random_f32(rng, n * k, 1.0))?;
+    let flops = 2 * (m * n * k) as u64;
+    let b2 = |e: usize| 2 * e as u64;
+    // Y(M,N) = X(M,K) W(N,K)^T
+    let g = Gemm::new(m, n, k).with_ops(Op::N, Op::T);
+    let mut out = Vec::new();
+    let (l, r) = measured(dev, iters, || Ok(dev.gemm(&g, &x, &w, None, &mut y)?))?;
+    out.push(report(
+        dev,
+        &format!("forward Y = X W^T   M {m} N {n} K {k} (N T, bf16 out)"),
+        &l,
+        r,
+        &Napkin {
+            flops,
+            bytes: b2(m * k) + b2(n * k) + b2(m * n),
+        },
+    ));
+    // dX(M,K) = dY(M,N) W(N,K)
+    let g = Gemm::new(m, k, n);
+    let (l, r) = measured(dev, iters, || Ok(dev.gemm(&g, &dy, &w, None, &mut dx)?))?;
+    out.push(report(
+        dev,
+        &format!("input grad dX = dY W   M {m} N {k} K {n} (N N, bf16 out)"),
+        &l,
+        r,
+        &Napkin {
+            flops,
+            bytes: b2(m * n) + b2(n * k) + b2(m * k),
+        },
+    ));
+    // dW(N,K) += dY(M,N)^T X(M,K)
+    let g = Gemm::new(n, k, m).with_ops(Op::T, Op::N).with_beta(1.0);
+    let (l, r) = measured(dev, iters, || Ok(dev.gemm(&g, &dy, &x, None, &mut dw)?))?;
+    out.push(report(
+        dev,
+        &format!("weight grad dW += dY^T X   M {n} N {k} K {m} (T N, f32 out, beta 1)"),
+        &l,
+        r,
+        &Napkin {
+            flops,
+            bytes: b2(m * n) + b2(m * k) + 8 * (n * k) as u64,
+        },
+    ));
+    Ok(out)
+}
+
+fn adamw(dev: &Device, rng: &mut Rng, n: usize, iters: usize) -> Result<Measured> {
+    let mut master: DeviceBuffer<f32> = dev.htod(&random_f32(rng, n, 1.0))?;
+    let grads = dev.htod(&random_f32(rng, n, 1e-2))?;
+    let mut m = dev.htod(&random_f32(rng, n, 1e-3))?;
+    let mut v = dev.htod(
+        &random_f32(rng, n, 1e-6)
+            .iter()
+            .map(|x| x.abs())
+            .collect::<Vec<_>>(),
+    )?;
+    let mut working = dev.alloc::<bf16>(n)?;
+    let decay = dev.upload_decay_ranges(
+        &DecayRanges::merged(std::iter::once(0..n as u64 / 2))
+            .map_err(|e| anyhow::anyhow!("{e}"))?,
+    )?;
+    let state = dev.step_state(&StepState {
+        found_inf: false,
+        scale: 1.0,
+        inv_scale: 1.0,
+        growth_tracker: 0,
+        clip: 1.0,
+        grad_norm: 0.0,
+        step: 10,
+        skipped: 0,
+        last_found_inf: false,
+    })?;
+    let p = AdamWLaunch {
+        lr: 6e-4,
+        beta1: 0.9,
+        beta2: 0.95,
+        eps: 1e-8,
+        weight_decay: 0.1,
+        offset: 0,
+        seed: 0,
+        unscale: true,
+    };
+    let (l, r) = measured(dev, iters, || {
+        Ok(dev.adamw_step(
+            &mut master,
+            &grads,
+            &mut m,
+            &mut v,
+            WorkingCopyMut::Bf16(&mut working),
+            &decay,
+            &state,
+            &p,
+        )?)
+    })?;
+    Ok(report(
+        dev,
+        &format!("AdamW over {n} parameters"),
+        &l,
+        r,
+        &Napkin {
+            flops: 0,
+            // Reads master, grads, m, v; writes master, m, v and the bf16 working copy.
+            bytes: (16 + 12 + 2) * n as u64,
+        },
+    ))
+}
+
+fn attention(
+    dev: &Device,
+    rng: &mut Rng,
+    b: usize,
+    h: usize,
+    t: usize,
+    d: usize,
+    iters: usize,
+) -> Result<Measured> {
+    let c = h * d;
+    let qkv: Vec<f32> = random_f32(rng, b * t * 3 * c, 1.0);
+    let mut tape = Tape::on_device(DType::BF16, dev);
+    let (l, r) = measured(dev, iters, || {
+        tape.clear();
+        let x = tape.leaf(Tensor::from_vec(vec![b, t, 3 * c], qkv.clone())?, true)?;
+        let y = tape.attention(x, h)?;
+        let s = tape.sum(y)?;
+        tape.backward_leaves(s, 1.0)?;
+        Ok(())
+    })?;
+    let bhtt = (b * h * t * t) as u64;
+    Ok(report(
+        dev,
+        &format!(
+            "attention B {b} heads {h} T {t} head size {d}: S (f32) and P (bf16), {:.1} MiB per \
+             layer, kept for the backward (the list includes the harness's sum, its seed and the \
+             input's casts)",
+            (bhtt * 6) as f64 / (1u64 << 20) as f64
+        ),
+        &l,
+        r,
+        &Napkin {
+            // Forward QK^T and PV, backward four products of the same size, without causal
+            // skipping: 6 x 2 B H T^2 d.
+            flops: 12 * bhtt * d as u64,
+            // bf16, no T x T matrix in memory: the forward reads q, k, v and writes y; the
+            // backward reads dy, q, k, v (and y or the log-sum-exp) and writes dq, dk, dv.
+            bytes: 22 * (b * t * c) as u64,
+        },
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_kernel_benchmark_runs_on_the_simulator_at_awkward_shapes() {
+        let s = |v: &str| vec![v.to_string()];
+        // The three products: one launch each, at least the napkin's tensor work (tiles pad
+        // the tails) and traffic, and no bank conflicts in the mainloops.
+        let g = run(KernelBench::Gemm, DeviceSpec::Sim, &s("130,200,72"), 1).unwrap();
+        assert_eq!(g.len(), 3);
+        for m in &g {
+            assert_eq!(m.launches, 1, "{m:?}");
+            assert!(m.tensor_flops >= m.napkin.flops, "{m:?}");
+            assert!(m.global_bytes >= m.napkin.bytes, "{m:?}");
+            assert_eq!(m.bank_conflicts, 0, "{m:?}");
+        }
+        let a = run(KernelBench::Adamw, DeviceSpec::Sim, &s("1001"), 1).unwrap();
+        assert_eq!(a[0].launches, 1);
+        assert!(a[0].global_bytes >= a[0].napkin.bytes, "{:?}", a[0]);
+        let t = run(KernelBench::Attention, DeviceSpec::Sim, &s("1,2,40,32"), 1).unwrap();
+        // Six products (two forward, four backward) of at least 2 B H T^2 d each.
+        assert!(t[0].tensor_flops >= t[0].napkin.flops, "{:?}", t[0]);
+        assert!(t[0].launches > 6, "{:?}", t[0]);
+    }
+
+    #[test]
+    fn bad_shapes_and_the_cpu_are_clear_errors() {
+        let e = parse_shape("64,0,64", 3, "M, N, K")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("64,0,64") && e.contains("M, N, K"), "{e}");
+        assert!(parse_shape("64x64", 3, "M, N, K").is_err());
+        assert_eq!(
+            parse_shape("8x16x32", 3, "M, N, K").unwrap(),
+            vec![8, 16, 32]
+        );
+        let e = run(KernelBench::Gemm, DeviceSpec::Cpu, &[], 1).unwrap_err();
+        assert!(e.to_string().contains("--device cuda or sim"), "{e}");
+    }
+}
