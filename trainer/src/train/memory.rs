@@ -145,17 +145,20 @@ pub fn refuse_if_too_big(est: &MemoryEstimate, available: Option<f64>) -> Result
     )
 }
 
-/// The whole check for `lathe train`.
+/// The whole check for `lathe train`. `ranks_here`: the ranks whose memory this machine holds
+/// (`--world` for ranks as threads; the launcher's processes on this node otherwise).
 pub fn check(
     cfg: &TrainConfig,
     gcfg: &GptConfig,
     seq_len: usize,
     recompute: Recompute,
+    ranks_here: usize,
 ) -> Result<()> {
     if std::env::var_os("LATHE_SKIP_MEMORY_CHECK").is_some_and(|v| v == "1") {
         return Ok(());
     }
-    let est = estimate(cfg, gcfg, seq_len, recompute)?;
+    let mut est = estimate(cfg, gcfg, seq_len, recompute)?;
+    est.world = ranks_here;
     refuse_if_too_big(&est, available_bytes())
 }
 

@@ -135,7 +135,15 @@ pub fn run_train(args: TrainArgs) -> Result<TrainOutcome> {
         let seq_len = cfg.seq_len.unwrap_or(gcfg.block_size);
         // An out-of-range length is refused, with its own message, when the ranks start.
         if (1..=gcfg.block_size).contains(&seq_len) {
-            memory::check(&cfg, &gcfg, seq_len, recompute_of(cfg.recompute))?;
+            // Launched processes: this node holds its own processes' ranks.
+            let ranks_here = launch.as_ref().map_or(cfg.world, |e| e.local_world_size);
+            memory::check(
+                &cfg,
+                &gcfg,
+                seq_len,
+                recompute_of(cfg.recompute),
+                ranks_here,
+            )?;
         }
     }
     match launch {
