@@ -8,7 +8,7 @@
 //! reduced while the backward pass runs and give the CPU path's all-reduce bit for bit; ZeRO
 //! stages 1, 2 and 3 on the device ranks take stage 0's steps bit for bit, and stage 3
 //! evaluates on rank 0 as stage 0 does; a stage-3 checkpoint resumes
-//! under stages 3 and 0 bit for bit. Tiny model, micro-batch 1-2, 16 tokens, a few steps:
+//! under stages 3 and 1 bit for bit; the device peak falls with the stage. Tiny model, micro-batch 1-2, 16 tokens, a few steps:
 //! the simulator interprets every lane of every kernel.
 
 use lathe_autograd::{DType, Gpt, GptConfig, Recompute, Tape};
@@ -156,7 +156,20 @@ fn every_zero_stage_on_devices_takes_stage_0_steps_bit_for_bit() {
     // fp32, where the master shards are the working copy and are all-gathered into the full
     // f32 weights, at stage 2 (stage 1 gathers through the same code; the f32 runs are the
     // slow ones on the simulator, and fp32 stage 3 runs in the accumulation test).
+    //
+    // Memory: rank 0's device peak (the allocator's, from the log) falls with the stage. At
+    // world 2, stage 1 holds half the moments (-4N bytes) and a master shard instead of the
+    // full master (-2N), and adds a gradient shard (+2N): at least 3N below stage 0. Stage 3
+    // holds no full working copy either.
+    let dir = tempfile::tempdir().unwrap();
     let bits = |o: &TrainOutcome| o.losses.iter().map(|l| l.to_bits()).collect::<Vec<_>>();
+    let peak = |log: &Path| {
+        steps_of(log)
+            .iter()
+            .map(|s| s.mem_peak_bytes)
+            .max()
+            .unwrap()
+    };
     for (p, sr, stages) in [
         (Precision::Bf16, true, &[1u8, 2, 3][..]),
         (Precision::Fp32, false, &[2u8][..]),
@@ -165,12 +178,22 @@ fn every_zero_stage_on_devices_takes_stage_0_steps_bit_for_bit() {
             stochastic_rounding: sr,
             ..args(DeviceSpec::Sim, p, 2, 1, 3)
         };
-        let stage0 = run(base.clone());
+        let log0 = dir.path().join(format!("{p:?}-0.jsonl"));
+        let stage0 = run(TrainArgs {
+            log: Some(log0.clone()),
+            ..base.clone()
+        });
+        // Parameters: stage 0's host master holds all of them, in f32.
+        let n = stage0.ranks[0].memory.master / 4;
+        let mut peaks = vec![peak(&log0)];
         for &zero in stages {
+            let log = dir.path().join(format!("{p:?}-{zero}.jsonl"));
             let o = run(TrainArgs {
                 zero: Some(zero),
+                log: Some(log.clone()),
                 ..base.clone()
             });
+            peaks.push(peak(&log));
             assert_eq!(
                 bits(&stage0),
                 bits(&o),
@@ -186,6 +209,22 @@ fn every_zero_stage_on_devices_takes_stage_0_steps_bit_for_bit() {
                     "{p:?}: stage {zero} ends with other weights than stage 0"
                 );
             }
+        }
+        eprintln!("{p:?}: {n} parameters; device peaks by stage {stages:?} after 0: {peaks:?}");
+        if p == Precision::Bf16 {
+            assert!(
+                peaks[1] + 3 * n <= peaks[0],
+                "stage 1's device peak {} is not 3N = {} below stage 0's {}",
+                peaks[1],
+                3 * n,
+                peaks[0]
+            );
+            assert!(
+                peaks[3] < peaks[2],
+                "stage 3 {} vs stage 2 {}",
+                peaks[3],
+                peaks[2]
+            );
         }
     }
 }
@@ -246,9 +285,10 @@ fn fp16_inf_injected_on_rank_0_is_skipped_by_every_rank_at_stages_0_and_3() {
 }
 
 #[test]
-fn a_sharded_device_checkpoint_resumes_bit_for_bit_under_stages_3_and_0() {
+fn a_sharded_device_checkpoint_resumes_bit_for_bit_under_stages_3_and_1() {
     // Saving gathers the shards (master, moments) into one full checkpoint; resuming splits
-    // it again (stage 3) or keeps it whole (stage 0).
+    // it again, with the parameters sharded (stage 3) or the working copy whole and the
+    // device's full master released (stage 1).
     let dir = tempfile::tempdir().unwrap();
     let ck = dir.path().join("ck");
     let base = |zero: u8| TrainArgs {
@@ -261,7 +301,7 @@ fn a_sharded_device_checkpoint_resumes_bit_for_bit_under_stages_3_and_0() {
         save_every: Some(2),
         ..base(3)
     });
-    for zero in [3u8, 0] {
+    for zero in [3u8, 1] {
         let resumed = run(TrainArgs {
             resume: Some(ck.join("step-00000002")),
             ..base(zero)

@@ -113,6 +113,21 @@ impl DeviceParams {
         };
         (&mut self.master, grads, working)
     }
+    /// Frees the f32 master buffer when this device does not need it: a sharded optimizer
+    /// keeps the master weights of its shard elsewhere, and the forward reads the bf16 / f16
+    /// working copy. Refused in f32 training, where the forward reads the master.
+    pub fn release_master(&mut self) -> Result<()> {
+        if self.working.is_none() {
+            return Err(Error::Params(
+                "the forward reads the f32 master weights: they cannot be released".into(),
+            ));
+        }
+        self.master = self
+            .dev
+            .alloc::<f32>(0)
+            .map_err(dev_err("DeviceParams::release_master"))?;
+        Ok(())
+    }
     /// Sets every gradient to zero (on the compute stream).
     pub fn zero_grads(&mut self) -> Result<()> {
         self.grads.fill(&self.dev, 0.0)
@@ -198,7 +213,10 @@ impl ParamStore<f32> {
                 // Sharded: the parameters are not on this device.
                 return Ok(());
             }
-            d.master.copy_to_host(self.master_mut()).map_err(e())?;
+            // A released master ([`DeviceParams::release_master`]) lives elsewhere.
+            if d.master.len() == self.master().len() {
+                d.master.copy_to_host(self.master_mut()).map_err(e())?;
+            }
             match &d.working {
                 Some(w) => {
                     let w = w.download()?;

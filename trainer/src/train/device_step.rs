@@ -26,7 +26,8 @@
 //!
 //! ZeRO stage 1 (`--zero 1`) on devices: the gradients are averaged in full as in stage 0;
 //! each rank's [`DeviceOptimizer`] holds the master weights and moments of its shard
-//! (`shard_range(len, N, rank)`) only. The non-finite check and the norm run over the full
+//! (`shard_range(len, N, rank)`) only, and in bf16 / f16 the workspace's full f32 master is
+//! freed on the device (the forward reads the working copy). The non-finite check and the norm run over the full
 //! averaged gradients (the same on every rank, so the skip and clip decisions are stage 0's),
 //! AdamW updates the shard at its global offset (decay ranges and stochastic rounding follow
 //! global indices), and the updated working-copy shards (fp32: the master shards) are
@@ -165,6 +166,17 @@ fn param_gather_hook(
         };
         run().map_err(|e| format!("{e:#}"))
     })
+}
+
+/// Stages 1-2 in bf16 / f16: the optimizer's master shard is separate and the forward reads
+/// the working copy, so the workspace's full f32 master buffer is freed on the device.
+fn release_unused_master(ws: &mut ParamStore, stage: crate::zero::ZeroStage) -> Result<()> {
+    if stage.shards_optimizer() && ws.working_dtype() != DType::F32 {
+        ws.device_mut()
+            .ok_or_else(|| anyhow!("the parameters are not on the device"))?
+            .release_master()?;
+    }
+    Ok(())
 }
 
 /// The ranks' shards of `len` parameters, in rank order.
@@ -316,6 +328,7 @@ impl Trainer {
             let ws = self.zero.workspace_mut()?;
             ws.to_device(&dev)
                 .with_context(|| format!("moving the model to {}", dev.describe()))?;
+            release_unused_master(ws, stage)?;
         }
         let (opt, shard) = optimizer_from_host(self, &dev)?;
         if let (Some(r), Some(sh)) = (&reducer, &shard)
@@ -346,8 +359,11 @@ impl Trainer {
         let Some(dev) = self.dev.as_ref().map(|d| d.dev.clone()) else {
             return Ok(());
         };
-        if !self.zero.stage().shards_parameters() {
-            self.zero.workspace_mut()?.upload_to_device()?;
+        let stage = self.zero.stage();
+        if !stage.shards_parameters() {
+            let ws = self.zero.workspace_mut()?;
+            ws.upload_to_device()?;
+            release_unused_master(ws, stage)?;
         }
         let (opt, shard) = optimizer_from_host(self, &dev)?;
         let reducer = self.dev.as_ref().and_then(|d| d.reducer.clone());
