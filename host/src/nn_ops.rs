@@ -145,18 +145,7 @@ impl Device {
             partials.arg_mut(),
         ];
         self.launch(k, &Problem::elems(n), &args, s)?;
-        let args = [
-            partials.arg(),
-            KernelArg::U32(blocks as u32),
-            state.arg_mut(),
-            KernelArg::F32(max_norm),
-        ];
-        self.launch(
-            &amp::NORM_FINISH_F32,
-            &Problem::elems(blocks as u64),
-            &args,
-            s,
-        )
+        self.grad_norm_finish(&partials, blocks, state, max_norm)
     }
 
     /// The first half of [`Device::grad_check_norm`] over `grads[range]` only: sets the
