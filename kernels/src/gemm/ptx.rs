@@ -66,7 +66,7 @@ const KINDS: [(&str, &str); 5] = [
 ];
 
 impl Body {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Body {
             text: String::new(),
             counts: [0; 5],
@@ -136,7 +136,7 @@ impl Body {
             r
         }
     }
-    fn declarations(&self) -> String {
+    pub(crate) fn declarations(&self) -> String {
         let mut s = String::new();
         for (k, (ty, stem)) in KINDS.iter().enumerate() {
             if self.counts[k] > 0 {

@@ -25,6 +25,8 @@
 //! - [`gather`]: row gather (embedding lookup into one table).
 //! - [`layout`]: strided 2-D block copy and the swap of two axes.
 //! - [`softmax`]: plain row softmax forward and backward.
+//!
+//! Fused causal attention (FlashAttention-2 on `mma.sync`): [`flash`].
 
 pub mod adamw;
 mod adamw_ptx;
@@ -35,6 +37,8 @@ pub mod classifier;
 pub mod colsum;
 pub mod embedding;
 mod embedding_ptx;
+pub mod flash;
+mod flash_ptx;
 pub mod gather;
 pub mod heads;
 pub mod layernorm;
@@ -44,6 +48,8 @@ pub mod pointwise;
 pub(crate) mod ptxgen;
 #[cfg(test)]
 mod sim_tests;
+#[cfg(test)]
+mod sim_tests_flash;
 #[cfg(test)]
 mod sim_tests_layers;
 #[cfg(test)]
@@ -71,6 +77,7 @@ pub fn modules() -> Vec<&'static Module> {
         &gather::MODULE,
         &layout::MODULE,
         &softmax::MODULE,
+        &flash::MODULE,
     ]
 }
 
@@ -92,6 +99,7 @@ pub fn kernels() -> Vec<&'static KernelDesc> {
         gather::ALL,
         layout::ALL,
         softmax::ALL,
+        flash::ALL,
     ] {
         v.extend_from_slice(family);
     }
