@@ -625,4 +625,4 @@ impl Device {
 }
 
 mod layers;
-pub use layers::ClassifierShape;
+pub use layers::{ClassifierShape, FlashShape};

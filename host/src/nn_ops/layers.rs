@@ -7,7 +7,7 @@ use crate::error::Result;
 use crate::module::KernelArg;
 use lathe_kernels::Problem;
 use lathe_kernels::nn::amp::STATE_WORDS;
-use lathe_kernels::nn::{attention, classifier, embedding};
+use lathe_kernels::nn::{attention, classifier, embedding, flash};
 
 /// Shape of one fused-classifier launch.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -339,5 +339,115 @@ impl Device {
         len_eq("attention softmax gradient", probs.len(), grad.len())?;
         let args = vec![probs.arg(), grad.arg(), grad.arg_mut()];
         self.attention_launch(k, args, bh, t, scale)
+    }
+}
+
+/// Shape of one fused causal attention call: `qkv (B, T, 3C)`, `y (B, T, C)`, `C = nh hs`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlashShape {
+    pub b: usize,
+    pub t: usize,
+    pub nh: usize,
+    pub hs: usize,
+}
+
+impl FlashShape {
+    fn c(&self) -> usize {
+        self.nh * self.hs
+    }
+    /// Elements of `lse` and of the backward's row dots: `B nh T`.
+    pub fn stats_len(&self) -> usize {
+        self.b * self.nh * self.t
+    }
+    fn dims(&self) -> Result<[KernelArg; 3]> {
+        Ok([
+            KernelArg::U32(to_u32("T", self.t)?),
+            KernelArg::U32(to_u32("n_head", self.nh)?),
+            KernelArg::U32(to_u32("head size", self.hs)?),
+        ])
+    }
+    fn problem(&self) -> Problem {
+        flash::problem(self.b, self.t, self.nh, self.hs)
+    }
+}
+
+impl Device {
+    /// Whether the fused attention kernels take inputs of type `T` with head size `hs`; the
+    /// reason when they do not.
+    pub fn flash_attention_unsupported<T: DeviceElem>(hs: usize) -> Option<String> {
+        flash::unsupported(T::ELEM, hs)
+    }
+
+    fn flash_kernels<T: DeviceElem>(&self, s: &FlashShape) -> Result<flash::Kernels> {
+        if let Some(why) = flash::unsupported(T::ELEM, s.hs) {
+            return Err(invalid(format!("fused attention: {why}")));
+        }
+        flash::pick(T::ELEM, s.hs)
+            .ok_or_else(|| invalid(format!("fused attention: head size {}", s.hs)))
+    }
+
+    /// Fused causal attention forward: `y (B, T, C)` and `lse (B, nh, T)` (natural log-sum-exp
+    /// of each scaled, masked score row) from `qkv (B, T, 3C)`.
+    pub fn flash_attention_forward<T: DeviceElem>(
+        &self,
+        qkv: &DeviceBuffer<T>,
+        y: &mut DeviceBuffer<T>,
+        lse: &mut DeviceBuffer<f32>,
+        s: &FlashShape,
+        scale: f32,
+    ) -> Result<()> {
+        let k = self.flash_kernels::<T>(s)?;
+        let n = s.b * s.t * s.c();
+        len_eq("fused attention qkv", 3 * n, qkv.len())?;
+        len_eq("fused attention y", n, y.len())?;
+        len_eq("fused attention lse", s.stats_len(), lse.len())?;
+        if n == 0 {
+            return Ok(());
+        }
+        let mut args = vec![qkv.arg(), y.arg_mut(), lse.arg_mut()];
+        args.extend(s.dims()?);
+        args.push(KernelArg::F32(scale));
+        self.launch(k.forward, &s.problem(), &args, self.compute_stream())
+    }
+
+    /// Fused causal attention backward: `dqkv (B, T, 3C)` from `qkv`, the forward's `y` and
+    /// `lse`, and `dy`. Every element of `dqkv` is written (no accumulation); the result is the
+    /// same bits on every run (no atomics).
+    #[allow(clippy::too_many_arguments)]
+    pub fn flash_attention_backward<T: DeviceElem>(
+        &self,
+        qkv: &DeviceBuffer<T>,
+        y: &DeviceBuffer<T>,
+        lse: &DeviceBuffer<f32>,
+        dy: &DeviceBuffer<T>,
+        dqkv: &mut DeviceBuffer<T>,
+        s: &FlashShape,
+        scale: f32,
+    ) -> Result<()> {
+        let k = self.flash_kernels::<T>(s)?;
+        let n = s.b * s.t * s.c();
+        len_eq("fused attention qkv", 3 * n, qkv.len())?;
+        len_eq("fused attention y", n, y.len())?;
+        len_eq("fused attention dy", n, dy.len())?;
+        len_eq("fused attention lse", s.stats_len(), lse.len())?;
+        len_eq("fused attention dqkv", 3 * n, dqkv.len())?;
+        if n == 0 {
+            return Ok(());
+        }
+        let mut dvec = self.alloc::<f32>(s.stats_len())?;
+        let p = s.problem();
+        let mut args = vec![
+            y.arg(),
+            dy.arg(),
+            dvec.arg_mut(),
+            KernelArg::U32(to_u32("B * n_head * T", s.stats_len())?),
+        ];
+        args.extend(s.dims()?);
+        self.launch(k.row_dot, &p, &args, self.compute_stream())?;
+        let mut args = vec![qkv.arg(), dy.arg(), lse.arg(), dvec.arg(), dqkv.arg_mut()];
+        args.extend(s.dims()?);
+        args.push(KernelArg::F32(scale));
+        self.launch(k.dq, &p, &args, self.compute_stream())?;
+        self.launch(k.dkdv, &p, &args, self.compute_stream())
     }
 }
