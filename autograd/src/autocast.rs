@@ -64,6 +64,13 @@ pub(crate) fn output_store(op: &Op, k: usize) -> Store {
         }
         Op::Softmax => Store::F32,
         Op::Attention { .. } => Store::Compute,
+        Op::FlashAttention { .. } => {
+            if k == 0 {
+                Store::Compute
+            } else {
+                Store::F32
+            }
+        }
         Op::Embedding { .. } => Store::Input,
         Op::CrossEntropy { .. } | Op::Sum | Op::Mean => Store::F32,
         Op::Reshape | Op::Transpose { .. } | Op::Split { .. } | Op::Concat { .. } => Store::Input,

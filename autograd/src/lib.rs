@@ -54,6 +54,7 @@ pub use device::{DevBuf, DeviceParams, ParamGatherHook, WorkingMut};
 pub use dtype::{DType, Device};
 pub use error::{Error, Result};
 pub use models::{Activation, ActivationMemory, Gpt, GptConfig, Mlp};
+pub use ops::attention::AttentionPath;
 pub use ops::loss::IGNORE_INDEX;
 pub use ops::norm::LAYERNORM_EPS;
 pub use params::{ParamSpec, ParamStore, ParamView};

@@ -23,6 +23,7 @@ use crate::device::ops::DIn;
 use crate::device::{DevBuf, DevCtx};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
+use crate::ops::attention::AttentionPath;
 use crate::ops::{self, Op, Val};
 use crate::params::ParamStore;
 use crate::scalar::Scalar;
@@ -173,6 +174,8 @@ pub struct Tape<T: Scalar = f32> {
     pub(crate) dev: Option<DevCtx>,
     /// Called as each parameter's gradient becomes final during `backward`.
     pub(crate) grad_ready: Option<GradReadyHook<T>>,
+    /// What [`Tape::attention`] records.
+    pub(crate) attention_path: AttentionPath,
 }
 
 /// A gradient-ready hook ([`Tape::set_grad_ready_hook`]): called with the parameter store
@@ -324,6 +327,7 @@ impl<T: Scalar> Tape<T> {
             events: Vec::new(),
             dev: None,
             grad_ready: None,
+            attention_path: AttentionPath::Auto,
         }
     }
 

@@ -193,6 +193,43 @@ fn attention_causal() {
 }
 
 #[test]
+fn attention_flash_on_the_device() {
+    // Head size 8 (pads to 32), T 70 (a 64-token tile and a tail): bf16 and f16 take the
+    // fused kernels on the device (f32 the materialised path), the CPU tape the reference.
+    check("attention flash", &[(&[2, 70, 144], true)], &|t, v| {
+        t.attention(v[0], 6)
+    });
+    // Head size 64 (T 20): the other padded size.
+    check(
+        "attention flash hs 64",
+        &[(&[1, 20, 384], true)],
+        &|t, v| t.attention(v[0], 2),
+    );
+    // The device tape did record the fused op (and the CPU tape did not).
+    let dev = device();
+    for (on_device, want) in [(true, "flash_attention"), (false, "attention")] {
+        let mut t = if on_device {
+            Tape::on_device(DType::BF16, &dev)
+        } else {
+            Tape::new(DType::BF16)
+        };
+        t.set_profiling(true);
+        let x = Tensor::new(vec![1, 3, 48], vec![0.5; 144], DType::BF16).unwrap();
+        let x = t.leaf(x, false).unwrap();
+        t.attention(x, 2).unwrap();
+        let ops: Vec<&str> = t.profile().iter().map(|p| p.op).collect();
+        assert!(ops.contains(&want), "{ops:?}");
+    }
+    // Asking for the fused path with a head size its kernels do not take is an error.
+    let mut t = Tape::on_device(DType::BF16, &dev);
+    t.set_attention_path(lathe_autograd::AttentionPath::Flash);
+    let x = Tensor::new(vec![1, 3, 36], vec![0.5; 108], DType::BF16).unwrap();
+    let x = t.leaf(x, false).unwrap();
+    let e = t.attention(x, 3).unwrap_err().to_string();
+    assert!(e.contains("head size 4"), "{e}");
+}
+
+#[test]
 fn embedding_and_cross_entropy() {
     let ids: Vec<u32> = vec![3, 0, 6, 3, 1, 6, 2];
     check("embedding", &[(&[7, 5], true)], &move |t, v| {

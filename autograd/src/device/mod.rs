@@ -64,6 +64,17 @@ macro_rules! each {
 }
 pub(crate) use each;
 
+/// Why the device's fused attention kernels do not take compute dtype `dt` with head size
+/// `hs` (`None`: they do).
+pub(crate) fn flash_attention_unsupported(dt: DType, hs: usize) -> Option<String> {
+    let e = match dt {
+        DType::F32 => lathe_kernels::Elem::F32,
+        DType::BF16 => lathe_kernels::Elem::BF16,
+        DType::F16 => lathe_kernels::Elem::F16,
+    };
+    lathe_kernels::nn::flash::unsupported(e, hs)
+}
+
 /// Maps a host error to the autograd error, naming the op that launched.
 pub(crate) fn dev_err(op: &'static str) -> impl FnOnce(lathe_host::Error) -> Error {
     move |source| Error::Device { op, source }

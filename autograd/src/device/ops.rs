@@ -23,6 +23,7 @@
 
 use half::{bf16, f16};
 use lathe_host::gemm_ops::{Gemm, Op as GOp};
+use lathe_host::nn_ops::FlashShape;
 use lathe_host::step_ops::{Batched, Heads};
 use lathe_host::{Device, DeviceBuffer, DeviceElem};
 
@@ -331,6 +332,7 @@ pub(crate) fn forward(
             Ok(vec![y.conform(dev, outs[0].1)?])
         }
         Op::Attention { n_head } => attention_forward(dev, *n_head, ins[0].shape, x(0)?, outs),
+        Op::FlashAttention { n_head, .. } => flash_forward(dev, *n_head, ins[0].shape, x(0)?, outs),
         Op::Embedding { ids } => {
             let dt = outs[0].1;
             let c = ins[0].shape[1];
@@ -551,6 +553,67 @@ fn attention_forward(
     let mut y = alloc(dev, dt, outs[0].0)?;
     merge_heads(dev, &[&o], &mut y, b, t, nh, hs)?;
     Ok(vec![y, p])
+}
+
+fn flash_shape(qkv_shape: &[usize], n_head: usize) -> (FlashShape, f32) {
+    let (b, t, nh, hs) = attention_dims(qkv_shape, n_head);
+    let scale = (1.0 / (hs as f64).sqrt()) as f32;
+    (FlashShape { b, t, nh, hs }, scale)
+}
+
+/// The fused attention forward: `y` and the f32 log-sum-exp `(B, nh, T)`.
+fn flash_forward(
+    dev: &Device,
+    n_head: usize,
+    qkv_shape: &[usize],
+    qkv: &DevBuf,
+    outs: &[(&[usize], DType)],
+) -> Result<Vec<DevBuf>> {
+    let dt = outs[0].1;
+    let (s, scale) = flash_shape(qkv_shape, n_head);
+    let qkv = conform(dev, qkv, dt)?;
+    let mut y = alloc(dev, dt, outs[0].0)?;
+    let mut lse = DevBuf::alloc(dev, DType::F32, s.stats_len())?;
+    with_type!(dt, T => dev
+        .flash_attention_forward(
+            T::pick(qkv.get())?,
+            T::pick_mut(&mut y)?,
+            f32::pick_mut(&mut lse)?,
+            &s,
+            scale,
+        )
+        .map_err(dev_err("flash_attention"))?);
+    Ok(vec![y, lse])
+}
+
+/// The fused attention backward: `dqkv` in the compute dtype from `qkv`, `[y, lse]` and `dy`.
+fn flash_backward(
+    dev: &Device,
+    n_head: usize,
+    compute: DType,
+    qkv_shape: &[usize],
+    qkv: &DevBuf,
+    [y, lse]: [&DevBuf; 2],
+    dy: &DevBuf,
+) -> Result<DevBuf> {
+    let dt = compute;
+    let (s, scale) = flash_shape(qkv_shape, n_head);
+    let qkv = conform(dev, qkv, dt)?;
+    let y = conform(dev, y, dt)?;
+    let dy = conform(dev, dy, dt)?;
+    let mut dqkv = DevBuf::alloc(dev, dt, 3 * s.b * s.t * s.nh * s.hs)?;
+    with_type!(dt, T => dev
+        .flash_attention_backward(
+            T::pick(qkv.get())?,
+            T::pick(y.get())?,
+            f32::pick(lse)?,
+            T::pick(dy.get())?,
+            T::pick_mut(&mut dqkv)?,
+            &s,
+            scale,
+        )
+        .map_err(dev_err("flash_attention"))?);
+    Ok(dqkv)
 }
 
 fn split_heads(
@@ -842,6 +905,19 @@ pub(crate) fn backward(
                     ins[0].shape,
                     x(0)?,
                     outs[1].get(name)?,
+                    g0()?,
+                )?);
+            }
+        }
+        Op::FlashAttention { n_head, .. } => {
+            if want[0].is_some() {
+                din[0] = Some(flash_backward(
+                    dev,
+                    *n_head,
+                    compute,
+                    ins[0].shape,
+                    x(0)?,
+                    [outs[0].get(name)?, outs[1].get(name)?],
                     g0()?,
                 )?);
             }

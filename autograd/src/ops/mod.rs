@@ -56,6 +56,12 @@ pub(crate) enum Op {
     Attention {
         n_head: usize,
     },
+    /// Attention keeping only the log-sum-exp (output 1); `dt` is the tape's compute dtype
+    /// (the CPU backward recomputes the probabilities rounded to it).
+    FlashAttention {
+        n_head: usize,
+        dt: DType,
+    },
     Embedding {
         ids: Vec<u32>,
     },
@@ -96,6 +102,7 @@ impl Op {
             Op::LayerNorm { .. } => "layernorm",
             Op::Softmax => "softmax",
             Op::Attention { .. } => "attention",
+            Op::FlashAttention { .. } => "flash_attention",
             Op::Embedding { .. } => "embedding",
             Op::CrossEntropy { .. } => "cross_entropy",
             Op::Reshape => "reshape",
@@ -132,6 +139,7 @@ pub(crate) fn forward<T: Scalar>(op: &Op, dt: DType, ins: &[Val<T>], outs: &mut 
         Op::LayerNorm { eps } => norm::layernorm_forward(T::from_f64(*eps), ins, outs),
         Op::Softmax => norm::softmax_forward(ins, &mut outs[0]),
         Op::Attention { n_head } => attention::attention_forward(dt, *n_head, ins, outs),
+        Op::FlashAttention { n_head, dt } => attention::flash_forward(*dt, *n_head, ins, outs),
         Op::Embedding { ids } => embedding::embedding_forward(ids, ins, &mut outs[0]),
         Op::CrossEntropy {
             targets,
@@ -171,6 +179,9 @@ pub(crate) fn backward<T: Scalar>(
         Op::LayerNorm { .. } => norm::layernorm_backward(ins, outs, g0(), din),
         Op::Softmax => norm::softmax_backward(outs, g0(), din),
         Op::Attention { n_head } => attention::attention_backward(*n_head, ins, outs, g0(), din),
+        Op::FlashAttention { n_head, dt } => {
+            attention::flash_backward(*dt, *n_head, ins, g0(), din)
+        }
         Op::Embedding { ids } => embedding::embedding_backward(ids, ins, g0(), din),
         Op::CrossEntropy {
             targets,
@@ -217,6 +228,12 @@ pub(crate) fn saved(op: &Op, in_rg: &[bool], n_out: usize) -> (Vec<bool>, Vec<bo
             ins[0] = true;
             outs[1] = true;
         }
+        Op::FlashAttention { .. } => {
+            // The CPU backward needs only qkv; the device's reads y and the lse too.
+            ins[0] = true;
+            outs[0] = true;
+            outs[1] = true;
+        }
         Op::CrossEntropy { .. } => {
             ins[0] = true;
             outs[1] = true;
@@ -241,7 +258,10 @@ pub(crate) fn saved(op: &Op, in_rg: &[bool], n_out: usize) -> (Vec<bool>, Vec<bo
 /// not differentiate through them.
 pub(crate) fn differentiable_output(op: &Op, k: usize) -> bool {
     match op {
-        Op::LayerNorm { .. } | Op::Attention { .. } | Op::CrossEntropy { .. } => k == 0,
+        Op::LayerNorm { .. }
+        | Op::Attention { .. }
+        | Op::FlashAttention { .. }
+        | Op::CrossEntropy { .. } => k == 0,
         _ => true,
     }
 }
