@@ -13,7 +13,7 @@
 
 use crate::precision::Precision;
 use anyhow::Result;
-use lathe_autograd::{DType, Gpt, GptConfig, Recompute};
+use lathe_autograd::{AttentionPath, DType, Gpt, GptConfig, Recompute};
 
 /// What to measure.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -82,12 +82,16 @@ pub struct MemoryRow {
     pub b: usize,
     pub t: usize,
     pub policy: &'static str,
+    /// `materialized` (the `(B, nh, T, T)` probabilities kept per layer, the CPU path) or
+    /// `flash` (the fused kernels' log-sum-exp, the device path where they apply).
+    pub attention: &'static str,
     pub peak_bytes: usize,
-    /// Peak relative to `none`.
+    /// Peak relative to `none` with materialised attention.
     pub ratio: f64,
 }
 
-/// Activation memory of one step of `model` under none / act / block recomputation.
+/// Activation memory of one step of `model` under none / act / block recomputation, with
+/// materialised and with flash attention.
 pub fn recompute_memory(
     model: &str,
     b: usize,
@@ -99,23 +103,29 @@ pub fn recompute_memory(
     let gpt = Gpt::new(cfg)?;
     let mut rows = Vec::new();
     let mut base = 0usize;
-    for (name, r) in [
-        ("none", Recompute::None),
-        ("act", Recompute::Act),
-        ("block", Recompute::Block),
+    for (attention, path) in [
+        ("materialized", AttentionPath::Materialized),
+        ("flash", AttentionPath::Flash),
     ] {
-        let m = gpt.activation_memory(b, t, dtype(precision), r)?;
-        if r == Recompute::None {
-            base = m.peak_bytes;
+        for (name, r) in [
+            ("none", Recompute::None),
+            ("act", Recompute::Act),
+            ("block", Recompute::Block),
+        ] {
+            let m = gpt.activation_memory_with(b, t, dtype(precision), r, path)?;
+            if r == Recompute::None && path == AttentionPath::Materialized {
+                base = m.peak_bytes;
+            }
+            rows.push(MemoryRow {
+                model: model.to_string(),
+                b,
+                t,
+                policy: name,
+                attention,
+                peak_bytes: m.peak_bytes,
+                ratio: m.peak_bytes as f64 / base.max(1) as f64,
+            });
         }
-        rows.push(MemoryRow {
-            model: model.to_string(),
-            b,
-            t,
-            policy: name,
-            peak_bytes: m.peak_bytes,
-            ratio: m.peak_bytes as f64 / base.max(1) as f64,
-        });
     }
     Ok(rows)
 }
@@ -144,8 +154,8 @@ pub fn run_bench(args: BenchArgs) -> Result<()> {
                 args.precision.as_str()
             );
             println!(
-                "{:<10} {:>4} {:>5} {:<6} {:>12} {:>8}",
-                "model", "B", "T", "policy", "peak MiB", "vs none"
+                "{:<10} {:>4} {:>5} {:<6} {:<12} {:>12} {:>8}",
+                "model", "B", "T", "policy", "attention", "peak MiB", "vs none"
             );
             for m in &models {
                 let b = args
@@ -159,11 +169,12 @@ pub fn run_bench(args: BenchArgs) -> Result<()> {
                 crate::train::memory::check_tokens(b, t, crate::train::memory::available_bytes())?;
                 for r in recompute_memory(m, b, args.seq_len, args.precision)? {
                     println!(
-                        "{:<10} {:>4} {:>5} {:<6} {:>12.1} {:>7.1}%",
+                        "{:<10} {:>4} {:>5} {:<6} {:<12} {:>12.1} {:>7.1}%",
                         r.model,
                         r.b,
                         r.t,
                         r.policy,
+                        r.attention,
                         r.peak_bytes as f64 / (1u64 << 20) as f64,
                         100.0 * r.ratio
                     );
@@ -220,8 +231,14 @@ mod tests {
     #[test]
     fn recomputation_lowers_the_peak_in_order() {
         let rows = recompute_memory("tiny", 8, Some(64), Precision::Bf16).unwrap();
-        assert_eq!(rows.len(), 3);
-        assert!(rows[1].peak_bytes < rows[0].peak_bytes, "{rows:?}");
-        assert!(rows[2].peak_bytes < rows[1].peak_bytes, "{rows:?}");
+        assert_eq!(rows.len(), 6);
+        for r in rows.chunks(3) {
+            assert!(r[1].peak_bytes < r[0].peak_bytes, "{rows:?}");
+            assert!(r[2].peak_bytes < r[1].peak_bytes, "{rows:?}");
+        }
+        // Flash attention keeps no T x T tensor: below materialised under every policy.
+        for k in 0..3 {
+            assert!(rows[3 + k].peak_bytes < rows[k].peak_bytes, "{rows:?}");
+        }
     }
 }

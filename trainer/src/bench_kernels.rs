@@ -12,8 +12,10 @@
 //!
 //! The products are the three of a linear layer in training, as the device step launches
 //! them: forward `Y = X W^T`, input gradient `dX = dY W`, weight gradient `dW += dY^T X` (f32,
-//! beta = 1). Attention is the device step's unfused causal attention (batched products and
-//! softmax kernels), forward and backward through the tape.
+//! beta = 1). Attention is measured twice, forward and backward: the fused kernels the device
+//! step uses (`lathe_kernels::nn::flash`: no T x T matrix, the log-sum-exp saved) and the
+//! materialised reference path (batched products around the masked softmax kernels, through
+//! the tape) for comparison.
 //!
 //! The peers (cuBLASLt for GEMM, PyTorch for AdamW and attention) are measured by the criterion
 //! benchmarks in `benches/` (`cargo bench -p lathe-benches --bench gemm|nn`) on a GPU; this
@@ -22,9 +24,9 @@
 use crate::config::DeviceSpec;
 use anyhow::{Context, Result, bail};
 use half::bf16;
-use lathe_autograd::{DType, Tape, Tensor};
+use lathe_autograd::{AttentionPath, DType, Tape, Tensor};
 use lathe_host::gemm_ops::{Gemm, Op};
-use lathe_host::nn_ops::{AdamWLaunch, WorkingCopyMut};
+use lathe_host::nn_ops::{AdamWLaunch, FlashShape, WorkingCopyMut};
 use lathe_host::timing::KernelTiming;
 use lathe_host::{Device, DeviceBuffer};
 use lathe_kernels::nn::adamw::DecayRanges;
@@ -242,7 +244,7 @@ pub fn run(
         match kind {
             KernelBench::Gemm => "GEMM (bf16 operands)",
             KernelBench::Adamw => "fused AdamW (f32 state, bf16 working copy)",
-            KernelBench::Attention => "causal attention, unfused (bf16), forward + backward",
+            KernelBench::Attention => "causal attention (bf16), forward + backward",
         },
         dev.describe(),
         if dev.is_sim() {
@@ -287,6 +289,9 @@ pub fn run(
             };
             for s in shapes_or(shapes, defaults) {
                 let v = parse_shape(&s, 4, "B, heads, T, head size")?;
+                all.push(flash_attention(
+                    &dev, &mut rng, v[0], v[1], v[2], v[3], iters,
+                )?);
                 all.push(attention(&dev, &mut rng, v[0], v[1], v[2], v[3], iters)?);
             }
         }
@@ -429,6 +434,55 @@ fn adamw(dev: &Device, rng: &mut Rng, n: usize, iters: usize) -> Result<Measured
     ))
 }
 
+/// The fused causal attention: forward, then the backward (row dot, dQ pass, dK/dV pass).
+fn flash_attention(
+    dev: &Device,
+    rng: &mut Rng,
+    b: usize,
+    h: usize,
+    t: usize,
+    d: usize,
+    iters: usize,
+) -> Result<Measured> {
+    if let Some(why) = Device::flash_attention_unsupported::<bf16>(d) {
+        bail!("--shape: the fused attention kernels do not take {why}");
+    }
+    let c = h * d;
+    let n = b * t * c;
+    let s = FlashShape { b, t, nh: h, hs: d };
+    let qkv: DeviceBuffer<bf16> = dev.htod(&random_bf16(rng, 3 * n))?;
+    let dy: DeviceBuffer<bf16> = dev.htod(&random_bf16(rng, n))?;
+    let mut y = dev.alloc::<bf16>(n)?;
+    let mut lse = dev.alloc::<f32>(s.stats_len())?;
+    let mut dqkv = dev.alloc::<bf16>(3 * n)?;
+    let scale = 1.0 / (d as f32).sqrt();
+    let (l, r) = measured(dev, iters, || {
+        dev.flash_attention_forward(&qkv, &mut y, &mut lse, &s, scale)?;
+        dev.flash_attention_backward(&qkv, &y, &lse, &dy, &mut dqkv, &s, scale)?;
+        Ok(())
+    })?;
+    let bhtt = (b * h * t * t) as u64;
+    Ok(report(
+        dev,
+        &format!(
+            "fused attention B {b} heads {h} T {t} head size {d}: no T x T matrix, log-sum-exp              {:.2} MiB per layer kept for the backward",
+            (4 * s.stats_len()) as f64 / (1u64 << 20) as f64
+        ),
+        &l,
+        r,
+        &Napkin {
+            // Causal: half of the square. Forward QK^T and PV, backward five products
+            // (S, dP, dV, dK, dQ): 7 x 2 B H T^2 d / 2. The kernels recompute S and dP once
+            // more for the atomic-free dQ (9 instead of 7) and compute whole diagonal tiles.
+            flops: 7 * bhtt * d as u64,
+            // bf16: the forward reads q, k, v and writes y; the backward reads dy, q, k, v and
+            // y and writes dq, dk, dv (the f32 statistics are B H T).
+            bytes: 22 * (b * t * c) as u64,
+        },
+    ))
+}
+
+/// The materialised reference path, through the tape.
 fn attention(
     dev: &Device,
     rng: &mut Rng,
@@ -441,6 +495,7 @@ fn attention(
     let c = h * d;
     let qkv: Vec<f32> = random_f32(rng, b * t * 3 * c, 1.0);
     let mut tape = Tape::on_device(DType::BF16, dev);
+    tape.set_attention_path(AttentionPath::Materialized);
     let (l, r) = measured(dev, iters, || {
         tape.clear();
         let x = tape.leaf(Tensor::from_vec(vec![b, t, 3 * c], qkv.clone())?, true)?;
@@ -453,17 +508,17 @@ fn attention(
     Ok(report(
         dev,
         &format!(
-            "attention B {b} heads {h} T {t} head size {d}: S (f32) and P (bf16), {:.1} MiB per \
-             layer, kept for the backward (the list includes the harness's sum, its seed and the \
-             input's casts)",
+            "materialised attention B {b} heads {h} T {t} head size {d}: S (f32) and P (bf16), \
+             {:.1} MiB per layer, kept for the backward (the list includes the harness's sum, \
+             its seed and the input's casts)",
             (bhtt * 6) as f64 / (1u64 << 20) as f64
         ),
         &l,
         r,
         &Napkin {
-            // Forward QK^T and PV, backward four products of the same size, without causal
-            // skipping: 6 x 2 B H T^2 d.
-            flops: 12 * bhtt * d as u64,
+            // The same napkin as the fused path (the causal minimum, 7 B H T^2 d): this path
+            // runs six products over whole T x T squares (12 B H T^2 d).
+            flops: 7 * bhtt * d as u64,
             // bf16, no T x T matrix in memory: the forward reads q, k, v and writes y; the
             // backward reads dy, q, k, v (and y or the log-sum-exp) and writes dq, dk, dv.
             bytes: 22 * (b * t * c) as u64,
@@ -492,9 +547,17 @@ mod tests {
         assert_eq!(a[0].launches, 1);
         assert!(a[0].global_bytes >= a[0].napkin.bytes, "{:?}", a[0]);
         let t = run(KernelBench::Attention, DeviceSpec::Sim, &s("1,2,40,32"), 1).unwrap();
-        // Six products (two forward, four backward) of at least 2 B H T^2 d each.
+        // Fused: four launches (forward, row dot, dQ, dK/dV), at least the causal napkin's
+        // tensor work, no bank conflicts.
+        assert_eq!(t[0].launches, 4, "{:?}", t[0]);
         assert!(t[0].tensor_flops >= t[0].napkin.flops, "{:?}", t[0]);
-        assert!(t[0].launches > 6, "{:?}", t[0]);
+        assert_eq!(t[0].bank_conflicts, 0, "{:?}", t[0]);
+        // Materialised: six products (two forward, four backward) of at least 2 B H T^2 d.
+        assert!(t[1].tensor_flops >= t[1].napkin.flops, "{:?}", t[1]);
+        assert!(t[1].launches > 6, "{:?}", t[1]);
+        // Head sizes the fused kernels do not take are a clear error.
+        let e = run(KernelBench::Attention, DeviceSpec::Sim, &s("1,2,40,12"), 1).unwrap_err();
+        assert!(e.to_string().contains("head size 12"), "{e}");
     }
 
     #[test]

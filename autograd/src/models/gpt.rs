@@ -20,6 +20,7 @@ use lathe_kernels::rng::Rng;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::models::config::GptConfig;
+use crate::ops::attention::AttentionPath;
 use crate::ops::loss::IGNORE_INDEX;
 use crate::ops::norm::LAYERNORM_EPS;
 use crate::params::{ParamSpec, ParamStore};
@@ -384,8 +385,23 @@ impl Gpt {
         dtype: DType,
         recompute: Recompute,
     ) -> Result<ActivationMemory> {
+        self.activation_memory_with(b, t, dtype, recompute, AttentionPath::Materialized)
+    }
+
+    /// [`Gpt::activation_memory`] with attention recorded as `attention` (the flash path
+    /// keeps a `(B, nh, T)` log-sum-exp per layer where the materialised one keeps the
+    /// `(B, nh, T, T)` probabilities). Kernel scratch outside the tape is not counted.
+    pub fn activation_memory_with(
+        &self,
+        b: usize,
+        t: usize,
+        dtype: DType,
+        recompute: Recompute,
+        attention: AttentionPath,
+    ) -> Result<ActivationMemory> {
         let mut layout = ParamStore::<f32>::layout(&self.param_specs())?;
         let mut tape = Tape::<f32>::dry_run(dtype);
+        tape.set_attention_path(attention);
         let tokens = vec![0u32; b * t];
         let loss = self.loss(&mut tape, &layout, &tokens, &tokens, b, t, recompute)?;
         let after_forward_bytes = tape.live_activation_bytes();
