@@ -75,3 +75,87 @@ fn one_rank_collectives_on_the_gpu() {
     let back = stream.clone_dtoh(&gathered).expect("download");
     assert_eq!(back, host);
 }
+
+/// A loopback address whose port was free a moment ago.
+fn free_addr() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind loopback");
+    let addr = l.local_addr().expect("local addr").to_string();
+    drop(l);
+    addr
+}
+
+/// A fake id: any 128 bytes travel; no NCCL library is needed to hand them out.
+fn fake_id() -> NcclId {
+    let bytes: Vec<u8> = (0..NcclId::LEN).map(|i| (i * 37 + 11) as u8).collect();
+    NcclId::from_bytes(&bytes).expect("128 bytes")
+}
+
+#[test]
+fn rank_zeros_id_reaches_every_rank_through_the_rendezvous() {
+    let addr = free_addr();
+    let id = fake_id();
+    let got: Vec<NcclId> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..3)
+            .map(|rank| {
+                let addr = addr.clone();
+                s.spawn(move || {
+                    let mine = (rank == 0).then_some(&id);
+                    NcclId::exchange(&addr, rank, 3, mine, std::time::Duration::from_secs(20))
+                        .unwrap_or_else(|e| panic!("rank {rank}: {e}"))
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().expect("thread")).collect()
+    });
+    assert!(got.iter().all(|g| g.as_bytes() == id.as_bytes()), "{got:?}");
+    let e = NcclId::exchange(&addr, 0, 1, None, std::time::Duration::from_secs(1))
+        .expect_err("rank 0 without an id");
+    assert!(matches!(e, CommError::InvalidArgument { .. }), "{e}");
+}
+
+#[test]
+fn the_tcp_group_set_up_carries_rank_zeros_id_to_every_process_rank() {
+    use lathe_host::comm::TcpComm;
+    for with_id in [true, false] {
+        let addr = free_addr();
+        let id = fake_id();
+        let got: Vec<Option<Vec<u8>>> = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..3)
+                .map(|rank| {
+                    let addr = addr.clone();
+                    s.spawn(move || {
+                        // Other ranks' bytes are ignored: only rank 0's travel.
+                        let shared = if rank == 0 && !with_id {
+                            None
+                        } else {
+                            Some(id.as_bytes().as_slice())
+                        };
+                        let (comms, got) = TcpComm::connect_group_sharing(
+                            rank,
+                            3,
+                            &addr,
+                            2,
+                            std::time::Duration::from_secs(20),
+                            shared,
+                        )
+                        .unwrap_or_else(|e| panic!("rank {rank}: {e}"));
+                        // The communicators work after the exchange.
+                        let mut x = [rank as f32 + 1.0];
+                        comms[1].all_reduce(&mut x[..], ReduceOp::Sum).unwrap();
+                        assert_eq!(x[0], 6.0);
+                        comms[0].barrier().unwrap();
+                        got
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().expect("thread")).collect()
+        });
+        for (rank, g) in got.iter().enumerate() {
+            match (with_id, g) {
+                (true, Some(b)) => assert_eq!(b.as_slice(), id.as_bytes(), "rank {rank}"),
+                (false, None) => {}
+                _ => panic!("rank {rank} (id sent: {with_id}) got {g:?}"),
+            }
+        }
+    }
+}

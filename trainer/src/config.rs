@@ -80,6 +80,40 @@ impl std::fmt::Display for DeviceSpec {
     }
 }
 
+/// How the ranks of a device run exchange device buffers (gradient buckets, norm partials,
+/// ZeRO gathers). `--comm`, else the `LATHE_COMM` environment variable, else `auto`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum CommArg {
+    /// NCCL on CUDA devices when it loads (with a one-line warning when it does not), host
+    /// staging otherwise.
+    #[default]
+    Auto,
+    /// NCCL on the device buffers; an error where NCCL cannot run (no NCCL library, the
+    /// simulated device, the CPU).
+    Nccl,
+    /// Host staging: device -> host copy, a host collective, host -> device copy.
+    Host,
+}
+
+impl CommArg {
+    /// The environment variable read when `--comm` is not given.
+    pub const ENV: &'static str = "LATHE_COMM";
+
+    fn from_env() -> Result<Option<CommArg>> {
+        match std::env::var(Self::ENV) {
+            Err(std::env::VarError::NotPresent) => Ok(None),
+            Err(e) => bail!("{}: {e}", Self::ENV),
+            Ok(v) => match v.trim().to_ascii_lowercase().as_str() {
+                "" | "auto" => Ok(Some(CommArg::Auto)),
+                "nccl" => Ok(Some(CommArg::Nccl)),
+                "host" => Ok(Some(CommArg::Host)),
+                _ => bail!("{}={v:?}: expected nccl, host or auto", Self::ENV),
+            },
+        }
+    }
+}
+
 /// Activation recomputation policy.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -247,6 +281,10 @@ pub struct TrainArgs {
     #[arg(long)]
     #[serde(default)]
     pub no_progress: bool,
+    /// Device collectives of multi-rank device runs: auto (default: NCCL on CUDA devices when
+    /// it loads, else host staging), nccl or host. Default from LATHE_COMM.
+    #[arg(long)]
+    pub comm: Option<CommArg>,
 }
 
 macro_rules! merge {
@@ -265,7 +303,7 @@ impl TrainArgs {
             weight_decay, momentum, grad_clip, eval_every, eval_batches, early_stop_patience,
             early_stop_min_delta, seed, log, profile, profile_wait, profile_warmup,
             profile_active, save, save_every, keep_last, resume, inject_nonfinite,
-            loader_workers, prefetch, curriculum, eval_problems);
+            loader_workers, prefetch, curriculum, eval_problems, comm);
         self.offload_optimizer |= file.offload_optimizer;
         self.scale_lr |= file.scale_lr;
         self.stochastic_rounding |= file.stochastic_rounding;
@@ -328,6 +366,9 @@ pub struct TrainConfig {
     pub curriculum: String,
     pub eval_problems: usize,
     pub progress: bool,
+    /// How device ranks exchange device buffers.
+    #[serde(default)]
+    pub comm: CommArg,
 }
 
 impl TrainConfig {
@@ -392,6 +433,10 @@ impl TrainConfig {
             curriculum: a.curriculum.unwrap_or_else(|| "none".into()),
             eval_problems: a.eval_problems.unwrap_or(500),
             progress: !a.no_progress,
+            comm: match a.comm {
+                Some(c) => c,
+                None => CommArg::from_env()?.unwrap_or_default(),
+            },
         };
         c.check()?;
         Ok(c)

@@ -397,3 +397,12 @@ fn buckets_are_reduced_during_backward_and_equal_the_host_all_reduce() {
     }
     assert_eq!(results[0].2, results[1].2, "ranks hold other gradients");
 }
+
+#[test]
+fn nccl_forced_on_simulated_devices_is_a_clear_error_before_training() {
+    let mut a = args(DeviceSpec::Sim, Precision::Bf16, 2, 1, 1);
+    a.comm = Some(lathe_trainer::config::CommArg::Nccl);
+    let e = run_train(a).expect_err("NCCL on simulated devices");
+    let msg = format!("{e:#}");
+    assert!(msg.contains("NCCL") && msg.contains("simulated"), "{msg}");
+}

@@ -34,7 +34,7 @@ impl fmt::Display for ReduceOp {
 }
 
 /// An element type every communicator can move and reduce: `f32`, `f64`, `half::f16`,
-/// `half::bf16`.
+/// `half::bf16`, and `u32` for flags and counters.
 ///
 /// The bounds on cudarc's `NcclType` and `DeviceRepr` let the same type flow through the NCCL
 /// communicator; the host reduction is [`CommElement::reduce`].
@@ -122,6 +122,33 @@ macro_rules! native_float_element {
 native_float_element!(f32, "f32", nan_max_f32);
 native_float_element!(f64, "f64", nan_max_f64);
 
+/// `u32` words (flags and counters, e.g. a device step state's non-finite flag): `Sum` wraps,
+/// `Avg` is the wrapping sum divided by the number of ranks, rounded down, `Max` the largest.
+impl CommElement for u32 {
+    const DTYPE: &'static str = "u32";
+
+    fn reduce(inputs: &[&[Self]], op: ReduceOp, out: &mut [Self]) {
+        let Some((first, rest)) = inputs.split_first() else {
+            return;
+        };
+        out.copy_from_slice(first);
+        for input in rest {
+            for (o, &x) in out.iter_mut().zip(input.iter()) {
+                *o = match op {
+                    ReduceOp::Sum | ReduceOp::Avg => o.wrapping_add(x),
+                    ReduceOp::Max => (*o).max(x),
+                };
+            }
+        }
+        if op == ReduceOp::Avg {
+            let n = inputs.len() as u32;
+            for o in out.iter_mut() {
+                *o /= n;
+            }
+        }
+    }
+}
+
 /// Elements of a half type reduced per block through an `f32` accumulator on the stack.
 const HALF_BLOCK: usize = 256;
 
@@ -202,6 +229,15 @@ mod tests {
             &mut out,
         );
         assert_eq!(out, [2.0, 3.0]);
+    }
+
+    #[test]
+    fn u32_words_sum_and_max() {
+        let mut out = [0u32; 2];
+        u32::reduce(&[&[0, 7], &[1, 2], &[0, 9]], ReduceOp::Max, &mut out);
+        assert_eq!(out, [1, 9]);
+        u32::reduce(&[&[0, 7], &[1, 2], &[0, 9]], ReduceOp::Sum, &mut out);
+        assert_eq!(out, [1, 18]);
     }
 
     #[test]

@@ -87,6 +87,25 @@ pub enum CommError {
         reason: String,
     },
 
+    /// A device operation around a collective failed (a copy between the device and the host
+    /// staging buffer, a stream wait).
+    #[error("rank {rank}: {op}: {source}")]
+    Device {
+        rank: usize,
+        op: String,
+        #[source]
+        source: Box<crate::error::Error>,
+    },
+
+    /// The requested kind of communicator cannot run on this device or machine (NCCL on a
+    /// simulated device, say).
+    #[error("rank {rank}: {what} is not available: {reason}")]
+    Unavailable {
+        rank: usize,
+        what: &'static str,
+        reason: String,
+    },
+
     /// A socket operation of the rendezvous failed.
     #[error("rank {rank}: rendezvous at {addr}: {context}: {source}")]
     Io {

@@ -13,7 +13,11 @@
 //!   [`LocalComm`]'s arithmetic (so N processes reproduce N threads bit for bit). [`HostComm`]
 //!   holds either of the two host-buffer communicators.
 //! - The rendezvous ([`rendezvous`], [`RendezvousServer`]): a small TCP exchange that rank 0
-//!   serves, used to hand NCCL's unique id to every rank and as a process-level barrier.
+//!   serves, used to hand NCCL's unique id to every rank ([`NcclId::exchange`],
+//!   [`TcpComm::connect_group_sharing`]) and as a process-level barrier.
+//! - [`DeviceComm`]: what a device training run uses, on ranges of Lathe's `DeviceBuffer`s —
+//!   either through host staging over a [`HostComm`] (every device, bit for bit the host
+//!   collectives) or over NCCL on the device buffers (CUDA devices).
 //!
 //! # Buffers: why the trait has an associated type
 //!
@@ -35,6 +39,7 @@
 //! later work on that stream sees the result, and [`Nccl::synchronize`] waits for it with the
 //! communicator's timeout. `barrier` is synchronous for both.
 
+mod device_comm;
 mod element;
 mod error;
 mod host_comm;
@@ -44,6 +49,7 @@ mod rendezvous;
 mod shard;
 mod tcp;
 
+pub use device_comm::{DeviceComm, NcclDeviceComm, StagedComm};
 pub use element::{CommElement, ReduceOp};
 pub use error::CommError;
 pub use host_comm::HostComm;

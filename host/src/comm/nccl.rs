@@ -87,6 +87,32 @@ impl NcclId {
         Ok(NcclId(arr))
     }
 
+    /// Hands rank 0's id to every rank of a `world`-rank group through a [`rendezvous`] at
+    /// `addr` (`HOST:PORT`, rank 0 serves). Rank 0 passes `Some(id)`, the others `None`; every
+    /// rank returns rank 0's id. Needs no NCCL library: only the id's bytes travel, so this
+    /// runs (and is tested) on machines without a GPU.
+    pub fn exchange(
+        addr: &str,
+        rank: usize,
+        world: usize,
+        id: Option<&NcclId>,
+        timeout: Duration,
+    ) -> Result<NcclId, CommError> {
+        let blob = match (rank, id) {
+            (0, Some(id)) => Some(id.as_bytes().to_vec()),
+            (0, None) => {
+                return Err(CommError::InvalidArgument {
+                    rank,
+                    op: "NcclId::exchange".to_string(),
+                    detail: "rank 0 must provide the id it hands out".to_string(),
+                });
+            }
+            _ => None,
+        };
+        let bytes = rendezvous(addr, rank, world, blob, timeout)?;
+        NcclId::from_bytes(&bytes)
+    }
+
     fn raw(&self) -> sys::ncclUniqueId {
         sys::ncclUniqueId {
             internal: self.0.map(|b| b as c_char),
@@ -243,13 +269,12 @@ impl Nccl {
         timeout: Duration,
     ) -> Result<Self, CommError> {
         nccl_available()?;
-        let blob = if rank == 0 {
-            Some(NcclId::new()?.as_bytes().to_vec())
+        let mine = if rank == 0 {
+            Some(NcclId::new()?)
         } else {
             None
         };
-        let bytes = rendezvous(addr, rank, world, blob, timeout)?;
-        let id = NcclId::from_bytes(&bytes)?;
+        let id = NcclId::exchange(addr, rank, world, mine.as_ref(), timeout)?;
         Self::new(stream, rank, world, &id)
     }
 
@@ -602,6 +627,42 @@ impl Nccl {
             .stream
             .record_event(None)
             .map_err(driver_error(self.rank, "cuEventRecord"))?;
+        self.wait_event(
+            &event,
+            "synchronize (collectives queued on the NCCL stream)",
+        )
+    }
+
+    /// Checks NCCL's asynchronous error state once, without waiting: a peer that failed
+    /// mid-collective shows up here. On an error the communicator is aborted.
+    pub fn poll(&self) -> Result<(), CommError> {
+        self.usable("poll")?;
+        let mut state = sys::ncclResult_t::ncclSuccess;
+        // SAFETY: the handle is live (checked by `usable`), `state` a valid out place.
+        let r = unsafe { sys::ncclCommGetAsyncError(self.comm, &mut state) };
+        self.checked("ncclCommGetAsyncError", r.result())?;
+        if state != sys::ncclResult_t::ncclSuccess && state != sys::ncclResult_t::ncclInProgress {
+            let err = nccl_error(
+                self.rank,
+                "a queued collective",
+                result::NcclError(state),
+                Some(self.comm),
+            );
+            self.abort(format!("asynchronous NCCL error: {err}"));
+            return Err(err);
+        }
+        Ok(())
+    }
+
+    /// Waits until `event` (recorded on any stream of this device) has completed, polling
+    /// NCCL's asynchronous error state meanwhile. After [`Nccl::timeout`] the communicator is
+    /// aborted (so the queued collectives return) and the error names this rank and `what`.
+    pub fn wait_event(
+        &self,
+        event: &cudarc::driver::CudaEvent,
+        what: &str,
+    ) -> Result<(), CommError> {
+        self.usable(what)?;
         let started = Instant::now();
         let mut polls = 0u32;
         loop {
@@ -611,27 +672,13 @@ impl Nccl {
             {
                 return Ok(());
             }
-            let mut state = sys::ncclResult_t::ncclSuccess;
-            // SAFETY: the handle is live (checked by `usable`), `state` a valid out place.
-            let r = unsafe { sys::ncclCommGetAsyncError(self.comm, &mut state) };
-            self.checked("ncclCommGetAsyncError", r.result())?;
-            if state != sys::ncclResult_t::ncclSuccess && state != sys::ncclResult_t::ncclInProgress
-            {
-                let err = nccl_error(
-                    self.rank,
-                    "a queued collective",
-                    result::NcclError(state),
-                    Some(self.comm),
-                );
-                self.abort(format!("asynchronous NCCL error: {err}"));
-                return Err(err);
-            }
+            self.poll()?;
             let waited = started.elapsed();
             if waited >= self.timeout {
-                self.abort(format!("synchronize timed out after {waited:?}"));
+                self.abort(format!("{what} timed out after {waited:?}"));
                 return Err(CommError::Timeout {
                     rank: self.rank,
-                    op: "synchronize (collectives queued on the NCCL stream)".to_string(),
+                    op: what.to_string(),
                     waited,
                     missing: Vec::new(),
                 });
@@ -653,6 +700,160 @@ impl Nccl {
             self.all_reduce(&mut *scratch, ReduceOp::Sum)?;
         }
         self.synchronize()
+    }
+}
+
+/// One piece of a grouped rooted collective on raw device addresses (see
+/// [`Nccl::grouped_broadcasts_raw`], [`Nccl::grouped_reduces_raw`]).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct RawPiece {
+    /// The rank the piece comes from (broadcast) or goes to (reduce).
+    pub root: usize,
+    /// Device address of the piece's source: read on the root only for a broadcast, on every
+    /// rank for a reduce.
+    pub send: u64,
+    /// Device address of the piece's destination: written on every rank for a broadcast, on
+    /// the root only for a reduce.
+    pub recv: u64,
+    /// Elements in the piece.
+    pub count: usize,
+}
+
+/// Collectives on raw device addresses, for `DeviceBuffer`s of Lathe's own allocator
+/// ([`super::DeviceComm`]). The caller orders them against its other streams; each call only
+/// queues work on [`Nccl::stream`].
+impl Nccl {
+    /// In-place all-reduce of `count` elements at `ptr`.
+    ///
+    /// # Safety
+    /// `ptr` addresses `count` live elements of `T` on this communicator's device, and stays
+    /// allocated until the communicator's stream has passed the collective.
+    pub(crate) unsafe fn all_reduce_raw<T: CommElement>(
+        &self,
+        ptr: u64,
+        count: usize,
+        op: ReduceOp,
+    ) -> Result<(), CommError> {
+        self.usable("all_reduce")?;
+        // SAFETY: the caller's contract; NCCL allows send == recv (in place).
+        let r = unsafe {
+            result::all_reduce(
+                ptr as *const c_void,
+                ptr as *mut c_void,
+                count,
+                T::as_nccl_type(),
+                nccl_op(op),
+                self.comm,
+                self.raw_stream(),
+            )
+        };
+        self.checked("ncclAllReduce", r)
+    }
+
+    /// One NCCL group of `ncclBroadcast`s: piece `p` goes from `p.root`'s `p.send` to every
+    /// rank's `p.recv`. Every rank passes the same roots and counts in the same order.
+    ///
+    /// # Safety
+    /// On the root of each piece, `send` addresses `count` live elements of `T`; on every
+    /// rank, `recv` addresses room for `count` elements; all on this communicator's device and
+    /// allocated until its stream has passed the group.
+    pub(crate) unsafe fn grouped_broadcasts_raw<T: CommElement>(
+        &self,
+        pieces: &[RawPiece],
+    ) -> Result<(), CommError> {
+        self.usable("broadcast")?;
+        if let Some(p) = pieces.iter().find(|p| p.root >= self.world) {
+            return Err(self.invalid(
+                "broadcast",
+                format!("root {} is not a rank of a group of {}", p.root, self.world),
+            ));
+        }
+        let mut i = 0;
+        self.grouped_each(pieces.len(), "ncclBroadcast", || {
+            let p = pieces[i];
+            i += 1;
+            let send = if p.root == self.rank {
+                p.send as *const c_void
+            } else {
+                std::ptr::null()
+            };
+            // SAFETY: the caller's contract for this piece.
+            unsafe {
+                result::broadcast(
+                    send,
+                    p.recv as *mut c_void,
+                    p.count,
+                    T::as_nccl_type(),
+                    p.root as i32,
+                    self.comm,
+                    self.raw_stream(),
+                )
+            }
+        })
+    }
+
+    /// One NCCL group of `ncclReduce`s: piece `p` is reduced over every rank's `p.send` into
+    /// `p.root`'s `p.recv`. Every rank passes the same roots and counts in the same order.
+    ///
+    /// # Safety
+    /// On every rank `send` addresses `count` live elements of `T`; on the root `recv`
+    /// addresses room for `count` elements; all on this communicator's device and allocated
+    /// until its stream has passed the group.
+    pub(crate) unsafe fn grouped_reduces_raw<T: CommElement>(
+        &self,
+        pieces: &[RawPiece],
+        op: ReduceOp,
+    ) -> Result<(), CommError> {
+        self.usable("reduce")?;
+        if let Some(p) = pieces.iter().find(|p| p.root >= self.world) {
+            return Err(self.invalid(
+                "reduce",
+                format!("root {} is not a rank of a group of {}", p.root, self.world),
+            ));
+        }
+        let mut i = 0;
+        self.grouped_each(pieces.len(), "ncclReduce", || {
+            let p = pieces[i];
+            i += 1;
+            let recv = if p.root == self.rank {
+                p.recv as *mut c_void
+            } else {
+                std::ptr::null_mut()
+            };
+            // SAFETY: the caller's contract for this piece.
+            unsafe {
+                result::reduce(
+                    p.send as *const c_void,
+                    recv,
+                    p.count,
+                    T::as_nccl_type(),
+                    nccl_op(op),
+                    p.root as i32,
+                    self.comm,
+                    self.raw_stream(),
+                )
+            }
+        })
+    }
+
+    /// Runs `call` `n` times inside one NCCL group, closing the group even when a call fails.
+    fn grouped_each(
+        &self,
+        n: usize,
+        call: &'static str,
+        mut each: impl FnMut() -> Result<result::NcclStatus, result::NcclError>,
+    ) -> Result<(), CommError> {
+        self.checked("ncclGroupStart", result::group_start())?;
+        let mut first = Ok(());
+        for _ in 0..n {
+            let r = self.checked(call, each());
+            if r.is_err() {
+                first = r;
+                break;
+            }
+        }
+        let end = self.checked("ncclGroupEnd", result::group_end());
+        first.and(end)
     }
 }
 

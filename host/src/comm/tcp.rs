@@ -23,7 +23,9 @@
 //!
 //! Connection set-up ([`TcpComm::connect_group`]) uses the rendezvous: rank 0 binds one data
 //! listener per communicator on its address of `master`, hands their addresses out through the
-//! rendezvous, and accepts one connection per peer on each; each peer says who it is.
+//! rendezvous, and accepts one connection per peer on each; each peer says who it is. The same
+//! rendezvous round can carry a few more bytes of rank 0's ([`TcpComm::connect_group_sharing`]):
+//! that is how a multi-process device run hands NCCL's unique id to every rank.
 //!
 //! [`LocalComm`]: super::LocalComm
 //! [`LocalGroup`]: super::LocalGroup
@@ -38,6 +40,19 @@ use super::{CommElement, CommError, Communicator, ReduceOp, rendezvous, shard_ra
 const HELLO: &[u8; 8] = b"LATHETC1";
 const HEADER_LEN: usize = 1 + 1 + 1 + 4 + 8 + 8;
 const CONNECT_RETRY: Duration = Duration::from_millis(20);
+/// The line of the set-up blob that carries rank 0's shared bytes, in hex (the other lines
+/// are data listener addresses).
+const SHARED_PREFIX: &str = "shared ";
+
+fn decode_hex(hex: &str) -> Option<Vec<u8>> {
+    if !hex.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok())
+        .collect()
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
@@ -174,6 +189,20 @@ impl TcpComm {
         count: usize,
         timeout: Duration,
     ) -> Result<Vec<TcpComm>, CommError> {
+        Self::connect_group_sharing(rank, world, master, count, timeout, None).map(|(c, _)| c)
+    }
+
+    /// [`TcpComm::connect_group`], and rank 0's `shared` bytes (e.g. an NCCL unique id)
+    /// handed to every rank in the same rendezvous round: every rank returns rank 0's
+    /// `shared` (`None` when rank 0 passed `None`; the other ranks' argument is ignored).
+    pub fn connect_group_sharing(
+        rank: usize,
+        world: usize,
+        master: &str,
+        count: usize,
+        timeout: Duration,
+        shared: Option<&[u8]>,
+    ) -> Result<(Vec<TcpComm>, Option<Vec<u8>>), CommError> {
         if world == 0 || rank >= world {
             return Err(CommError::InvalidArgument {
                 rank,
@@ -189,7 +218,8 @@ impl TcpComm {
             broken: Mutex::new(None),
         };
         if world == 1 {
-            return Ok((0..count).map(|_| make(Vec::new())).collect());
+            let comms = (0..count).map(|_| make(Vec::new())).collect();
+            return Ok((comms, shared.map(<[u8]>::to_vec)));
         }
         let deadline = Instant::now() + timeout;
         if rank == 0 {
@@ -215,12 +245,19 @@ impl TcpComm {
                 blob.push('\n');
                 listeners.push(l);
             }
+            if let Some(bytes) = shared {
+                blob.push_str(SHARED_PREFIX);
+                for b in bytes {
+                    blob.push_str(&format!("{b:02x}"));
+                }
+                blob.push('\n');
+            }
             rendezvous(master, 0, world, Some(blob.into_bytes()), timeout)?;
             let mut out = Vec::with_capacity(count);
             for l in &listeners {
                 out.push(make(accept_peers(l, world, deadline)?));
             }
-            Ok(out)
+            Ok((out, shared.map(<[u8]>::to_vec)))
         } else {
             let blob = rendezvous(master, rank, world, None, timeout)?;
             let text = String::from_utf8(blob).map_err(|_| CommError::InvalidArgument {
@@ -228,7 +265,21 @@ impl TcpComm {
                 op: "TcpComm::connect_group".into(),
                 detail: "rank 0 sent data addresses that are not text".into(),
             })?;
-            let addrs: Vec<&str> = text.lines().collect();
+            let mut received = None;
+            let mut addrs: Vec<&str> = Vec::with_capacity(count);
+            for line in text.lines() {
+                match line.strip_prefix(SHARED_PREFIX) {
+                    Some(hex) => {
+                        received =
+                            Some(decode_hex(hex).ok_or_else(|| CommError::InvalidArgument {
+                                rank,
+                                op: "TcpComm::connect_group".into(),
+                                detail: "rank 0 sent shared bytes that are not hex".into(),
+                            })?)
+                    }
+                    None => addrs.push(line),
+                }
+            }
             if addrs.len() != count {
                 return Err(CommError::InvalidArgument {
                     rank,
@@ -243,7 +294,7 @@ impl TcpComm {
             for a in addrs {
                 out.push(make(vec![connect_to_root(a, rank, world, deadline)?]));
             }
-            Ok(out)
+            Ok((out, received))
         }
     }
 

@@ -16,8 +16,8 @@
 //! * [`DeviceBatch`] uploads token batches on the copy stream, double-buffered, ordered before
 //!   the compute that reads them by an event rather than a host wait;
 //! * [`DeviceGradReducer`] averages the gradients of `--world N` device ranks bucket by bucket
-//!   from the tape's gradient-ready hook, while the backward pass goes on (through host
-//!   staging; see its module for what an NCCL path replaces).
+//!   from the tape's gradient-ready hook, while the backward pass goes on, over a
+//!   `DeviceComm` (host staging, or NCCL on CUDA devices; see its module).
 //!
 //! The numbers are the CPU path's: the kernels use the same f32 operations in the same order
 //! (see `lathe_kernels::nn::adamw`). The one difference is the gradient norm, summed in f32 on
@@ -31,7 +31,7 @@ mod reduce;
 
 pub use batch::DeviceBatch;
 pub use optim::{DeviceOptimizer, HostOptimizerState};
-pub use readback::{StepReadback, StepReport};
+pub use readback::{StepReadback, StepReport, Waiter};
 pub use reduce::{
     DeviceGradReducer, ReduceStats, SharedReducer, gather_pieces, grad_ready_hook, lock_reducer,
 };

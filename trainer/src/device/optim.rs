@@ -2,7 +2,7 @@
 //! queued on the device's compute stream with no host synchronisation.
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
-use lathe_host::comm::{Communicator, HostComm, ReduceOp};
+use lathe_host::comm::{DeviceComm, ReduceOp};
 use lathe_host::nn_ops::{AdamWLaunch, DeviceDecayRanges, WorkingCopyMut};
 use lathe_host::{Device, DeviceBuffer, KernelArg};
 use lathe_kernels::Problem;
@@ -437,10 +437,12 @@ impl DeviceOptimizer {
 
     /// One step of a shard optimizer whose rank holds the averaged gradients of its shard
     /// only (ZeRO stages 2 and 3): the non-finite check and the norm partials run over
-    /// `grad_shard`, and the ranks exchange them over `comm` (collective; one host wait per
-    /// step: the partials and the flag go through host memory), so every rank finishes the
-    /// same global norm and skip decision. Then AdamW over the shard and the loss-scale
-    /// update; `grads`, the tape's full-size accumulation buffer, is zeroed.
+    /// `grad_shard`, and the ranks exchange them over `comm` (collective: a sum of the
+    /// partials, each rank's slots non-zero on that rank only, and a max of the non-finite
+    /// flag; through host memory on the host-staged communicator — one host wait per step —
+    /// on the device over NCCL), so every rank finishes the same global norm and skip
+    /// decision. `None`: one rank, nothing to exchange. Then AdamW over the shard and the
+    /// loss-scale update; `grads`, the tape's full-size accumulation buffer, is zeroed.
     /// `inject_nonfinite` writes `+inf` into `grad_shard[0]` first.
     #[allow(clippy::too_many_arguments)]
     pub fn step_own_shard(
@@ -451,13 +453,13 @@ impl DeviceOptimizer {
         working: WorkingCopyMut<'_>,
         lr: f32,
         inject_nonfinite: bool,
-        comm: &HostComm,
+        comm: Option<&DeviceComm>,
     ) -> Result<()> {
+        let world = comm.map_or(1, |c| c.world_size());
         ensure!(
-            self.norm_shards.len() == comm.world_size(),
-            "device optimizer: {} norm shards for {} ranks",
+            self.norm_shards.len() == world,
+            "device optimizer: {} norm shards for {world} ranks",
             self.norm_shards.len(),
-            comm.world_size()
         );
         self.queue_step(
             master,
@@ -495,40 +497,37 @@ impl DeviceOptimizer {
     }
 
     /// Non-finite check and norm partials over this rank's `shard`, exchanged with the
-    /// other ranks through host memory, then the finish over every rank's partials.
-    fn check_exchanged(&mut self, shard: &DeviceBuffer<f32>, comm: &HostComm) -> Result<()> {
+    /// other ranks over `comm` (none: one rank), then the finish over every rank's partials.
+    fn check_exchanged(
+        &mut self,
+        shard: &DeviceBuffer<f32>,
+        comm: Option<&DeviceComm>,
+    ) -> Result<()> {
         let counts: Vec<usize> = self
             .norm_shards
             .iter()
             .map(|r| check_blocks(r.len() as u64) as usize)
             .collect();
         let total: usize = counts.iter().sum();
-        let rank = comm.rank();
+        let rank = comm.map_or(0, |c| c.rank());
         let at: usize = counts[..rank].iter().sum();
         let mut partials = self.dev.alloc::<f32>(total)?;
+        // Every slot but this rank's stays zero, so the sum over ranks is each partial exactly
+        // (in any order of summation).
+        self.dev
+            .fill(&mut partials, 0.0)
+            .context("zeroing the norm partials")?;
         self.dev
             .grad_check_partials(shard, 0..shard.len(), &mut self.state, &mut partials, at)?;
-        // Every slot but one rank's is zero, so the sum over ranks is each partial exactly;
-        // the last slot counts the ranks that found a non-finite value.
-        let mut host = vec![0.0f32; total + 1];
-        partials
-            .copy_to_host_at(at, &mut host[at..at + counts[rank]])
-            .context("copying the norm partials to the host")?;
-        let mut found = [0u32];
-        self.state
-            .copy_to_host_at(FOUND_INF, &mut found)
-            .context("reading the non-finite flag")?;
-        host[total] = if found[0] != 0 { 1.0 } else { 0.0 };
-        comm.all_reduce(&mut host, ReduceOp::Sum)
-            .map_err(anyhow::Error::new)
-            .context("exchanging the gradient norm partials")?;
-        partials
-            .copy_from_host(&host[..total])
-            .context("copying the norm partials to the device")?;
-        if host[total] > 0.0 && found[0] == 0 {
-            self.state
-                .copy_from_host_at(FOUND_INF, &[1])
-                .context("setting the non-finite flag")?;
+        if let Some(comm) = comm {
+            comm.all_reduce(&mut partials, 0..total, ReduceOp::Sum)
+                .map_err(anyhow::Error::new)
+                .context("exchanging the gradient norm partials")?;
+            // The flag is 0 or 1 on every rank: the max is 1 when any rank found a
+            // non-finite value.
+            comm.all_reduce(&mut self.state, FOUND_INF..FOUND_INF + 1, ReduceOp::Max)
+                .map_err(anyhow::Error::new)
+                .context("exchanging the non-finite flag")?;
         }
         self.dev
             .grad_norm_finish(&partials, total, &mut self.state, self.grad_clip as f32)?;
@@ -544,7 +543,7 @@ impl DeviceOptimizer {
         working: WorkingCopyMut<'_>,
         lr: f32,
         inject_nonfinite: bool,
-        exchange: Option<&HostComm>,
+        exchange: Option<Option<&DeviceComm>>,
     ) -> Result<()> {
         let mut grad_shard = grad_shard;
         self.check_step(

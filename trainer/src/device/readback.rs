@@ -55,10 +55,14 @@ impl Slot {
     }
 
     /// Waits for this slot's copies (queued a step or more ago) and decodes them.
-    fn read(&mut self) -> Result<StepReport> {
+    fn read(&mut self, waiter: Option<&Waiter>) -> Result<StepReport> {
         if let Some(e) = self.event.take() {
-            e.synchronize()
-                .with_context(|| format!("waiting for step {}'s readback", self.step))?;
+            let what = format!("waiting for step {}'s readback", self.step);
+            match waiter {
+                Some(w) => w(&e, &what),
+                None => e.synchronize().map_err(anyhow::Error::new),
+            }
+            .with_context(|| what.clone())?;
         }
         let decode = |b: &PinnedBuffer<u32>| -> Result<StepState> {
             let words = b.as_slice().context("reading the pinned step state")?;
@@ -82,6 +86,11 @@ impl Slot {
     }
 }
 
+/// How the host waits for a readback's event: given the event and what the wait is for.
+/// A run whose steps end behind NCCL collectives waits through its communicator, with a bound
+/// (see `DeviceComm::wait_event`); by default the host waits on the event.
+pub type Waiter = Box<dyn Fn(&Event, &str) -> Result<()> + Send>;
+
 /// Asynchronous, one-step-behind readback of the step state and the loss.
 ///
 /// After each step the caller calls [`StepReadback::record`]: it queues copies of the step
@@ -103,6 +112,7 @@ pub struct StepReadback {
     ready: VecDeque<StepReport>,
     next_slot: usize,
     next_step: u64,
+    waiter: Option<Waiter>,
 }
 
 impl StepReadback {
@@ -114,7 +124,13 @@ impl StepReadback {
             ready: VecDeque::new(),
             next_slot: 0,
             next_step: 0,
+            waiter: None,
         })
+    }
+
+    /// Waits for the readback events through `waiter` instead of on the event itself.
+    pub fn set_waiter(&mut self, waiter: Waiter) {
+        self.waiter = Some(waiter);
     }
 
     /// Queues the readback of the step `opt` has just queued, and of `loss` (one f32: the
@@ -129,7 +145,7 @@ impl StepReadback {
         if self.pending.len() == self.slots.len()
             && let Some(oldest) = self.pending.pop_front()
         {
-            let r = self.slots[oldest].read()?;
+            let r = self.slots[oldest].read(self.waiter.as_ref())?;
             self.ready.push_back(r);
         }
         let i = self.next_slot;
@@ -166,7 +182,7 @@ impl StepReadback {
             return Ok(None);
         }
         match self.pending.pop_front() {
-            Some(oldest) => self.slots[oldest].read().map(Some),
+            Some(oldest) => self.slots[oldest].read(self.waiter.as_ref()).map(Some),
             None => Ok(None),
         }
     }
@@ -176,7 +192,7 @@ impl StepReadback {
     pub fn finish(&mut self) -> Result<Vec<StepReport>> {
         let mut out: Vec<StepReport> = self.ready.drain(..).collect();
         while let Some(i) = self.pending.pop_front() {
-            out.push(self.slots[i].read()?);
+            out.push(self.slots[i].read(self.waiter.as_ref())?);
         }
         Ok(out)
     }

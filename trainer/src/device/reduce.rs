@@ -17,40 +17,44 @@
 //! buckets are reduced in the same order everywhere: the collective calls match without any
 //! coordination.
 //!
-//! # Where the host staging is
+//! # How a bucket is exchanged
 //!
-//! Simulated devices do not share memory and [`HostComm`] reduces host slices, so one bucket's
-//! reduction is: copy the bucket range of the device gradients into a host staging buffer
-//! (waiting for the compute stream, which has queued every addition into that range), average
-//! the staging buffers over the ranks with an all-reduce (`ReduceOp::Avg`: an f32 sum in rank
-//! order divided by the world size once — exactly the CPU path's arithmetic), and copy the
-//! result back into the same range on the compute stream. On GPUs these two copies and the host
-//! wait are what an NCCL all-reduce on the device buffers (on a communication stream, ordered
-//! after the bucket's last gradient by an event) replaces; that path is separate work, and this
-//! reducer is then the fallback. With the host staging the "overlap" is in the order of work
-//! (a bucket is exchanged before the earlier layers' backward is even queued), not in time on
-//! the device: the copy waits for the queued kernels.
+//! Through a [`DeviceComm`]: on simulated devices (and wherever NCCL is not used) the
+//! host-staged communicator copies the bucket range of the device gradients into a host staging
+//! buffer (waiting for the compute stream, which has queued every addition into that range),
+//! averages the staging buffers over the ranks with an all-reduce (`ReduceOp::Avg`: an f32 sum
+//! in rank order divided by the world size once — exactly the CPU path's arithmetic), and
+//! copies the result back into the same range on the compute stream. There the "overlap" is in
+//! the order of work (a bucket is exchanged before the earlier layers' backward is even
+//! queued), not in time on the device: the copy waits for the queued kernels. On CUDA devices
+//! with NCCL the bucket is averaged in place on the device, on NCCL's stream, ordered after the
+//! bucket's last gradient by an event and before later compute by another: no host wait, and
+//! the backward of the earlier layers runs while the bucket is exchanged (not yet run on a GPU).
 //!
 //! `--inject-nonfinite` on a multi-rank device run writes `+inf` into element 0 of rank 0's
-//! staged bucket before its all-reduce, as the CPU path writes it into rank 0's gradients
-//! before the reduction: the inf reaches every rank, and every rank skips the step.
+//! gradients (a one-element fill on the compute stream) before that bucket's all-reduce, as the
+//! CPU path writes it into rank 0's gradients before the reduction: the inf reaches every rank,
+//! and every rank skips the step.
 //!
 //! [`Tape::set_grad_ready_hook`]: lathe_autograd::Tape::set_grad_ready_hook
 
 use crate::zero::{DEFAULT_BUCKET_BYTES, bucket_ranges};
 use anyhow::{Context, Result, anyhow, bail};
 use lathe_autograd::{GradReadyHook, ParamStore};
-use lathe_host::DeviceBuffer;
-use lathe_host::comm::{Communicator, HostComm, ReduceOp};
+use lathe_host::comm::{DeviceComm, ReduceOp};
+use lathe_host::{DeviceBuffer, KernelArg};
+use lathe_kernels::Problem;
+use lathe_kernels::elementwise::FILL_F32;
 use std::ops::Range;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-/// Averages the gradients of device ranks over a [`HostComm`] group, in buckets, through
-/// host staging. See the module documentation.
+/// Averages the gradients of device ranks over a [`DeviceComm`] group, in buckets. See the
+/// module documentation.
 pub struct DeviceGradReducer {
-    /// A communicator used by this reducer only: the hook runs inside the backward pass,
-    /// while the trainer holds its own endpoint of the same ranks.
-    comm: HostComm,
+    /// The device communicator of the run: the hook runs inside the backward pass, while the
+    /// trainer holds its own host endpoint of the same ranks. The device optimizer's exchanges
+    /// and the ZeRO gathers go through it too ([`DeviceGradReducer::comm`]).
+    comm: DeviceComm,
     len: usize,
     /// Elements per bucket (the last-listed bucket, which starts at 0, may be shorter).
     bucket_elems: usize,
@@ -60,8 +64,6 @@ pub struct DeviceGradReducer {
     waiting: Vec<usize>,
     /// Per bucket: averaged in this pass.
     done: Vec<bool>,
-    /// Host staging for one bucket (f32, `bucket_elems` long).
-    staging: Vec<f32>,
     /// Whether a pass is in progress (between `begin` and `finish`).
     armed: bool,
     /// Write `+inf` into element 0 before its bucket's all-reduce (this pass only).
@@ -70,9 +72,10 @@ pub struct DeviceGradReducer {
     in_backward: usize,
     /// The error a hook call hit (the tape only sees a summary of it).
     error: Option<anyhow::Error>,
-    /// ZeRO stages 2-3: the rank's shard of the parameters and the buffer that receives the
-    /// averaged gradients of that shard (the rest of each averaged bucket is not copied back).
-    keep: Option<(Range<usize>, DeviceBuffer<f32>)>,
+    /// ZeRO stages 2-3: every rank's shard of the parameters (in rank order) and the buffer
+    /// that receives the averaged gradients of this rank's shard (the rest of each averaged
+    /// bucket is not kept).
+    keep: Option<(Vec<Range<usize>>, DeviceBuffer<f32>)>,
 }
 
 /// What one pass of a [`DeviceGradReducer`] did.
@@ -104,7 +107,8 @@ impl DeviceGradReducer {
 
     /// A reducer for a flat gradient buffer of `len` f32 elements, `bucket_elems` per bucket
     /// (0: one bucket). Every rank of `comm`'s group must build it with the same arguments.
-    pub fn new(comm: impl Into<HostComm>, len: usize, bucket_elems: usize) -> Self {
+    /// A host communicator (`HostComm`, `LocalComm`, `TcpComm`) gives the host-staged path.
+    pub fn new(comm: impl Into<DeviceComm>, len: usize, bucket_elems: usize) -> Self {
         let comm = comm.into();
         let buckets = bucket_ranges(len, bucket_elems);
         let bucket_elems = buckets.first().map_or(0, |b| b.len());
@@ -115,7 +119,6 @@ impl DeviceGradReducer {
             waiting: buckets.iter().map(|b| b.len()).collect(),
             done: vec![true; buckets.len()],
             buckets,
-            staging: vec![0.0; bucket_elems],
             armed: false,
             inject: false,
             in_backward: 0,
@@ -124,19 +127,25 @@ impl DeviceGradReducer {
         }
     }
 
-    /// ZeRO stages 2-3: from now on each averaged bucket's part inside `shard` goes into
-    /// `buf` (`shard.len()` elements, at `element - shard.start`) instead of back into the
-    /// full gradient buffer.
-    pub fn keep_shard(&mut self, shard: Range<usize>, buf: DeviceBuffer<f32>) -> Result<()> {
-        if shard.end > self.len || shard.len() != buf.len() {
+    /// ZeRO stages 2-3: from now on each averaged bucket's part inside this rank's shard
+    /// (`shards[rank]`; `shards` lists every rank's, in rank order, tiling the buffer) goes into
+    /// `buf` (`shards[rank].len()` elements, at `element - shard.start`) instead of back into
+    /// the full gradient buffer.
+    pub fn keep_shard(&mut self, shards: Vec<Range<usize>>, buf: DeviceBuffer<f32>) -> Result<()> {
+        let rank = self.comm.rank();
+        let fits = shards.len() == self.comm.world_size()
+            && shards.iter().all(|s| s.start <= s.end && s.end <= self.len)
+            && shards[rank].len() == buf.len();
+        if !fits {
             bail!(
-                "gradient reducer: shard {shard:?} with a buffer of {} elements does not fit \
-                 {} gradients",
+                "gradient reducer: shards {shards:?} with a buffer of {} elements on rank \
+                 {rank} do not fit {} gradients over {} ranks",
                 buf.len(),
-                self.len
+                self.len,
+                self.comm.world_size()
             );
         }
-        self.keep = Some((shard, buf));
+        self.keep = Some((shards, buf));
         Ok(())
     }
 
@@ -145,10 +154,23 @@ impl DeviceGradReducer {
         self.keep.as_mut().map(|(_, b)| b)
     }
 
+    /// The averaged gradients of the rank's shard and the communicator, together (the
+    /// optimizer of ZeRO stages 2-3 exchanges its norm over the same communicator).
+    pub fn shard_grads_and_comm(&mut self) -> Option<(&mut DeviceBuffer<f32>, &DeviceComm)> {
+        let comm = &self.comm;
+        self.keep.as_mut().map(|(_, b)| (b, comm))
+    }
+
+    /// The device communicator (collective calls on it must keep the same order on every
+    /// rank, like the reducer's own).
+    pub fn comm(&self) -> &DeviceComm {
+        &self.comm
+    }
+
     /// ZeRO stage 3 (collective): `out` receives the parameters `range` of the flat buffer,
     /// whose pieces live on the ranks owning them (`shards[r]`, this rank's values in `mine`).
-    /// Each owner broadcasts its piece through host memory, in rank order; the values are
-    /// copied, never combined, so every rank gets the owners' bits.
+    /// Each owner sends its piece, in rank order; the values are copied, never combined, so
+    /// every rank gets the owners' bits.
     pub fn gather_range<T>(
         &self,
         range: Range<usize>,
@@ -252,39 +274,35 @@ impl DeviceGradReducer {
         })
     }
 
-    /// Device -> host staging -> all-reduce (average) -> device, for bucket `i`.
+    /// Averages bucket `i` over the ranks: in place, or (ZeRO stages 2-3) into the shard.
     fn reduce_bucket(&mut self, grads: &mut DeviceBuffer<f32>, i: usize) -> Result<()> {
         let b = self.buckets[i].clone();
-        let stage = &mut self.staging[..b.len()];
-        grads
-            .copy_to_host_at(b.start, stage)
-            .with_context(|| format!("copying gradient bucket {b:?} to the host"))?;
-        if self.inject && b.start == 0 && !stage.is_empty() {
-            // Testing aid (`--inject-nonfinite`), as the CPU path: rank 0's first gradient.
-            stage[0] = f32::INFINITY;
+        if self.inject && b.start == 0 && !b.is_empty() {
+            // Testing aid (`--inject-nonfinite`), as the CPU path: rank 0's first gradient,
+            // written on the compute stream before the bucket is exchanged.
+            let dev = grads.device().clone();
+            let args = [
+                grads.arg_range_mut(0..1)?,
+                KernelArg::U64(1),
+                KernelArg::F32(f32::INFINITY),
+            ];
+            dev.launch(&FILL_F32, &Problem::elems(1), &args, dev.compute_stream())
+                .context("injecting +inf into the gradients")?;
         }
-        self.comm
-            .all_reduce(stage, ReduceOp::Avg)
-            .map_err(anyhow::Error::new)
-            .with_context(|| {
-                format!(
-                    "averaging gradient bucket {b:?} over {} ranks",
-                    self.comm.world_size()
-                )
-            })?;
+        let world = self.comm.world_size();
         match &mut self.keep {
-            None => grads
-                .copy_from_host_at(b.start, stage)
-                .with_context(|| format!("copying averaged gradient bucket {b:?} to the device"))?,
-            Some((shard, buf)) => {
-                let (lo, hi) = (b.start.max(shard.start), b.end.min(shard.end));
-                if lo < hi {
-                    buf.copy_from_host_at(lo - shard.start, &stage[lo - b.start..hi - b.start])
-                        .with_context(|| {
-                            format!("copying the averaged gradients {lo}..{hi} to the shard")
-                        })?;
-                }
-            }
+            None => self
+                .comm
+                .all_reduce(grads, b.clone(), ReduceOp::Avg)
+                .map_err(anyhow::Error::new)
+                .with_context(|| format!("averaging gradient bucket {b:?} over {world} ranks"))?,
+            Some((shards, buf)) => self
+                .comm
+                .reduce_to_shards(grads, b.clone(), ReduceOp::Avg, shards, buf)
+                .map_err(anyhow::Error::new)
+                .with_context(|| {
+                    format!("averaging gradient bucket {b:?} over {world} ranks into the shards")
+                })?,
         }
         self.done[i] = true;
         Ok(())
@@ -326,11 +344,11 @@ pub fn grad_ready_hook(reducer: &SharedReducer) -> GradReadyHook<f32> {
 }
 
 /// `out` = the parameters `range` of a flat buffer split over the ranks as `shards` (rank `r`
-/// owns `shards[r]`; this rank's piece is `mine`): each owner of a piece of `range`
-/// broadcasts it, in rank order (collective over `comm`). Without a communicator (one rank),
-/// a device copy.
+/// owns `shards[r]`; this rank's piece is `mine`): each owner of a piece of `range` sends it,
+/// in rank order (collective over `comm`, [`DeviceComm::gather_range`]). Without a
+/// communicator (one rank), a device copy.
 pub fn gather_pieces<T>(
-    comm: Option<&HostComm>,
+    comm: Option<&DeviceComm>,
     range: Range<usize>,
     shards: &[Range<usize>],
     mine: &DeviceBuffer<T>,
@@ -367,21 +385,7 @@ where
             )
             .context("copying the parameters out of the shard");
     };
-    let mut host = vec![T::default(); range.len()];
-    for (r, s) in shards.iter().enumerate() {
-        let (lo, hi) = (range.start.max(s.start), range.end.min(s.end));
-        if lo >= hi {
-            continue;
-        }
-        let piece = &mut host[lo - range.start..hi - range.start];
-        if r == rank {
-            mine.copy_to_host_at(lo - own.start, piece)
-                .context("copying this rank's parameters to the host")?;
-        }
-        comm.broadcast(piece, r)
-            .map_err(anyhow::Error::new)
-            .with_context(|| format!("broadcasting parameters {lo}..{hi} from rank {r}"))?;
-    }
-    out.copy_from_host(&host)
-        .context("copying the gathered parameters to the device")
+    comm.gather_range(range.clone(), shards, mine, out)
+        .map_err(anyhow::Error::new)
+        .with_context(|| format!("gathering parameters {range:?} from their owners"))
 }

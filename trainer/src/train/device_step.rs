@@ -32,24 +32,29 @@
 //! AdamW updates the shard at its global offset (decay ranges and stochastic rounding follow
 //! global indices), and the updated working-copy shards (fp32: the master shards) are
 //! all-gathered into every rank's full working copy — the elementwise update of stage 0, so
-//! stage 1 takes stage 0's steps bit for bit. The Device API has no copy between ranges of
-//! two device buffers, so the gradient shard goes out through host staging too, and the
-//! all-gather runs over [`HostComm`](lathe_host::comm::HostComm) host buffers: one host wait
-//! per step, which an NCCL all-gather on device buffers removes on GPUs.
+//! stage 1 takes stage 0's steps bit for bit. The all-gather runs over the run's
+//! [`DeviceComm`]: through host memory on the host-staged communicator (one host wait per
+//! step), on the device buffers over NCCL on GPUs.
+//!
+//! Every device collective of a multi-rank run (gradient buckets, norm exchange, the gathers
+//! of stages 1-3) goes through one [`DeviceComm`], held by the [`DeviceGradReducer`]: host
+//! staging on simulated devices (and wherever NCCL is not used), NCCL on CUDA devices when
+//! the ranks agreed on it (`--comm`, `LATHE_COMM`; see `comm_choice`). With NCCL, the host
+//! waits for step reports and checkpoints through the communicator, bounded by its timeout.
 //!
 //! ZeRO stage 2 (`--zero 2`) on devices: as stage 1, except that the gradient reducer keeps,
 //! of each averaged bucket, only the part inside the rank's shard (in a shard-sized buffer),
 //! and the non-finite check and norm run over that shard on each rank: the ranks exchange
-//! their per-block norm partials (and non-finite flags) through host memory, and every rank
-//! finishes the same norm. The norm is summed shard by shard in every stage with several
+//! their per-block norm partials (and non-finite flags) over the device communicator, and every
+//! rank finishes the same norm. The norm is summed shard by shard in every stage with several
 //! ranks, so stages 0, 1 and 2 take the same steps bit for bit. The tape still accumulates
 //! the backward into a full-size f32 gradient buffer, so on a device stage 2 holds what
 //! stage 1 holds; what it changes is what is reduced and read.
 //!
 //! ZeRO stage 3 (`--zero 3`) on devices: stage 2, and no rank keeps the full parameters. The
 //! workspace store goes to the device sharded ([`ParamStore::to_device_sharded`]): its
-//! gather hook fills a tape's parameter leaf from the owners' shards (a broadcast per owner,
-//! through host memory) the first time the forward uses the parameter, so parameters arrive
+//! gather hook fills a tape's parameter leaf from the owners' shards (a broadcast per owner
+//! over the device communicator) the first time the forward uses the parameter, so parameters arrive
 //! as the forward reaches their block. After the update each rank keeps its shard; nothing
 //! is all-gathered. With `--recompute block` a block's parameters are dropped with its
 //! activations after its forward and gathered again (only those a gradient reads) when the
@@ -75,7 +80,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use lathe_autograd::{DType, DevBuf, ParamGatherHook, ParamStore, WorkingMut};
 use lathe_host::Device;
 use lathe_host::DeviceBuffer;
-use lathe_host::comm::{CommElement, Communicator, HostComm, shard_range};
+use lathe_host::comm::{CommElement, Communicator, DeviceComm, HostComm, NcclId, shard_range};
 use lathe_host::nn_ops::WorkingCopyMut;
 use std::collections::VecDeque;
 use std::ops::Range;
@@ -184,25 +189,25 @@ fn all_shards(len: usize, world: usize) -> Vec<Range<usize>> {
     (0..world).map(|r| shard_range(len, world, r)).collect()
 }
 
-/// Every rank's `shard` (a device buffer) gathered into `full` on every rank, through host
-/// memory (collective on `comm`).
+/// Every rank's `shard` (a device buffer) gathered into `full` on every rank (collective on
+/// `comm`: host staging or NCCL); with one rank (no communicator), a device copy.
 fn all_gather_device<T>(
-    comm: &HostComm,
+    comm: Option<&DeviceComm>,
     shard: &DeviceBuffer<T>,
     full: &mut DeviceBuffer<T>,
 ) -> Result<()>
 where
     T: CommElement + lathe_host::DeviceElem,
 {
-    let mine = shard
-        .to_vec()
-        .context("copying the updated shard to the host")?;
-    let mut all = vec![T::default(); full.len()];
-    comm.all_gather_uneven(&mine[..], &mut all[..])
-        .map_err(anyhow::Error::new)
-        .context("all-gathering the updated parameter shards")?;
-    full.copy_from_host(&all)
-        .context("copying the gathered parameters to the device")
+    match comm.filter(|c| c.world_size() > 1) {
+        Some(c) => c
+            .all_gather_uneven(shard, full)
+            .map_err(anyhow::Error::new)
+            .context("all-gathering the updated parameter shards"),
+        None => shard
+            .copy_to(full)
+            .context("copying the updated shard into the full copy"),
+    }
 }
 
 /// Every rank's shard of a host vector, gathered to full length on every rank.
@@ -295,6 +300,25 @@ fn optimizer_from_host(
     Ok((opt, Some(shard)))
 }
 
+/// The device communicator of a multi-rank run on `dev`: NCCL when the ranks agreed on an
+/// NCCL id before starting (see `super::comm_choice`), else host staging over `comm`.
+fn device_comm(dev: &Device, comm: HostComm, nccl: Option<NcclId>) -> Result<DeviceComm> {
+    let Some(id) = nccl else {
+        return Ok(DeviceComm::staged(comm));
+    };
+    let (rank, world) = (comm.rank(), comm.world_size());
+    let mut c = DeviceComm::nccl(dev, rank, world, &id)
+        .map_err(anyhow::Error::new)
+        .with_context(|| {
+            format!(
+                "rank {rank}: creating the NCCL communicator on {}",
+                dev.describe()
+            )
+        })?;
+    c.set_timeout(super::RANK_TIMEOUT);
+    Ok(c)
+}
+
 fn rounding_of(t: &Trainer) -> Rounding {
     if t.cfg.stochastic_rounding {
         Rounding::Stochastic { seed: t.cfg.seed }
@@ -315,6 +339,7 @@ impl Trainer {
                 .grad_comm
                 .take()
                 .ok_or_else(|| anyhow!("the gradient communicator was already taken"))?;
+            let comm = device_comm(&dev, comm, self.nccl_id.take())?;
             Some(
                 DeviceGradReducer::new(comm, len, DeviceGradReducer::DEFAULT_BUCKET_ELEMS).shared(),
             )
@@ -335,15 +360,29 @@ impl Trainer {
             && sh.own_grads
         {
             let buf = dev.alloc::<f32>(sh.range.len()).context("gradient shard")?;
-            lock_reducer(r)?.keep_shard(sh.range.clone(), buf)?;
+            lock_reducer(r)?.keep_shard(all_shards(len, world), buf)?;
         }
         self.shard_params_to_device(&dev, shard.as_ref(), reducer.as_ref())?;
         let tokens = self.cfg.micro_batch * self.seq_len;
         let loss_sum = DevBuf::zeros(&dev, lathe_autograd::DType::F32, 1)?;
+        let mut readback = StepReadback::new(&dev)?;
+        if let Some(r) = reducer.as_ref()
+            && lock_reducer(r)?.comm().is_nccl()
+        {
+            // A step's report waits behind its collectives: wait with the communicator's
+            // bound, so a dead peer ends the run with an error instead of a hang.
+            let r = Arc::clone(r);
+            readback.set_waiter(Box::new(move |event, what| {
+                lock_reducer(&r)?
+                    .comm()
+                    .wait_event(event, what)
+                    .map_err(anyhow::Error::new)
+            }));
+        }
         self.dev = Some(DeviceRun {
             reducer,
             shard,
-            readback: StepReadback::new(&dev)?,
+            readback,
             batch: DeviceBatch::new(&dev, tokens)?,
             loss_sum,
             opt,
@@ -400,6 +439,15 @@ impl Trainer {
         let Some(d) = self.dev.as_mut() else {
             return Ok(());
         };
+        if let Some(r) = d.reducer.as_ref() {
+            // The copies below wait for the compute stream, which waits for the collectives:
+            // wait for those first, with the communicator's bound.
+            lock_reducer(r)?
+                .comm()
+                .synchronize()
+                .map_err(anyhow::Error::new)
+                .context("waiting for the device collectives")?;
+        }
         let len = self.zero.len();
         let ws = self.zero.workspace_mut()?;
         ws.fetch_from_device()?;
@@ -585,9 +633,10 @@ impl Trainer {
                         (Some(r), true) => Some(lock_reducer(r)?),
                         _ => None,
                     };
-                    let grad_shard: &mut DeviceBuffer<f32> = match red.as_mut() {
+                    let (grad_shard, shard_comm): (&mut DeviceBuffer<f32>, _) = match red.as_mut() {
                         Some(r) => r
-                            .shard_grads_mut()
+                            .shard_grads_and_comm()
+                            .map(|(g, c)| (g, Some(c)))
                             .ok_or_else(|| anyhow!("the reducer holds no gradient shard"))?,
                         None => {
                             let n = sh.range.len();
@@ -598,7 +647,7 @@ impl Trainer {
                             d.dev
                                 .copy_2d(&*grads, sh.range.start, n, g, 0, n, 1, n)
                                 .context("copying the gradient shard")?;
-                            g
+                            (g, None)
                         }
                     };
                     if sh.own_grads {
@@ -609,7 +658,7 @@ impl Trainer {
                             shard_working,
                             lr as f32,
                             inject_here,
-                            &self.comm,
+                            shard_comm,
                         )?;
                     } else {
                         d.opt.step_shard(
@@ -624,15 +673,15 @@ impl Trainer {
                     drop(red);
                     if sh.gather_after_step {
                         let _g = self.prof.span("gather_params", Phase::Communication);
+                        let red = d.reducer.as_ref().map(lock_reducer).transpose()?;
+                        let comm = red.as_deref().map(|r| r.comm());
                         match (working, shard_w.as_ref()) {
-                            (WorkingMut::None, _) => {
-                                all_gather_device(&self.comm, shard_master, master)?
-                            }
+                            (WorkingMut::None, _) => all_gather_device(comm, shard_master, master)?,
                             (WorkingMut::Bf16(full), Some(DevBuf::Bf16(w))) => {
-                                all_gather_device(&self.comm, w, full)?
+                                all_gather_device(comm, w, full)?
                             }
                             (WorkingMut::F16(full), Some(DevBuf::F16(w))) => {
-                                all_gather_device(&self.comm, w, full)?
+                                all_gather_device(comm, w, full)?
                             }
                             _ => {
                                 bail!("the working copy's shard and the full copy differ in dtype")
@@ -667,6 +716,15 @@ impl Trainer {
             d.dev.take_kernel_timings()?;
         }
         let d = self.dev.as_mut().expect("device run");
+        if let Some(r) = d.reducer.as_ref() {
+            // A peer that failed inside a queued collective shows up here (NCCL; nothing to
+            // check on the host-staged path).
+            lock_reducer(r)?
+                .comm()
+                .poll()
+                .map_err(anyhow::Error::new)
+                .context("device collectives")?;
+        }
         let reports = if drain {
             d.readback.finish()?
         } else {

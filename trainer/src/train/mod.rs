@@ -23,13 +23,15 @@
 //! `N + r`; `sim`: a simulated device per rank) and runs the step there (`device_step`): every
 //! ZeRO stage, the gradients averaged in buckets during the last backward pass by
 //! [`crate::device::DeviceGradReducer`], stage 3's parameters gathered as the forward uses
-//! them.
+//! them. The device ranks' collectives go through a `DeviceComm`: host staging over the
+//! host communicators, or NCCL on CUDA devices (`--comm` / `LATHE_COMM`, see `comm_choice`).
 //!
 //! Determinism: the same settings and seed give the same losses bit for bit; a run resumed from
 //! a checkpoint reproduces the uninterrupted run's losses exactly (the checkpoint holds the full
 //! master weights, optimizer moments, scaler, data position and step, gathered from the shards);
 //! stages 0-3 at one world size give identical losses.
 
+mod comm_choice;
 mod device_step;
 mod eval;
 pub mod memory;
@@ -51,8 +53,9 @@ use crate::zero::{
     DEFAULT_BUCKET_BYTES, RankMemory, ShardedModel, ZeroError, ZeroOptions, ZeroStage,
 };
 use anyhow::{Context, Result, anyhow, bail};
+use comm_choice::RankDevice;
 use lathe_autograd::{DType, Gpt, GptConfig, Recompute, Tape};
-use lathe_host::comm::{CommError, Communicator, HostComm, LocalGroup, TcpComm};
+use lathe_host::comm::{CommError, Communicator, HostComm, LocalGroup, NcclId, ReduceOp, TcpComm};
 use std::time::Duration;
 
 pub use eval::EvalOutcome;
@@ -93,7 +96,7 @@ pub struct RankReport {
 /// How long a rank waits in a collective for its peers. Rank 0 evaluates and writes
 /// checkpoints while the others wait in their next collective, so this is long; a rank that
 /// fails or panics drops its endpoint, which ends every peer's wait at once.
-const RANK_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+pub(super) const RANK_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 
 /// How long a launched process waits for the others to join the run.
 const RENDEZVOUS_TIMEOUT: Duration = Duration::from_secs(5 * 60);
@@ -146,9 +149,18 @@ pub fn run_train(args: TrainArgs) -> Result<TrainOutcome> {
             )?;
         }
     }
+    let rank_device = match device {
+        _ if !on_device => RankDevice::Cpu,
+        DeviceSpec::Sim => RankDevice::Sim,
+        _ => RankDevice::Cuda,
+    };
+    let want_nccl = comm_choice::wants_nccl(cfg.comm, cfg.world, rank_device)?;
     match launch {
-        Some(env) => train_launched(cfg, pre, env),
-        None => train_ranks(cfg, pre),
+        Some(env) => train_launched(cfg, pre, env, want_nccl),
+        None => {
+            let id = comm_choice::create_id(cfg.comm, want_nccl)?;
+            train_ranks(cfg, pre, id)
+        }
     }
 }
 
@@ -156,18 +168,30 @@ pub fn run_train(args: TrainArgs) -> Result<TrainOutcome> {
 /// other processes through the rendezvous at the master address, then trains as that rank,
 /// on device `local rank`. Rank 0 alone logs, evaluates and writes checkpoints, as with
 /// in-process ranks.
+///
+/// With NCCL (`want_nccl`: see `comm_choice`), rank 0 creates NCCL's unique id and hands it to
+/// every rank in the rendezvous round that connects the host communicators; the ranks then
+/// check that every one of them can load NCCL (else, under `--comm auto`, all stage through
+/// the host).
 fn train_launched(
     cfg: TrainConfig,
     pre: preflight::Preflight,
     env: LaunchEnv,
+    want_nccl: bool,
 ) -> Result<TrainOutcome> {
     let who = format!("rank {} of {} ({})", env.rank, env.world_size, env.source);
-    let mut comms = TcpComm::connect_group(
+    let mine = if env.rank == 0 {
+        comm_choice::create_id(cfg.comm, want_nccl)?
+    } else {
+        None
+    };
+    let (mut comms, shared) = TcpComm::connect_group_sharing(
         env.rank,
         env.world_size,
         &env.master(),
         2,
         RENDEZVOUS_TIMEOUT,
+        mine.as_ref().map(|id| id.as_bytes().as_slice()),
     )
     .with_context(|| format!("{who}: joining the other processes at {}", env.master()))?;
     for c in &mut comms {
@@ -176,7 +200,31 @@ fn train_launched(
     let (Some(grad_comm), Some(comm)) = (comms.pop(), comms.pop()) else {
         bail!("{who}: the process group has too few communicators");
     };
-    let rr = run_rank(cfg, comm.into(), grad_comm.into(), pre, env.local_rank)
+    let comm = HostComm::from(comm);
+    let nccl_id = match shared {
+        None => None,
+        Some(bytes) => {
+            let id = NcclId::from_bytes(&bytes).with_context(|| format!("{who}: NCCL id"))?;
+            // Every rank received the id, so every rank takes part in this check.
+            let mut cannot = [u32::from(!want_nccl)];
+            comm.all_reduce(&mut cannot[..], ReduceOp::Sum)
+                .map_err(anyhow::Error::new)
+                .with_context(|| format!("{who}: agreeing on NCCL"))?;
+            if cannot[0] > 0 {
+                if env.rank == 0 {
+                    eprintln!(
+                        "warning: {} of {} ranks cannot use NCCL; device ranks exchange \
+                         through host memory",
+                        cannot[0], env.world_size
+                    );
+                }
+                None
+            } else {
+                Some(id)
+            }
+        }
+    };
+    let rr = run_rank(cfg, comm, grad_comm.into(), pre, env.local_rank, nccl_id)
         .with_context(|| format!("{who} failed"))?;
     Ok(TrainOutcome {
         ranks: vec![rr.report],
@@ -196,9 +244,10 @@ fn run_rank(
     grad_comm: HostComm,
     pre: preflight::Preflight,
     device_index: usize,
+    nccl_id: Option<NcclId>,
 ) -> Result<RankResult> {
     let rank = comm.rank();
-    let mut t = Trainer::new(cfg, comm, grad_comm, device_index)?;
+    let mut t = Trainer::new(cfg, comm, grad_comm, device_index, nccl_id)?;
     t.overwrite_pending = pre.overwrite_existing;
     let outcome = t.run()?;
     Ok(RankResult {
@@ -214,7 +263,12 @@ fn run_rank(
 /// Runs `cfg.world` ranks (threads, one [`LocalGroup`]) and returns rank 0's outcome with
 /// every rank's report. When ranks fail, the error returned is the first one that is not just
 /// a peer noticing the failure (a broken group).
-fn train_ranks(cfg: TrainConfig, pre: preflight::Preflight) -> Result<TrainOutcome> {
+/// `nccl_id`: the id of the NCCL communicator the device ranks build (`None`: host staging).
+fn train_ranks(
+    cfg: TrainConfig,
+    pre: preflight::Preflight,
+    nccl_id: Option<NcclId>,
+) -> Result<TrainOutcome> {
     let world = cfg.world;
     let comms = LocalGroup::with_timeout(world, RANK_TIMEOUT);
     // A second group of the same ranks for the device gradient reducer, which runs inside the
@@ -224,7 +278,7 @@ fn train_ranks(cfg: TrainConfig, pre: preflight::Preflight) -> Result<TrainOutco
         comms
             .into_iter()
             .zip(grad_comms)
-            .map(|(c, g)| run_rank(cfg.clone(), c.into(), g.into(), pre.clone(), 0))
+            .map(|(c, g)| run_rank(cfg.clone(), c.into(), g.into(), pre.clone(), 0, nccl_id))
             .collect()
     } else {
         std::thread::scope(|s| {
@@ -235,7 +289,7 @@ fn train_ranks(cfg: TrainConfig, pre: preflight::Preflight) -> Result<TrainOutco
                     .name(format!("lathe-rank-{rank}"))
                     .stack_size(RANK_STACK_BYTES)
                     .spawn_scoped(s, move || {
-                        run_rank(cfg, comm.into(), grad_comm.into(), pre, rank)
+                        run_rank(cfg, comm.into(), grad_comm.into(), pre, rank, nccl_id)
                     })
                     .with_context(|| format!("starting the thread of rank {rank}"));
                 handles.push(h);
@@ -441,6 +495,9 @@ pub struct Trainer {
     dev: Option<device_step::DeviceRun>,
     /// The gradient reducer's communicator until a multi-rank device run takes it.
     grad_comm: Option<HostComm>,
+    /// The NCCL id a multi-rank device run builds its device communicator from (`None`:
+    /// host staging), until it does.
+    nccl_id: Option<NcclId>,
 }
 
 impl Trainer {
@@ -451,12 +508,14 @@ impl Trainer {
     /// ([`crate::device::DeviceGradReducer`]); the CPU path does not use it.
     /// The trainer of rank `comm.rank()`; a device run opens device `device_index` of the
     /// `--device` spec (`cuda:N`: GPU `N + device_index`; the rank for in-process ranks, the
-    /// local rank for launched processes).
+    /// local rank for launched processes). `nccl_id`: every rank's same NCCL id when the
+    /// device ranks exchange over NCCL, `None` for host staging (the CPU path ignores it).
     pub fn new(
         cfg: TrainConfig,
         comm: HostComm,
         grad_comm: HostComm,
         device_index: usize,
+        nccl_id: Option<NcclId>,
     ) -> Result<Self> {
         for (what, c) in [
             ("communicator", &comm),
@@ -539,6 +598,7 @@ impl Trainer {
             saved_step: None,
             dev: None,
             grad_comm: Some(grad_comm),
+            nccl_id,
         };
         if let Some(dev) = open_device(t.cfg.device, device_index)? {
             if matches!(t.cfg.optimizer, OptimizerArg::Sgd) {
