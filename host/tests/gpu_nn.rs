@@ -751,14 +751,14 @@ fn flash_attention_matches_twin() {
     flash_case::<f16>(&dev, &mut rng, sh(1, 65, 2, 32));
     flash_case::<f16>(&dev, &mut rng, sh(2, 31, 1, 48));
     // Shapes the fused kernels do not take are errors naming why, not launches.
-    let q = dev.htod(&vec![bf16::ONE; 3 * 2 * 12]).unwrap();
+    let q = dev.htod(&[bf16::ONE; 3 * 2 * 12]).unwrap();
     let mut y = dev.alloc::<bf16>(2 * 12).unwrap();
     let mut l = dev.alloc::<f32>(2).unwrap();
     let e = dev
         .flash_attention_forward(&q, &mut y, &mut l, &sh(1, 2, 1, 12), 0.3)
         .unwrap_err();
     assert!(e.to_string().contains("head size 12"), "{e}");
-    let q32 = dev.htod(&vec![1f32; 3 * 2 * 16]).unwrap();
+    let q32 = dev.htod(&[1f32; 3 * 2 * 16]).unwrap();
     let mut y32 = dev.alloc::<f32>(2 * 16).unwrap();
     let e = dev
         .flash_attention_forward(&q32, &mut y32, &mut l, &sh(1, 2, 1, 16), 0.3)
