@@ -77,6 +77,12 @@ impl Device {
     /// `C = act(alpha * op(A) op(B) + beta * C + bias)` with the shipped kernel version, on the
     /// compute stream. `bias` (length `g.n`, type `I`) is added when given; `g.gelu` applies
     /// GELU (tanh form) last. With `g.beta == 0`, C is written without being read.
+    ///
+    /// Which kernel: on a device of compute capability 9.0 (an H100/H200, or the simulated
+    /// device) a product with at least one full 128 x 256 tile of outputs whose operands TMA
+    /// can describe runs on the Hopper wgmma + TMA kernel
+    /// ([`Device::hopper_gemm`]; `LATHE_GEMM=mma` turns that off); everything else on the
+    /// `mma.sync` kernels of [`Version::SHIPPED`].
     pub fn gemm<I: DeviceElem, O: DeviceElem>(
         &self,
         g: &Gemm,
@@ -85,6 +91,12 @@ impl Device {
         bias: Option<&DeviceBuffer<I>>,
         c: &mut DeviceBuffer<O>,
     ) -> Result<()> {
+        if self.gemm_takes_hopper::<I, O>(g, a.addr(), b.addr()) {
+            if !check_gemm(g, a, b, bias, c)? {
+                return Ok(());
+            }
+            return self.hopper_gemm(self.compute_stream(), g, a, b, bias, c);
+        }
         self.gemm_with(Version::SHIPPED, self.compute_stream(), g, a, b, bias, c)
     }
 
@@ -109,6 +121,32 @@ impl Device {
                 O::ELEM.name()
             ))
         })?;
+        if !check_gemm(g, a, b, bias, c)? {
+            return Ok(());
+        }
+        let t = version.tile();
+        let blocks = (g.m as u64).div_ceil(t.bm as u64) * (g.n as u64).div_ceil(t.bn as u64);
+        if blocks > MAX_BLOCKS {
+            return Err(Error::Invalid(format!(
+                "gemm: {} x {} needs {blocks} blocks of {}x{}, more than one launch allows",
+                g.m, g.n, t.bm, t.bn
+            )));
+        }
+        let args = gemm_args(g, a, b, bias, c);
+        self.launch(k, &g.problem(), &args, stream)
+    }
+}
+
+/// Validates `g` and the buffer lengths; `Ok(false)` for an empty product (nothing to launch).
+fn check_gemm<I: DeviceElem, O: DeviceElem>(
+    g: &Gemm,
+    a: &DeviceBuffer<I>,
+    b: &DeviceBuffer<I>,
+    bias: Option<&DeviceBuffer<I>>,
+    c: &DeviceBuffer<O>,
+) -> Result<bool> {
+    {
+        g.validate().map_err(|e| Error::Invalid(e.to_string()))?;
         let (ar, ac) = g.a_stored();
         let (br, bc) = g.b_stored();
         if a.len() < g.a_len() {
@@ -128,21 +166,11 @@ impl Device {
         {
             return Err(too_short("bias", bias.len(), g.n, format!("n = {}", g.n)));
         }
-        if g.m == 0 || g.n == 0 {
-            return Ok(());
-        }
-        let t = version.tile();
-        let blocks = (g.m as u64).div_ceil(t.bm as u64) * (g.n as u64).div_ceil(t.bn as u64);
-        if blocks > MAX_BLOCKS {
-            return Err(Error::Invalid(format!(
-                "gemm: {} x {} needs {blocks} blocks of {}x{}, more than one launch allows",
-                g.m, g.n, t.bm, t.bn
-            )));
-        }
-        let args = gemm_args(g, a, b, bias, c);
-        self.launch(k, &g.problem(), &args, stream)
+        Ok(g.m != 0 && g.n != 0)
     }
+}
 
+impl Device {
     /// Linear layer forward, GPT-2 Conv1D storage: `y(rows, out) = x(rows, in) w(in, out)
     /// (+ bias(out))`, then GELU if `gelu`. `y` is `I` or f32.
     pub fn linear_forward<I: DeviceElem, O: DeviceElem>(

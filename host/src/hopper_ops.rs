@@ -205,6 +205,150 @@ impl HopperGemm {
     }
 }
 
+/// Outputs (`m * n`) from which [`Device::gemm`] takes the Hopper kernels on a device that
+/// has them: one full 128 x 256 tile. Smaller products stay on the `mma.sync` kernels, whose
+/// 128 x 128 (and smaller) tiles waste less of a tiny problem.
+pub const HOPPER_MIN_OUTPUTS: usize = (BM * BN) as usize;
+
+/// Which GEMM kernels [`Device::gemm`] may take: `LATHE_GEMM=mma` keeps every product on the
+/// `mma.sync` kernels (to compare or to rule the Hopper path out), anything else (or unset)
+/// lets sm_90 devices use the Hopper kernels where they apply.
+fn hopper_allowed() -> bool {
+    static ALLOWED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ALLOWED.get_or_init(|| std::env::var("LATHE_GEMM").map_or(true, |v| v != "mma"))
+}
+
+/// A 2-D tensor map over one GEMM operand as stored: `(outer, inner)` row-major with leading
+/// dimension `ld` (elements), boxes of `box_inner x box_outer`, 128-byte swizzle, out-of-bounds
+/// elements read as zero.
+#[allow(clippy::too_many_arguments)]
+fn operand_map(
+    dev: &Device,
+    what: &str,
+    elem: Elem,
+    addr: u64,
+    outer: usize,
+    inner: usize,
+    ld: usize,
+    box_dims: [u32; 2],
+) -> Result<KernelArg> {
+    check_aligned(what, addr)?;
+    if !(2 * ld).is_multiple_of(16) {
+        return Err(invalid(format!(
+            "{what}: leading dimension {ld} is {} bytes; TMA needs a multiple of 16",
+            2 * ld
+        )));
+    }
+    dev.tensor_map(&TensorMapSpec {
+        elem,
+        addr,
+        dims: vec![inner as u64, outer as u64],
+        strides: vec![2 * ld as u64],
+        box_dims: box_dims.to_vec(),
+        swizzle: TmaSwizzle::B128,
+    })
+}
+
+impl Device {
+    /// The version-3 Hopper kernel for `g` with operands `I` and output `O`, if this device
+    /// runs it and the operands can be described by TMA (16-byte aligned bases, leading
+    /// dimensions a multiple of 8 elements); `None` otherwise (the reason does not matter to
+    /// a caller with a fallback).
+    pub fn hopper_kernel_for<I: DeviceElem, O: DeviceElem>(
+        &self,
+        g: &lathe_kernels::gemm::Gemm,
+        a_addr: u64,
+        b_addr: u64,
+    ) -> Option<&'static KernelDesc> {
+        use lathe_kernels::gemm::Op;
+        let k = hopper::v3_kernel(g.op_a == Op::T, g.op_b == Op::N, I::ELEM, O::ELEM)?;
+        let ok = k.module.target.runs_on(self.compute_capability())
+            && hopper::shared_bytes() <= self.max_shared_per_block_optin()
+            && a_addr.is_multiple_of(16)
+            && b_addr.is_multiple_of(16)
+            && g.lda().is_multiple_of(8)
+            && g.ldb().is_multiple_of(8)
+            && [g.m, g.n, g.k].iter().all(|&d| (1..=MAX_DIM).contains(&d));
+        ok.then_some(k)
+    }
+
+    /// Whether [`Device::gemm`] runs `g` on the Hopper kernels (see [`HOPPER_MIN_OUTPUTS`]).
+    pub fn gemm_takes_hopper<I: DeviceElem, O: DeviceElem>(
+        &self,
+        g: &lathe_kernels::gemm::Gemm,
+        a_addr: u64,
+        b_addr: u64,
+    ) -> bool {
+        hopper_allowed()
+            && g.m.saturating_mul(g.n) >= HOPPER_MIN_OUTPUTS
+            && self.hopper_kernel_for::<I, O>(g, a_addr, b_addr).is_some()
+    }
+
+    /// `C = act(alpha * op(A) op(B) + beta * C + bias)` on the version-3 Hopper kernel, with
+    /// [`Device::gemm`]'s contract (the caller has validated `g` and the buffer lengths). Fails
+    /// with the reason when the kernel does not apply (see [`Device::hopper_kernel_for`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn hopper_gemm<I: DeviceElem, O: DeviceElem>(
+        &self,
+        stream: &Stream,
+        g: &lathe_kernels::gemm::Gemm,
+        a: &DeviceBuffer<I>,
+        b: &DeviceBuffer<I>,
+        bias: Option<&DeviceBuffer<I>>,
+        c: &mut DeviceBuffer<O>,
+    ) -> Result<()> {
+        use lathe_kernels::gemm::Op;
+        let Some(desc) = self.hopper_kernel_for::<I, O>(g, a.addr(), b.addr()) else {
+            let cc = self.compute_capability();
+            return Err(invalid(format!(
+                "no version-3 kernel for A {:?} / B {:?}, {} operands, {} output on {} \
+                 (compute capability {}.{}; operands need 16-byte aligned bases and leading \
+                 dimensions that are multiples of 8)",
+                g.op_a,
+                g.op_b,
+                I::ELEM.name(),
+                O::ELEM.name(),
+                self.describe(),
+                cc.0,
+                cc.1
+            )));
+        };
+        let (ar, ac) = g.a_stored();
+        let (br, bc) = g.b_stored();
+        // K-major: boxes of 64 K x 128 (A) or 256 (B) rows; MN-major: 64 x 64.
+        let a_box = if g.op_a == Op::T { [64, 64] } else { [BK, BM] };
+        let b_box = if g.op_b == Op::N { [64, 64] } else { [BK, BN] };
+        let tm_a = operand_map(self, "A", I::ELEM, a.addr(), ar, ac, g.lda(), a_box)?;
+        let tm_b = operand_map(self, "B", I::ELEM, b.addr(), br, bc, g.ldb(), b_box)?;
+        let bias_arg = match bias {
+            Some(bias) => bias.arg(),
+            None => KernelArg::Ptr {
+                addr: 0,
+                elem: I::ELEM,
+                len: 0,
+                writable: false,
+            },
+        };
+        let problem = hopper::problem(g.m, g.n, g.k);
+        let mut geo = (desc.geometry)(&problem);
+        geo.grid.0 = geo.grid.0.min(self.sm_count().max(1));
+        let args = [
+            tm_a,
+            tm_b,
+            c.arg_mut(),
+            bias_arg,
+            KernelArg::U32(g.m as u32),
+            KernelArg::U32(g.n as u32),
+            KernelArg::U32(g.k as u32),
+            KernelArg::U32(g.ldc() as u32),
+            KernelArg::F32(g.alpha),
+            KernelArg::F32(g.beta),
+            KernelArg::U32(g.flags(bias.is_some())),
+        ];
+        self.launch_with(desc, &geo, &problem, &args, stream)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

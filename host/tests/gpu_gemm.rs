@@ -387,3 +387,166 @@ fn gemm_rejects_bad_problems_with_clear_errors() {
     // Empty products are no-ops.
     dev.gemm(&Gemm::new(0, 2, 3), &a, &b, None, &mut c).unwrap();
 }
+
+/// One product on the Hopper (version 3) kernel through [`Device::hopper_gemm`], against the
+/// twin: every row compared, every element of C inside `m x n` written, the padding after
+/// each row of C untouched.
+fn run_hopper<I, O>(dev: &Device, rng: &mut Rng, g: Gemm, epilogue: Epilogue)
+where
+    I: DeviceElem + Float,
+    O: DeviceElem + Float,
+{
+    let mut g = g;
+    match epilogue {
+        Epilogue::BiasGelu => g = g.with_gelu(true),
+        Epilogue::Accumulate => g = g.with_beta(1.0),
+        Epilogue::Scaled => g = g.with_alpha(-0.5).with_beta(0.25),
+        _ => {}
+    }
+    let bias = matches!(
+        epilogue,
+        Epilogue::Bias | Epilogue::BiasGelu | Epilogue::Scaled
+    );
+    let ((ar, ac), (br, bc)) = (g.a_stored(), g.b_stored());
+    // TMA: leading dimensions a multiple of 8 elements; C gets one padding column.
+    let up = |x: usize| x.div_ceil(8) * 8;
+    g = g.with_ld(up(ac), up(bc), g.n + 1);
+    let a: Vec<I> = matrix(rng, ar, ac, g.lda(), 0);
+    let b: Vec<I> = matrix(rng, br, bc, g.ldb(), 0);
+    let bias_v: Vec<I> = matrix(rng, 1, g.n, g.n, 0);
+    let c0: Vec<O> = if g.beta != 0.0 {
+        matrix(rng, g.m, g.n, g.ldc(), 0)
+    } else {
+        vec![O::from_f32(f32::NAN); g.m * g.ldc() + 1]
+    };
+    let da = dev.htod(&a).expect("upload A");
+    let db = dev.htod(&b).expect("upload B");
+    let dbias = dev.htod(&bias_v).expect("upload bias");
+    let mut dc = dev.htod(&c0).expect("upload C");
+    let what = format!(
+        "hopper v3 {:?}{:?} {}->{} {}x{}x{} {epilogue:?}",
+        g.op_a,
+        g.op_b,
+        I::ELEM.name(),
+        O::ELEM.name(),
+        g.m,
+        g.n,
+        g.k
+    );
+    dev.hopper_gemm(
+        dev.compute_stream(),
+        &g,
+        &da,
+        &db,
+        bias.then_some(&dbias),
+        &mut dc,
+    )
+    .unwrap_or_else(|e| panic!("{what}: {e}"));
+    let out = dc.to_vec().unwrap();
+    for (i, (&o, &before)) in out.iter().zip(&c0).enumerate() {
+        let inside = i % g.ldc() < g.n && i / g.ldc() < g.m;
+        if inside {
+            assert!(o.to_f32().is_finite(), "{what}: C element {i} unwritten");
+        } else {
+            assert_eq!(
+                o.to_f32().to_bits(),
+                before.to_f32().to_bits(),
+                "{what}: {i}"
+            );
+        }
+    }
+    let rows: Vec<usize> = (0..g.m).collect();
+    let want = twin::reference(&g, &a, &b, bias.then_some(&bias_v[..]), &c0, &rows);
+    let got: Vec<f64> = rows
+        .iter()
+        .flat_map(|&r| (0..g.n).map(move |col| (r, col)))
+        .map(|(r, col)| out[r * g.ldc() + col].to_f32() as f64)
+        .collect();
+    check_close(&what, &got, &want, rel_tolerance(I::ELEM)).unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// The Hopper kernels (wgmma + TMA, sm_90a) for the three training layouts — forward `N T`
+/// (both operands K-major), input gradient `N N` (B N-major), weight gradient `T N` (both
+/// MN-major) — with bf16 and f16 operands, outputs of the operand type and f32, every
+/// epilogue, at shapes with tails on every axis (partly out-of-bounds TMA boxes, boxes taller
+/// than the tensor) and more tiles than one CTA walks. Runs where the device has compute
+/// capability 9.0 (the simulated device does).
+#[test]
+fn hopper_gemm_every_training_layout() {
+    let dev = test_device("hopper_gemm_every_training_layout");
+    if dev.compute_capability() != (9, 0) {
+        eprintln!("skipped: the Hopper kernels need compute capability 9.0");
+        return;
+    }
+    let mut rng = Rng::new(0x6E7);
+    let layouts = [(Op::N, Op::T), (Op::N, Op::N), (Op::T, Op::N)];
+    let shapes = [(130, 260, 72), (40, 24, 8), (257, 96, 200)];
+    for (l, &(a, b)) in layouts.iter().enumerate() {
+        for (s, &(m, n, k)) in shapes.iter().enumerate() {
+            let g = Gemm::new(m, n, k).with_ops(a, b);
+            let e = |i: usize| EPILOGUES[(l + s + i) % EPILOGUES.len()];
+            run_hopper::<bf16, bf16>(&dev, &mut rng, g, e(0));
+            run_hopper::<bf16, f32>(&dev, &mut rng, g, e(1));
+            run_hopper::<f16, f16>(&dev, &mut rng, g, e(2));
+            run_hopper::<f16, f32>(&dev, &mut rng, g, e(3));
+        }
+    }
+    // What the kernels do not take is an error naming why, not a launch.
+    let x = dev.htod(&vec![bf16::ONE; 64 * 12]).unwrap();
+    let mut y = dev.alloc::<f32>(64 * 64).unwrap();
+    let g = Gemm::new(64, 64, 12).with_ops(Op::N, Op::T);
+    let e = dev
+        .hopper_gemm(dev.compute_stream(), &g, &x, &x, None, &mut y)
+        .unwrap_err();
+    assert!(e.to_string().contains("multiples of 8"), "{e}");
+    let g = Gemm::new(64, 64, 16).with_ops(Op::T, Op::T);
+    assert!(
+        dev.hopper_gemm(dev.compute_stream(), &g, &x, &x, None, &mut y)
+            .is_err()
+    );
+}
+
+/// `Device::gemm` takes the Hopper kernel for products with a full 128 x 256 tile of outputs
+/// on a compute capability 9.0 device and the `mma.sync` kernels below that, with the same
+/// results within the tolerance.
+#[test]
+fn gemm_dispatch_picks_hopper_for_large_products() {
+    let dev = test_device("gemm_dispatch_picks_hopper_for_large_products");
+    let big = Gemm::new(256, 384, 64).with_ops(Op::N, Op::N);
+    let small = Gemm::new(64, 96, 64).with_ops(Op::N, Op::N);
+    let hopper = dev.compute_capability() == (9, 0);
+    let allowed = std::env::var("LATHE_GEMM").map_or(true, |v| v != "mma");
+    assert_eq!(
+        dev.gemm_takes_hopper::<bf16, f32>(&big, 0, 0),
+        hopper && allowed
+    );
+    assert!(!dev.gemm_takes_hopper::<bf16, f32>(&small, 0, 0));
+    // Misaligned operands or odd leading dimensions stay on mma.sync.
+    assert!(!dev.gemm_takes_hopper::<bf16, f32>(&big, 8, 0));
+    assert!(!dev.gemm_takes_hopper::<bf16, f32>(&big.with_ld(65, 384, 384), 0, 0));
+    let mut rng = Rng::new(0x6E8);
+    let a: Vec<bf16> = matrix(&mut rng, 256, 64, 64, 0);
+    let b: Vec<bf16> = matrix(&mut rng, 64, 384, 384, 0);
+    let (da, db) = (dev.htod(&a).unwrap(), dev.htod(&b).unwrap());
+    let mut via_gemm = dev.htod(&vec![f32::NAN; 256 * 384]).unwrap();
+    dev.gemm(&big, &da, &db, None, &mut via_gemm).unwrap();
+    let mut via_mma = dev.htod(&vec![f32::NAN; 256 * 384]).unwrap();
+    dev.gemm_with(
+        Version::SHIPPED,
+        dev.compute_stream(),
+        &big,
+        &da,
+        &db,
+        None,
+        &mut via_mma,
+    )
+    .unwrap();
+    let f = |v: Vec<f32>| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
+    check_close(
+        "gemm dispatch vs mma.sync",
+        &f(via_gemm.to_vec().unwrap()),
+        &f(via_mma.to_vec().unwrap()),
+        1e-5,
+    )
+    .unwrap();
+}

@@ -57,17 +57,39 @@ fn narrow(b: &mut Body, elem: Elem, f: &str, h: &str) {
 /// Writes the epilogue.
 pub fn emit(b: &mut Body, spec: &Spec, r: &Regs) {
     let t = &spec.tile;
-    let out = spec.output;
-    let osize = out.size() as u32;
-    let (mt, nt) = (t.mt() as usize, t.nt() as usize);
-    let acc = |i: usize, j: usize, q: usize| r.acc[(i * nt + j) * 4 + q].clone();
-
     b.c("epilogue: coordinates of the thread's accumulators");
     let (row_ix, col_ix) = acc_origin(t);
     let row = b.ix(&row_ix, &r.tid);
     b.i(format!("add.u32 {row}, {row}, {};", r.bm0));
     let col = b.ix(&col_ix, &r.tid);
     b.i(format!("add.u32 {col}, {col}, {};", r.bn0));
+    let shape = Fragments {
+        input: spec.input,
+        output: spec.output,
+        mt: t.mt() as usize,
+        nt: t.nt() as usize,
+    };
+    emit_at(b, &shape, &row, &col, r);
+}
+
+/// The accumulators an epilogue stores: `mt x nt` fragments of the `m16n8` C layout per
+/// thread (the layout of `mma.sync` and, with `mt = 1`, of a `wgmma` m64nN accumulator per
+/// warp), and the element types.
+#[derive(Clone, Copy, Debug)]
+pub struct Fragments {
+    pub input: Elem,
+    pub output: Elem,
+    pub mt: usize,
+    pub nt: usize,
+}
+
+/// The epilogue for accumulators whose fragment `(0, 0)` register 0 sits at (`row`, `col`) of C
+/// (registers holding absolute coordinates). `r.tid`, `r.bm0` and `r.bn0` are not read.
+pub fn emit_at(b: &mut Body, f: &Fragments, row: &str, col: &str, r: &Regs) {
+    let out = f.output;
+    let osize = out.size() as u32;
+    let (mt, nt) = (f.mt, f.nt);
+    let acc = |i: usize, j: usize, q: usize| r.acc[(i * nt + j) * 4 + q].clone();
 
     // Row predicates: pr[2i + h] = row + 16 i + 8 h < m; row registers likewise.
     let mut rows = Vec::new();
@@ -166,7 +188,7 @@ pub fn emit(b: &mut Body, spec: &Spec, r: &Regs) {
                 2 * (8 * j + e)
             ));
             let bv = b.f();
-            widen(b, spec.input, &hh, &bv);
+            widen(b, f.input, &hh, &bv);
             for i in 0..mt {
                 for h in 0..2 {
                     let a = acc(i, j, 2 * h + e);

@@ -55,6 +55,9 @@ pub struct Body {
     counts: [u32; 5],
     named: Vec<(&'static str, String)>,
     labels: u32,
+    /// Inserted after `%` in fresh register names (and after `$L_` in labels), so a body can
+    /// be spliced into a kernel that has registers and labels of its own.
+    prefix: &'static str,
 }
 
 const KINDS: [(&str, &str); 5] = [
@@ -67,16 +70,24 @@ const KINDS: [(&str, &str); 5] = [
 
 impl Body {
     pub(crate) fn new() -> Self {
+        Body::with_prefix("")
+    }
+    /// A body whose fresh registers are `%{prefix}r0`, ... and labels `$L_{prefix}...`.
+    pub(crate) fn with_prefix(prefix: &'static str) -> Self {
         Body {
             text: String::new(),
             counts: [0; 5],
             named: Vec::new(),
             labels: 0,
+            prefix,
         }
+    }
+    fn stem(&self, kind: usize) -> String {
+        format!("%{}{}", self.prefix, &KINDS[kind].1[1..])
     }
     fn fresh(&mut self, kind: usize) -> String {
         self.counts[kind] += 1;
-        format!("{}{}", KINDS[kind].1, self.counts[kind] - 1)
+        format!("{}{}", self.stem(kind), self.counts[kind] - 1)
     }
     pub fn r(&mut self) -> String {
         self.fresh(0)
@@ -104,7 +115,7 @@ impl Body {
     /// A fresh label with a readable stem.
     pub fn label(&mut self, stem: &str) -> String {
         self.labels += 1;
-        format!("$L_{stem}_{}", self.labels)
+        format!("$L_{}{stem}_{}", self.prefix, self.labels)
     }
     /// One instruction line.
     pub fn i(&mut self, s: impl AsRef<str>) {
@@ -122,9 +133,10 @@ impl Body {
     pub fn ix(&mut self, ix: &Ix, tid: &str) -> String {
         let mut text = String::new();
         let mut next = self.counts[0];
+        let stem = self.stem(0);
         let v = ix.emit(&mut text, tid, &mut || {
             next += 1;
-            format!("%r{}", next - 1)
+            format!("{stem}{}", next - 1)
         });
         self.counts[0] = next;
         self.text.push_str(&text);
@@ -138,9 +150,9 @@ impl Body {
     }
     pub(crate) fn declarations(&self) -> String {
         let mut s = String::new();
-        for (k, (ty, stem)) in KINDS.iter().enumerate() {
+        for (k, (ty, _)) in KINDS.iter().enumerate() {
             if self.counts[k] > 0 {
-                let _ = writeln!(s, "\t.reg {ty} {stem}<{}>;", self.counts[k]);
+                let _ = writeln!(s, "\t.reg {ty} {}<{}>;", self.stem(k), self.counts[k]);
             }
         }
         for (ty, n) in &self.named {

@@ -231,6 +231,192 @@ desc!(
     "C bf16 (M,N) = A (M,K) B (N,K)^T, bf16 wgmma+TMA, 128x256x64, one group in flight"
 );
 
+fn ptx_v3() -> Cow<'static, str> {
+    static V3: OnceLock<String> = OnceLock::new();
+    Cow::Borrowed(V3.get_or_init(|| ptx::v3::module(&V3_SPECS)).as_str())
+}
+
+/// Version 3's module: every kernel of [`V3_ALL`].
+pub static MODULE_V3: Module = Module {
+    name: "hgemm_v3",
+    target: Target::Sm90a,
+    ptx: ptx_v3,
+};
+
+macro_rules! v3_args {
+    ($i:expr, $o:expr) => {
+        &[
+            arg("tmA", ArgKind::TensorMap($i)),
+            arg("tmB", ArgKind::TensorMap($i)),
+            arg("c", ArgKind::Out($o)),
+            arg("bias", ArgKind::In($i)),
+            arg("m", ArgKind::U32),
+            arg("n", ArgKind::U32),
+            arg("k", ArgKind::U32),
+            arg("ldc", ArgKind::U32),
+            arg("alpha", ArgKind::F32),
+            arg("beta", ArgKind::F32),
+            arg("flags", ArgKind::U32),
+        ]
+    };
+}
+
+fn cost_v3(p: &Problem) -> Cost {
+    // Operands 2 bytes; C written once (an f32 C read too with beta != 0 is not counted).
+    cost(p, 2)
+}
+
+macro_rules! v3_desc {
+    ($name:ident, $entry:literal, $i:expr, $o:expr, $summary:literal) => {
+        #[doc = concat!("`", $entry, "`: ", $summary)]
+        pub static $name: KernelDesc = KernelDesc {
+            entry: $entry,
+            module: &MODULE_V3,
+            args: v3_args!($i, $o),
+            geometry,
+            cost: cost_v3,
+            summary: $summary,
+        };
+    };
+}
+
+v3_desc!(
+    V3_NT_BF16_BF16,
+    "lathe_hgemm_v3_nt_bf16_bf16",
+    Elem::BF16,
+    Elem::BF16,
+    "C bf16 = A (M,K) B (N,K)^T + epilogue, wgmma+TMA"
+);
+v3_desc!(
+    V3_NT_BF16_F32,
+    "lathe_hgemm_v3_nt_bf16_f32",
+    Elem::BF16,
+    Elem::F32,
+    "C f32 = A (M,K) B (N,K)^T + epilogue, wgmma+TMA"
+);
+v3_desc!(
+    V3_NT_F16_F16,
+    "lathe_hgemm_v3_nt_f16_f16",
+    Elem::F16,
+    Elem::F16,
+    "C f16 = A (M,K) B (N,K)^T + epilogue, wgmma+TMA"
+);
+v3_desc!(
+    V3_NT_F16_F32,
+    "lathe_hgemm_v3_nt_f16_f32",
+    Elem::F16,
+    Elem::F32,
+    "C f32 = A (M,K) B (N,K)^T + epilogue, f16 wgmma+TMA"
+);
+v3_desc!(
+    V3_NN_BF16_BF16,
+    "lathe_hgemm_v3_nn_bf16_bf16",
+    Elem::BF16,
+    Elem::BF16,
+    "C bf16 = A (M,K) B (K,N) + epilogue, B N-major, wgmma+TMA"
+);
+v3_desc!(
+    V3_NN_BF16_F32,
+    "lathe_hgemm_v3_nn_bf16_f32",
+    Elem::BF16,
+    Elem::F32,
+    "C f32 = A (M,K) B (K,N) + epilogue, B N-major, wgmma+TMA"
+);
+v3_desc!(
+    V3_NN_F16_F16,
+    "lathe_hgemm_v3_nn_f16_f16",
+    Elem::F16,
+    Elem::F16,
+    "C f16 = A (M,K) B (K,N) + epilogue, B N-major, wgmma+TMA"
+);
+v3_desc!(
+    V3_NN_F16_F32,
+    "lathe_hgemm_v3_nn_f16_f32",
+    Elem::F16,
+    Elem::F32,
+    "C f32 = A (M,K) B (K,N) + epilogue, B N-major, f16 wgmma+TMA"
+);
+v3_desc!(
+    V3_TN_BF16_BF16,
+    "lathe_hgemm_v3_tn_bf16_bf16",
+    Elem::BF16,
+    Elem::BF16,
+    "C bf16 = A^T (A stored (K,M)) B (K,N) + epilogue, both MN-major, wgmma+TMA"
+);
+v3_desc!(
+    V3_TN_BF16_F32,
+    "lathe_hgemm_v3_tn_bf16_f32",
+    Elem::BF16,
+    Elem::F32,
+    "C f32 = A^T (A stored (K,M)) B (K,N) + epilogue, both MN-major, wgmma+TMA"
+);
+v3_desc!(
+    V3_TN_F16_F16,
+    "lathe_hgemm_v3_tn_f16_f16",
+    Elem::F16,
+    Elem::F16,
+    "C f16 = A^T (A stored (K,M)) B (K,N) + epilogue, both MN-major, wgmma+TMA"
+);
+v3_desc!(
+    V3_TN_F16_F32,
+    "lathe_hgemm_v3_tn_f16_f32",
+    Elem::F16,
+    Elem::F32,
+    "C f32 = A^T (A stored (K,M)) B (K,N) + epilogue, both MN-major, f16 wgmma+TMA"
+);
+
+/// Version 3's kernels, in [`V3_SPECS`] order: layouts `nt`, `nn`, `tn` (Lathe's `Op` of A
+/// and B), each with (bf16, bf16), (bf16, f32), (f16, f16), (f16, f32) operands and output.
+pub static V3_ALL: [&KernelDesc; 12] = [
+    &V3_NT_BF16_BF16,
+    &V3_NT_BF16_F32,
+    &V3_NT_F16_F16,
+    &V3_NT_F16_F32,
+    &V3_NN_BF16_BF16,
+    &V3_NN_BF16_F32,
+    &V3_NN_F16_F16,
+    &V3_NN_F16_F32,
+    &V3_TN_BF16_BF16,
+    &V3_TN_BF16_F32,
+    &V3_TN_F16_F16,
+    &V3_TN_F16_F32,
+];
+
+const fn v3_spec(a_mn: bool, b_mn: bool, input: Elem, output: Elem) -> ptx::v3::Spec {
+    ptx::v3::Spec {
+        a_mn,
+        b_mn,
+        input,
+        output,
+    }
+}
+
+/// The specs behind [`V3_ALL`], same order.
+pub static V3_SPECS: [ptx::v3::Spec; 12] = [
+    v3_spec(false, false, Elem::BF16, Elem::BF16),
+    v3_spec(false, false, Elem::BF16, Elem::F32),
+    v3_spec(false, false, Elem::F16, Elem::F16),
+    v3_spec(false, false, Elem::F16, Elem::F32),
+    v3_spec(false, true, Elem::BF16, Elem::BF16),
+    v3_spec(false, true, Elem::BF16, Elem::F32),
+    v3_spec(false, true, Elem::F16, Elem::F16),
+    v3_spec(false, true, Elem::F16, Elem::F32),
+    v3_spec(true, true, Elem::BF16, Elem::BF16),
+    v3_spec(true, true, Elem::BF16, Elem::F32),
+    v3_spec(true, true, Elem::F16, Elem::F16),
+    v3_spec(true, true, Elem::F16, Elem::F32),
+];
+
+/// The version-3 kernel for A stored M-major (`a_mn`: Lathe's `Op::T` A), B stored N-major
+/// (`b_mn`: `Op::N` B), and the element types; `None` where no kernel exists (A M-major with
+/// B K-major, operands other than bf16/f16, outputs other than the operand type or f32).
+pub fn v3_kernel(a_mn: bool, b_mn: bool, input: Elem, output: Elem) -> Option<&'static KernelDesc> {
+    V3_SPECS
+        .iter()
+        .position(|s| s.a_mn == a_mn && s.b_mn == b_mn && s.input == input && s.output == output)
+        .map(|i| V3_ALL[i])
+}
+
 /// The kernel of a version and output type (f32 or bf16); `None` for other outputs.
 pub fn kernel_for(v: Version, out: Elem) -> Option<&'static KernelDesc> {
     match (v, out) {
@@ -244,12 +430,14 @@ pub fn kernel_for(v: Version, out: Elem) -> Option<&'static KernelDesc> {
 
 /// Every module of this family.
 pub fn modules() -> Vec<&'static Module> {
-    vec![&MODULE_V1, &MODULE_V2]
+    vec![&MODULE_V1, &MODULE_V2, &MODULE_V3]
 }
 
 /// Every kernel of this family.
 pub fn kernels() -> Vec<&'static KernelDesc> {
-    vec![&V1_F32, &V1_BF16, &V2_F32, &V2_BF16]
+    let mut v: Vec<&'static KernelDesc> = vec![&V1_F32, &V1_BF16, &V2_F32, &V2_BF16];
+    v.extend(V3_ALL);
+    v
 }
 
 #[cfg(test)]

@@ -403,3 +403,388 @@ fn epilogue(s: &mut String, out: Elem) {
     }
     emit!(s, "EPI_DONE:");
 }
+
+/// Version 3: every training layout, f16 or bf16 operands, the GEMM epilogue.
+///
+/// Differences from v2, per operand stored MN-major (an `Op::T` A stored `(k, m)`, an `Op::N` B
+/// stored `(k, n)`): the producer loads it in 64 x 64 boxes (64 M/N elements = one 128-byte
+/// swizzle row, 64 K rows), two per A stage (one per consumer) and four per B stage, and the
+/// consumers read it with `imm-trans = 1` and an MN-major descriptor: `k % 8` rows 128 B
+/// apart, `k / 8` at SBO = 1024 B, 64-wide M/N panels at LBO = 8192 B, +2048 B per k16 step.
+/// K-major operands are loaded and described as in v2. The epilogue is the mma.sync GEMM's
+/// ([`crate::gemm::epilogue`]): `alpha`, `beta * C`, bias, GELU, rounding to the output type,
+/// any `ldc`.
+pub mod v3 {
+    use super::super::{
+        BK, BM, BN, CONSUMER_REGS, PRODUCER_REGS, STAGES, a_stage_bytes, b_stage_bytes,
+    };
+    use super::{DESC_SWIZZLE_128B, acc_list, barrier_offset, tile_coords};
+    use crate::desc::Elem;
+    use crate::gemm::epilogue::{Fragments, emit_at};
+    use crate::gemm::ptx::{Body, Regs};
+    use std::fmt::Write;
+
+    macro_rules! emit {
+        ($s:expr, $($t:tt)*) => {{
+            let _ = writeln!($s, $($t)*);
+        }};
+    }
+
+    /// MN-major descriptor bits: 128B swizzle, SBO 1024 B, LBO 8192 B (the next 64-wide panel).
+    const DESC_MN_128B: u64 = (1 << 62) | (64 << 32) | (512 << 16);
+    /// Bytes of one 64 (M/N) x 64 (K) box.
+    const PANEL: u32 = 64 * 64 * 2;
+
+    /// One kernel of the family.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct Spec {
+        /// A stored `(k, m)` (M-major) instead of `(m, k)`.
+        pub a_mn: bool,
+        /// B stored `(k, n)` (N-major) instead of `(n, k)`.
+        pub b_mn: bool,
+        pub input: Elem,
+        pub output: Elem,
+    }
+
+    impl Spec {
+        /// `lathe_hgemm_v3_{op_a}{op_b}_{in}_{out}` with Lathe's `Op` letters (`n`: A `(m, k)`
+        /// / B `(k, n)`; `t`: A `(k, m)` / B `(n, k)`).
+        pub fn entry(&self) -> String {
+            format!(
+                "lathe_hgemm_v3_{}{}_{}_{}",
+                if self.a_mn { "t" } else { "n" },
+                if self.b_mn { "n" } else { "t" },
+                self.input.name(),
+                self.output.name()
+            )
+        }
+    }
+
+    fn mma_ty(e: Elem) -> &'static str {
+        match e {
+            Elem::F16 => "f16",
+            _ => "bf16",
+        }
+    }
+
+    /// The module text for `specs` (one entry each).
+    pub fn module(specs: &[Spec]) -> String {
+        let mut s = String::new();
+        emit!(
+            s,
+            "// Lathe Hopper GEMM v3: C = act(alpha op(A) op(B) + beta C + bias), bf16/f16"
+        );
+        emit!(
+            s,
+            "// operands K- or MN-major, f32 accumulation, 128x256x64 tiles, {STAGES}-stage TMA ring."
+        );
+        emit!(s, ".version 8.0");
+        emit!(s, ".target sm_90a");
+        emit!(s, ".address_size 64");
+        emit!(s, "");
+        emit!(s, ".extern .shared .align 1024 .b8 lathe_hgemm3_smem[];");
+        for spec in specs {
+            emit!(s, "");
+            entry(&mut s, spec);
+        }
+        s
+    }
+
+    fn entry(s: &mut String, spec: &Spec) {
+        let name = spec.entry();
+        let a_bytes = a_stage_bytes();
+        let b_bytes = b_stage_bytes();
+        let b_base = STAGES * a_bytes;
+        let bars = barrier_offset();
+        let empties = bars + 8 * STAGES;
+        let ksteps = BK / 16;
+        let half_a = a_bytes / 2;
+        let ty = mma_ty(spec.input);
+
+        emit!(
+            s,
+            "// {name}: C {} (M, N) row-major, leading dimension ldc; A via tmA ({}), B via tmB \
+             ({}), {} operands.",
+            spec.output.name(),
+            if spec.a_mn {
+                "(K, M), M contiguous"
+            } else {
+                "(M, K), K contiguous"
+            },
+            if spec.b_mn {
+                "(K, N), N contiguous"
+            } else {
+                "(N, K), K contiguous"
+            },
+            spec.input.name()
+        );
+        emit!(s, ".visible .entry {name}(");
+        emit!(s, "\t.param .align 64 .b8 tmA[128],");
+        emit!(s, "\t.param .align 64 .b8 tmB[128],");
+        emit!(s, "\t.param .u64 pC,");
+        emit!(s, "\t.param .u64 pBias,");
+        emit!(s, "\t.param .u32 pM,");
+        emit!(s, "\t.param .u32 pN,");
+        emit!(s, "\t.param .u32 pK,");
+        emit!(s, "\t.param .u32 pLdc,");
+        emit!(s, "\t.param .f32 pAlpha,");
+        emit!(s, "\t.param .f32 pBeta,");
+        emit!(s, "\t.param .u32 pFlags");
+        emit!(s, ")");
+        emit!(s, ".maxntid 384, 1, 1");
+        emit!(s, ".minnctapersm 1");
+        emit!(s, "{{");
+        emit!(s, "\t.reg .pred %p<24>;");
+        emit!(s, "\t.reg .b16 %h<4>;");
+        emit!(s, "\t.reg .b32 %r<80>;");
+        emit!(s, "\t.reg .b64 %rd<32>;");
+        emit!(s, "\t.reg .f32 %d<128>;");
+        emit!(s, "\t.reg .f32 %alpha, %beta;");
+        // The epilogue body (its own registers and labels) is printed first to know them.
+        let (epi_decl, epi_text) = epilogue(spec);
+        s.push_str(&epi_decl);
+        emit!(s, "\tmov.u32 %r0, %tid.x;");
+        emit!(s, "\tshr.u32 %r1, %r0, 7;");
+        emit!(s, "\tmov.u32 %r20, lathe_hgemm3_smem;");
+        emit!(s, "\tadd.u32 %r20, %r20, 1023;");
+        emit!(s, "\tand.b32 %r2, %r20, -1024;");
+        emit!(s, "\tld.param.u32 %r3, [pM];");
+        emit!(s, "\tld.param.u32 %r4, [pN];");
+        emit!(s, "\tld.param.u32 %r5, [pK];");
+        emit!(s, "\tadd.u32 %r6, %r5, {};", BK - 1);
+        emit!(s, "\tshr.u32 %r6, %r6, {};", BK.trailing_zeros());
+        emit!(s, "\tadd.u32 %r7, %r3, {};", BM - 1);
+        emit!(s, "\tshr.u32 %r7, %r7, {};", BM.trailing_zeros());
+        emit!(s, "\tadd.u32 %r8, %r4, {};", BN - 1);
+        emit!(s, "\tshr.u32 %r8, %r8, {};", BN.trailing_zeros());
+        emit!(s, "\tmul.lo.u32 %r9, %r7, %r8;");
+        emit!(s, "\tmov.u32 %r11, %nctaid.x;");
+        emit!(s, "\tmul.lo.u32 %r17, %r8, {};", super::super::GROUP_M);
+        emit!(s, "\tsetp.eq.u32 %p0, %r0, 0;");
+        emit!(s, "\t@!%p0 bra INIT_DONE;");
+        for st in 0..STAGES {
+            emit!(s, "\tadd.u32 %r24, %r2, {};", bars + 8 * st);
+            emit!(s, "\tmbarrier.init.shared::cta.b64 [%r24], 1;");
+            emit!(s, "\tadd.u32 %r24, %r2, {};", empties + 8 * st);
+            emit!(s, "\tmbarrier.init.shared::cta.b64 [%r24], 8;");
+        }
+        emit!(s, "\tfence.mbarrier_init.release.cluster;");
+        emit!(s, "INIT_DONE:");
+        emit!(s, "\tbar.sync 0;");
+        emit!(s, "\tsetp.ne.u32 %p1, %r1, 0;");
+        emit!(s, "\t@%p1 bra CONSUMER;");
+
+        // ---------------- producer ----------------
+        emit!(s, "\tsetmaxnreg.dec.sync.aligned.u32 {PRODUCER_REGS};");
+        emit!(s, "\t@!%p0 bra EXIT;");
+        emit!(s, "\tmov.b64 %rd1, tmA;");
+        emit!(s, "\tcvta.param.u64 %rd1, %rd1;");
+        emit!(s, "\tmov.b64 %rd2, tmB;");
+        emit!(s, "\tcvta.param.u64 %rd2, %rd2;");
+        emit!(s, "\tmov.u32 %r12, 0;");
+        emit!(s, "\tmov.u32 %r13, 0;");
+        emit!(s, "\tmov.u32 %r10, %ctaid.x;");
+        emit!(s, "P_TILE:");
+        emit!(s, "\tsetp.ge.u32 %p2, %r10, %r9;");
+        emit!(s, "\t@%p2 bra EXIT;");
+        tile_coords(s);
+        emit!(s, "\tshl.b32 %r24, %r15, {};", BM.trailing_zeros());
+        emit!(s, "\tshl.b32 %r25, %r16, {};", BN.trailing_zeros());
+        emit!(s, "\tmov.u32 %r14, 0;");
+        emit!(s, "P_K:");
+        emit!(s, "\tshl.b32 %r26, %r12, 3;");
+        emit!(s, "\tadd.u32 %r26, %r26, %r2;");
+        emit!(s, "\tadd.u32 %r27, %r26, {empties};");
+        emit!(s, "\tadd.u32 %r28, %r26, {bars};");
+        emit!(s, "\txor.b32 %r29, %r13, 1;");
+        emit!(s, "P_WAIT:");
+        emit!(
+            s,
+            "\tmbarrier.try_wait.parity.shared::cta.b64 %p3, [%r27], %r29;"
+        );
+        emit!(s, "\t@!%p3 bra P_WAIT;");
+        emit!(
+            s,
+            "\tmbarrier.arrive.expect_tx.shared::cta.b64 _, [%r28], {};",
+            a_bytes + b_bytes
+        );
+        emit!(s, "\tshl.b32 %r30, %r14, {};", BK.trailing_zeros());
+        emit!(s, "\tmul.lo.u32 %r31, %r12, {a_bytes};");
+        emit!(s, "\tadd.u32 %r31, %r31, %r2;");
+        emit!(s, "\tmul.lo.u32 %r32, %r12, {b_bytes};");
+        emit!(s, "\tadd.u32 %r32, %r32, %r2;");
+        emit!(s, "\tadd.u32 %r32, %r32, {b_base};");
+        let tma =
+            "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes";
+        if spec.a_mn {
+            // Two 64 (M) x 64 (K) boxes at (m0 + 64 c, k0).
+            for c in 0..2u32 {
+                emit!(s, "\tadd.u32 %r33, %r24, {};", 64 * c);
+                emit!(s, "\tadd.u32 %r34, %r31, {};", c * PANEL);
+                emit!(s, "\t{tma} [%r34], [%rd1, {{%r33, %r30}}], [%r28];");
+            }
+        } else {
+            emit!(s, "\t{tma} [%r31], [%rd1, {{%r30, %r24}}], [%r28];");
+        }
+        if spec.b_mn {
+            // Four 64 (N) x 64 (K) boxes at (n0 + 64 j, k0).
+            for j in 0..4u32 {
+                emit!(s, "\tadd.u32 %r33, %r25, {};", 64 * j);
+                emit!(s, "\tadd.u32 %r34, %r32, {};", j * PANEL);
+                emit!(s, "\t{tma} [%r34], [%rd2, {{%r33, %r30}}], [%r28];");
+            }
+        } else {
+            emit!(s, "\t{tma} [%r32], [%rd2, {{%r30, %r25}}], [%r28];");
+        }
+        emit!(s, "\tadd.u32 %r12, %r12, 1;");
+        emit!(s, "\tsetp.eq.u32 %p4, %r12, {STAGES};");
+        emit!(s, "\t@%p4 mov.u32 %r12, 0;");
+        emit!(s, "\t@%p4 xor.b32 %r13, %r13, 1;");
+        emit!(s, "\tadd.u32 %r14, %r14, 1;");
+        emit!(s, "\tsetp.lt.u32 %p5, %r14, %r6;");
+        emit!(s, "\t@%p5 bra P_K;");
+        emit!(s, "\tadd.u32 %r10, %r10, %r11;");
+        emit!(s, "\tbra P_TILE;");
+
+        // ---------------- consumers ----------------
+        emit!(s, "CONSUMER:");
+        emit!(s, "\tsetmaxnreg.inc.sync.aligned.u32 {CONSUMER_REGS};");
+        emit!(s, "\tsub.u32 %r40, %r1, 1;");
+        emit!(s, "\tand.b32 %r41, %r0, 127;");
+        emit!(s, "\tshr.u32 %r42, %r41, 5;");
+        emit!(s, "\tand.b32 %r43, %r0, 31;");
+        emit!(s, "\tsetp.eq.u32 %p6, %r43, 0;");
+        emit!(s, "\tsetp.eq.u32 %p7, %r0, %r0;");
+        emit!(s, "\tshr.u32 %r44, %r43, 2;");
+        emit!(s, "\tand.b32 %r45, %r43, 3;");
+        emit!(s, "\tshl.b32 %r46, %r40, 6;");
+        emit!(s, "\tshl.b32 %r47, %r42, 4;");
+        emit!(s, "\tadd.u32 %r46, %r46, %r47;");
+        emit!(s, "\tadd.u32 %r46, %r46, %r44;");
+        emit!(s, "\tshl.b32 %r47, %r45, 1;");
+        // This consumer's part of the A stage: rows 64c.. (K-major: half the stage; M-major:
+        // its own 64 x 64 box, also half the stage).
+        emit!(s, "\tmul.lo.u32 %r48, %r40, {half_a};");
+        emit!(s, "\tld.param.u64 %rd3, [pC];");
+        emit!(s, "\tcvta.to.global.u64 %rd3, %rd3;");
+        emit!(s, "\tld.param.u64 %rd4, [pBias];");
+        emit!(s, "\tcvta.to.global.u64 %rd4, %rd4;");
+        emit!(s, "\tld.param.u32 %r60, [pLdc];");
+        emit!(s, "\tld.param.u32 %r61, [pFlags];");
+        emit!(s, "\tld.param.f32 %alpha, [pAlpha];");
+        emit!(s, "\tld.param.f32 %beta, [pBeta];");
+        emit!(s, "\tmov.u32 %r12, 0;");
+        emit!(s, "\tmov.u32 %r13, 0;");
+        emit!(s, "\tmov.u32 %r10, %ctaid.x;");
+        emit!(s, "C_TILE:");
+        emit!(s, "\tsetp.ge.u32 %p2, %r10, %r9;");
+        emit!(s, "\t@%p2 bra EXIT;");
+        tile_coords(s);
+        emit!(s, "\tmov.u32 %r14, 0;");
+        emit!(s, "C_K:");
+        emit!(s, "\tshl.b32 %r26, %r12, 3;");
+        emit!(s, "\tadd.u32 %r26, %r26, %r2;");
+        emit!(s, "\tadd.u32 %r27, %r26, {empties};");
+        emit!(s, "\tadd.u32 %r28, %r26, {bars};");
+        emit!(s, "C_WAIT:");
+        emit!(
+            s,
+            "\tmbarrier.try_wait.parity.shared::cta.b64 %p3, [%r28], %r13;"
+        );
+        emit!(s, "\t@!%p3 bra C_WAIT;");
+        emit!(s, "\tmul.lo.u32 %r31, %r12, {a_bytes};");
+        emit!(s, "\tadd.u32 %r31, %r31, %r2;");
+        emit!(s, "\tadd.u32 %r31, %r31, %r48;");
+        emit!(s, "\tmul.lo.u32 %r32, %r12, {b_bytes};");
+        emit!(s, "\tadd.u32 %r32, %r32, %r2;");
+        emit!(s, "\tadd.u32 %r32, %r32, {b_base};");
+        let (a_desc, a_step) = if spec.a_mn {
+            (DESC_MN_128B, 2048 / 16)
+        } else {
+            (DESC_SWIZZLE_128B, 2)
+        };
+        let (b_desc, b_step) = if spec.b_mn {
+            (DESC_MN_128B, 2048 / 16)
+        } else {
+            (DESC_SWIZZLE_128B, 2)
+        };
+        emit!(s, "\tand.b32 %r31, %r31, 262143;");
+        emit!(s, "\tshr.u32 %r31, %r31, 4;");
+        emit!(s, "\tcvt.u64.u32 %rd10, %r31;");
+        emit!(s, "\tor.b64 %rd10, %rd10, {a_desc};");
+        emit!(s, "\tand.b32 %r32, %r32, 262143;");
+        emit!(s, "\tshr.u32 %r32, %r32, 4;");
+        emit!(s, "\tcvt.u64.u32 %rd11, %r32;");
+        emit!(s, "\tor.b64 %rd11, %rd11, {b_desc};");
+        emit!(s, "\tsetp.ne.u32 %p8, %r14, 0;");
+        emit!(s, "\twgmma.fence.sync.aligned;");
+        let acc = acc_list();
+        let (ta, tb) = (spec.a_mn as u32, spec.b_mn as u32);
+        for kk in 0..ksteps {
+            let scale_d = if kk == 0 { "%p8" } else { "%p7" };
+            if kk > 0 {
+                emit!(s, "\tadd.s64 %rd10, %rd10, {a_step};");
+                emit!(s, "\tadd.s64 %rd11, %rd11, {b_step};");
+            }
+            emit!(
+                s,
+                "\twgmma.mma_async.sync.aligned.m64n256k16.f32.{ty}.{ty} {acc}, %rd10, %rd11, {scale_d}, 1, 1, {ta}, {tb};"
+            );
+        }
+        emit!(s, "\twgmma.commit_group.sync.aligned;");
+        emit!(s, "\twgmma.wait_group.sync.aligned 1;");
+        emit!(s, "\tand.pred %p9, %p6, %p8;");
+        emit!(s, "\t@%p9 mbarrier.arrive.shared::cta.b64 _, [%r49];");
+        emit!(s, "\tmov.u32 %r49, %r27;");
+        emit!(s, "\tadd.u32 %r12, %r12, 1;");
+        emit!(s, "\tsetp.eq.u32 %p4, %r12, {STAGES};");
+        emit!(s, "\t@%p4 mov.u32 %r12, 0;");
+        emit!(s, "\t@%p4 xor.b32 %r13, %r13, 1;");
+        emit!(s, "\tadd.u32 %r14, %r14, 1;");
+        emit!(s, "\tsetp.lt.u32 %p5, %r14, %r6;");
+        emit!(s, "\t@%p5 bra C_K;");
+        emit!(s, "\twgmma.wait_group.sync.aligned 0;");
+        emit!(s, "\t@%p6 mbarrier.arrive.shared::cta.b64 _, [%r49];");
+        // Absolute coordinates of register 0: row tile*128 + 64c + 16w + lane/4, column
+        // tile*256 + 2 (lane % 4).
+        emit!(s, "\tshl.b32 %r50, %r15, {};", BM.trailing_zeros());
+        emit!(s, "\tadd.u32 %r50, %r50, %r46;");
+        emit!(s, "\tshl.b32 %r51, %r16, {};", BN.trailing_zeros());
+        emit!(s, "\tadd.u32 %r51, %r51, %r47;");
+        s.push_str(&epi_text);
+        emit!(s, "\tadd.u32 %r10, %r10, %r11;");
+        emit!(s, "\tbra C_TILE;");
+        emit!(s, "EXIT:");
+        emit!(s, "\tret;");
+        emit!(s, "}}");
+    }
+
+    /// The epilogue's declarations and text: the mma.sync GEMM's epilogue over one consumer's
+    /// 64 x 256 accumulator (per warp one m16 row block of 32 n8 fragments: the same register
+    /// layout as `mma.sync`'s C fragments).
+    fn epilogue(spec: &Spec) -> (String, String) {
+        let mut b = Body::with_prefix("e");
+        let regs = Regs {
+            tid: "%r0".into(),
+            m: "%r3".into(),
+            n: "%r4".into(),
+            ldc: "%r60".into(),
+            c: "%rd3".into(),
+            bias: "%rd4".into(),
+            alpha: "%alpha".into(),
+            beta: "%beta".into(),
+            flags: "%r61".into(),
+            bm0: String::new(),
+            bn0: String::new(),
+            acc: (0..128).map(|i| format!("%d{i}")).collect(),
+        };
+        let f = Fragments {
+            input: spec.input,
+            output: spec.output,
+            mt: 1,
+            nt: 32,
+        };
+        emit_at(&mut b, &f, "%r50", "%r51", &regs);
+        (b.declarations(), b.text)
+    }
+}
