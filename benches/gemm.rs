@@ -17,128 +17,15 @@
 //! B and its B is our A, with each transpose flag set when our operand is stored `T`.
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use cudarc::cublaslt::{result as lt, sys as ltsys};
 use half::{bf16, f16};
-use lathe_benches::cublaslt::{Peer, WORKSPACE_BYTES, lt_err};
+use lathe_benches::cublaslt::{Peer, Plan as PeerPlan};
 use lathe_benches::{device_or_skip, time_with_events};
-use lathe_host::gemm_ops::{Gemm, Op, Version};
+use lathe_host::gemm_ops::{Gemm, Version};
 use lathe_host::{Device, DeviceBuffer, DeviceElem, Stream};
 use lathe_kernels::Elem;
 use lathe_kernels::elementwise::twin::Float;
 use lathe_kernels::rng::Rng;
-use std::ffi::c_void;
 use std::time::Duration;
-
-fn lt_type(e: Elem) -> ltsys::cudaDataType {
-    match e {
-        Elem::BF16 => ltsys::cudaDataType::CUDA_R_16BF,
-        Elem::F16 => ltsys::cudaDataType::CUDA_R_16F,
-        _ => ltsys::cudaDataType::CUDA_R_32F,
-    }
-}
-
-/// One cuBLASLt problem with its chosen algorithm.
-struct PeerPlan<'p> {
-    peer: &'p Peer,
-    desc: ltsys::cublasLtMatmulDesc_t,
-    layouts: [ltsys::cublasLtMatrixLayout_t; 3],
-    algo: ltsys::cublasLtMatmulAlgo_t,
-    alpha: f32,
-    beta: f32,
-}
-
-impl<'p> PeerPlan<'p> {
-    fn new(peer: &'p Peer, g: &Gemm, input: Elem, output: Elem) -> Result<Self, String> {
-        let err = lt_err;
-        let desc = lt::create_matmul_desc(
-            ltsys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-            ltsys::cudaDataType::CUDA_R_32F,
-        )
-        .map_err(err("cublasLtMatmulDescCreate"))?;
-        let set_trans = |attr, t: bool| -> Result<(), String> {
-            let v: i32 = t as i32;
-            // SAFETY: `desc` is live; the attribute takes a 4-byte cublasOperation_t.
-            unsafe { lt::set_matmul_desc_attribute(desc, attr, (&v as *const i32).cast(), 4) }
-                .map_err(err("cublasLtMatmulDescSetAttribute"))
-        };
-        use ltsys::cublasLtMatmulDescAttributes_t::*;
-        // Column-major view: A' = our B, B' = our A.
-        set_trans(CUBLASLT_MATMUL_DESC_TRANSA, g.op_b == Op::T)?;
-        set_trans(CUBLASLT_MATMUL_DESC_TRANSB, g.op_a == Op::T)?;
-        let (m, n, k) = (g.m as u64, g.n as u64, g.k as u64);
-        let a_shape = match g.op_b {
-            Op::N => (n, k),
-            Op::T => (k, n),
-        };
-        let b_shape = match g.op_a {
-            Op::N => (k, m),
-            Op::T => (m, k),
-        };
-        let layout = |e: Elem, (r, c): (u64, u64), ld: usize| {
-            lt::create_matrix_layout(lt_type(e), r, c, ld as i64)
-                .map_err(err("cublasLtMatrixLayoutCreate"))
-        };
-        let layouts = [
-            layout(input, a_shape, g.ldb())?,
-            layout(input, b_shape, g.lda())?,
-            layout(output, (n, m), g.ldc())?,
-        ];
-        // SAFETY: `desc` and `layouts` were created just above and are live.
-        let algo = unsafe { peer.best_algo(desc, &layouts) }?;
-        Ok(PeerPlan {
-            peer,
-            desc,
-            layouts,
-            algo,
-            alpha: g.alpha,
-            beta: g.beta,
-        })
-    }
-
-    /// Launches `C = alpha op(A) op(B) + beta C` on `stream` (addresses of Lathe buffers).
-    fn run(&self, a: u64, b: u64, c: u64, stream: &Stream) -> lathe_host::Result<()> {
-        let raw_stream = stream
-            .raw()
-            .ok_or_else(|| lathe_host::Error::Invalid("cuBLASLt needs a CUDA stream".into()))?
-            as ltsys::cudaStream_t;
-        // SAFETY: the descriptors are live and match the buffers' shapes, types and leading
-        // dimensions (built from the same Gemm); the workspace outlives the call; the stream
-        // belongs to the context the handle was created in.
-        unsafe {
-            lt::matmul(
-                self.peer.handle,
-                self.desc,
-                (&self.alpha as *const f32).cast(),
-                (&self.beta as *const f32).cast(),
-                b as *const c_void,
-                self.layouts[0],
-                a as *const c_void,
-                self.layouts[1],
-                c as *const c_void,
-                self.layouts[2],
-                c as *mut c_void,
-                self.layouts[2],
-                &self.algo,
-                self.peer.workspace.addr() as *mut c_void,
-                WORKSPACE_BYTES,
-                raw_stream,
-            )
-        }
-        .map_err(|e| lathe_host::Error::Invalid(format!("cublasLtMatmul: {e}")))
-    }
-}
-
-impl Drop for PeerPlan<'_> {
-    fn drop(&mut self) {
-        // SAFETY: created in `new`, destroyed once.
-        unsafe {
-            for l in self.layouts {
-                let _ = lt::destroy_matrix_layout(l);
-            }
-            let _ = lt::destroy_matmul_desc(self.desc);
-        }
-    }
-}
 
 /// A random matrix of `len` elements in [-1, 1), made on the host (never zeros).
 fn random<T: DeviceElem + Float>(dev: &Device, rng: &mut Rng, len: usize) -> DeviceBuffer<T> {

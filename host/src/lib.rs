@@ -25,6 +25,7 @@ pub mod module;
 pub mod nn_ops;
 pub mod nvtx;
 pub mod ops;
+pub mod peer;
 pub mod step_ops;
 pub mod stream;
 pub mod tensor_map;

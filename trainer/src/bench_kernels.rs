@@ -17,9 +17,12 @@
 //! materialised reference path (batched products around the masked softmax kernels, through
 //! the tape) for comparison.
 //!
-//! The peers (cuBLASLt for GEMM, PyTorch for AdamW and attention) are measured by the criterion
-//! benchmarks in `benches/` (`cargo bench -p lathe-benches --bench gemm|nn`) on a GPU; this
-//! command prints Lathe's side only.
+//! On a GPU the peers run in the same process on the same device, timed the same way (median
+//! of `--iters` event-timed runs after a warm-up), and each line gives Lathe's time over the
+//! peer's: cuBLASLt (loaded at run time) on the same buffers for the GEMMs; PyTorch's fused
+//! AdamW and causal `scaled_dot_product_attention` through `python3` when it has torch with
+//! CUDA, else, for AdamW, a device copy of the same bytes (the bandwidth ceiling). A peer that
+//! cannot run is named with the reason; nothing is compared on the simulator.
 
 use crate::config::DeviceSpec;
 use anyhow::{Context, Result, bail};
@@ -27,8 +30,10 @@ use half::bf16;
 use lathe_autograd::{AttentionPath, DType, Tape, Tensor};
 use lathe_host::gemm_ops::{Gemm, Op};
 use lathe_host::nn_ops::{AdamWLaunch, FlashShape, WorkingCopyMut};
+use lathe_host::peer::cublaslt::{Peer, Plan};
 use lathe_host::timing::KernelTiming;
 use lathe_host::{Device, DeviceBuffer};
+use lathe_kernels::Elem;
 use lathe_kernels::nn::adamw::DecayRanges;
 use lathe_kernels::nn::amp::StepState;
 use lathe_kernels::rng::Rng;
@@ -117,6 +122,9 @@ pub struct Measured {
     pub bank_conflicts: u64,
     /// Median seconds on a GPU (`None` on the simulator).
     pub median_s: Option<f64>,
+    /// The peer's median seconds on the same problem in the same run, and its name (`None`
+    /// on the simulator or where the peer is unavailable; the reason is printed).
+    pub peer: Option<(String, f64)>,
 }
 
 fn report(
@@ -135,6 +143,7 @@ fn report(
         global_bytes: 0,
         bank_conflicts: 0,
         median_s: None,
+        peer: None,
     };
     if dev.is_sim() {
         let mut tflops = 0u64;
@@ -296,12 +305,6 @@ pub fn run(
             }
         }
     }
-    if !sim {
-        println!(
-            "peers (cuBLASLt; PyTorch's fused AdamW and scaled_dot_product_attention): \
-             cargo bench -p lathe-benches --bench gemm|nn on this machine"
-        );
-    }
     Ok(all)
 }
 
@@ -333,8 +336,9 @@ fn gemm_layouts(
     // Y(M,N) = X(M,K) W(N,K)^T
     let g = Gemm::new(m, n, k).with_ops(Op::N, Op::T);
     let mut out = Vec::new();
+    let lt = cublaslt_peer(dev);
     let (l, r) = measured(dev, iters, || Ok(dev.gemm(&g, &x, &w, None, &mut y)?))?;
-    out.push(report(
+    let mut f = report(
         dev,
         &format!("forward Y = X W^T   M {m} N {n} K {k} (N T, bf16 out)"),
         &l,
@@ -343,11 +347,21 @@ fn gemm_layouts(
             flops,
             bytes: b2(m * k) + b2(n * k) + b2(m * n),
         },
-    ));
+    );
+    gemm_peer(
+        dev,
+        lt.as_ref(),
+        &g,
+        Elem::BF16,
+        [x.addr(), w.addr(), y.addr()],
+        iters,
+        &mut f,
+    );
+    out.push(f);
     // dX(M,K) = dY(M,N) W(N,K)
     let g = Gemm::new(m, k, n);
     let (l, r) = measured(dev, iters, || Ok(dev.gemm(&g, &dy, &w, None, &mut dx)?))?;
-    out.push(report(
+    let mut f = report(
         dev,
         &format!("input grad dX = dY W   M {m} N {k} K {n} (N N, bf16 out)"),
         &l,
@@ -356,11 +370,21 @@ fn gemm_layouts(
             flops,
             bytes: b2(m * n) + b2(n * k) + b2(m * k),
         },
-    ));
+    );
+    gemm_peer(
+        dev,
+        lt.as_ref(),
+        &g,
+        Elem::BF16,
+        [dy.addr(), w.addr(), dx.addr()],
+        iters,
+        &mut f,
+    );
+    out.push(f);
     // dW(N,K) += dY(M,N)^T X(M,K)
     let g = Gemm::new(n, k, m).with_ops(Op::T, Op::N).with_beta(1.0);
     let (l, r) = measured(dev, iters, || Ok(dev.gemm(&g, &dy, &x, None, &mut dw)?))?;
-    out.push(report(
+    let mut f = report(
         dev,
         &format!("weight grad dW += dY^T X   M {n} N {k} K {m} (T N, f32 out, beta 1)"),
         &l,
@@ -369,8 +393,94 @@ fn gemm_layouts(
             flops,
             bytes: b2(m * n) + b2(m * k) + 8 * (n * k) as u64,
         },
-    ));
+    );
+    gemm_peer(
+        dev,
+        lt.as_ref(),
+        &g,
+        Elem::F32,
+        [dy.addr(), x.addr(), dw.addr()],
+        iters,
+        &mut f,
+    );
+    out.push(f);
     Ok(out)
+}
+
+/// cuBLASLt on a GPU, or `None` after printing why not (always `None` on the simulator).
+fn cublaslt_peer(dev: &Device) -> Option<Peer> {
+    if dev.is_sim() {
+        return None;
+    }
+    match Peer::new(dev) {
+        Ok(p) => Some(p),
+        Err(e) => {
+            println!("  peer cuBLASLt unavailable: {e}");
+            None
+        }
+    }
+}
+
+/// Median seconds of `iters` event-timed runs of `f` on the compute stream (after one
+/// warm-up): the peers' timing, the same clock as Lathe's kernel timing.
+fn time_median(dev: &Device, iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    let stream = dev.compute_stream();
+    f()?;
+    let mut v = Vec::with_capacity(iters.max(1));
+    for _ in 0..iters.max(1) {
+        let start = stream.record()?;
+        f()?;
+        let end = stream.record()?;
+        end.synchronize()?;
+        v.push(start.elapsed_ms(&end)? as f64 * 1e-3);
+    }
+    v.sort_by(f64::total_cmp);
+    Ok(v[v.len() / 2])
+}
+
+/// Prints and records a peer's median next to Lathe's.
+fn record_peer(m: &mut Measured, name: &str, secs: f64) {
+    let rate = if m.napkin.flops > 0 {
+        format!("{:.1} TFLOP/s", m.napkin.flops as f64 / secs / 1e12)
+    } else {
+        format!(
+            "{:.0} GB/s of the napkin traffic",
+            m.napkin.bytes as f64 / secs / 1e9
+        )
+    };
+    let ratio = m
+        .median_s
+        .map(|l| format!(", Lathe / peer time {:.3}", l / secs))
+        .unwrap_or_default();
+    println!("  peer {name}: median {:.3} ms, {rate}{ratio}", secs * 1e3);
+    m.peer = Some((name.to_string(), secs));
+}
+
+/// cuBLASLt on the same product and buffers (`addrs`: A, B, C), in the same run.
+fn gemm_peer(
+    dev: &Device,
+    peer: Option<&Peer>,
+    g: &Gemm,
+    out: Elem,
+    addrs: [u64; 3],
+    iters: usize,
+    m: &mut Measured,
+) {
+    let Some(peer) = peer else { return };
+    let plan = match Plan::new(peer, g, Elem::BF16, out) {
+        Ok(p) => p,
+        Err(e) => {
+            println!("  peer cuBLASLt: no plan: {e}");
+            return;
+        }
+    };
+    let [a, b, c] = addrs;
+    match time_median(dev, iters, || {
+        Ok(plan.run(a, b, c, dev.compute_stream())?)
+    }) {
+        Ok(secs) => record_peer(m, "cuBLASLt", secs),
+        Err(e) => println!("  peer cuBLASLt failed: {e}"),
+    }
 }
 
 fn adamw(dev: &Device, rng: &mut Rng, n: usize, iters: usize) -> Result<Measured> {
@@ -421,7 +531,7 @@ fn adamw(dev: &Device, rng: &mut Rng, n: usize, iters: usize) -> Result<Measured
             &p,
         )?)
     })?;
-    Ok(report(
+    let mut out = report(
         dev,
         &format!("AdamW over {n} parameters"),
         &l,
@@ -431,7 +541,80 @@ fn adamw(dev: &Device, rng: &mut Rng, n: usize, iters: usize) -> Result<Measured
             // Reads master, grads, m, v; writes master, m, v and the bf16 working copy.
             bytes: (16 + 12 + 2) * n as u64,
         },
-    ))
+    );
+    if !dev.is_sim() {
+        match torch_peer(&["adamw", &n.to_string(), &iters.max(1).to_string()]) {
+            Ok(secs) => record_peer(&mut out, "PyTorch fused AdamW (one flat f32 tensor)", secs),
+            Err(e) => {
+                println!("  peer PyTorch unavailable ({e}); a device copy of the same bytes:");
+                // Half the napkin bytes read, half written.
+                let words = out.napkin.bytes as usize / 8;
+                let src = dev.alloc::<f32>(words)?;
+                let mut dst = dev.alloc::<f32>(words)?;
+                let secs = time_median(dev, iters, || Ok(src.copy_to(&mut dst)?))?;
+                record_peer(&mut out, "device copy", secs);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The PyTorch side of the AdamW and attention peers, run by `python3` when it has torch and
+/// a GPU: prints `{"ms": median}` of CUDA-event-timed runs after a warm-up.
+const TORCH_PEER: &str = r#"
+import sys, json, torch
+import torch.nn.functional as F
+def median_ms(fn, iters):
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(iters):
+        s = torch.cuda.Event(enable_timing=True); e = torch.cuda.Event(enable_timing=True)
+        s.record(); fn(); e.record(); e.synchronize(); ts.append(s.elapsed_time(e))
+    ts.sort()
+    return ts[len(ts) // 2]
+kind = sys.argv[1]
+if kind == "attention":
+    b, h, t, d, iters = map(int, sys.argv[2:7])
+    q, k, v = [torch.randn(b, h, t, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3)]
+    do = torch.randn(b, h, t, d, device="cuda", dtype=torch.bfloat16)
+    def step():
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        o.backward(do)
+    ms = median_ms(step, iters)
+else:
+    n, iters = int(sys.argv[2]), int(sys.argv[3])
+    p = torch.nn.Parameter(torch.randn(n, device="cuda"))
+    p.grad = torch.randn(n, device="cuda") * 1e-2
+    opt = torch.optim.AdamW([p], lr=6e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, fused=True)
+    ms = median_ms(opt.step, iters)
+print(json.dumps({"ms": ms, "torch": torch.__version__}))
+"#;
+
+/// Runs [`TORCH_PEER`] with `args`; the median in seconds, or why there is no figure.
+fn torch_peer(args: &[&str]) -> std::result::Result<f64, String> {
+    let out = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(TORCH_PEER)
+        .args(args)
+        .output()
+        .map_err(|e| format!("python3: {e}"))?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        let last = err.lines().last().unwrap_or("").trim().to_string();
+        return Err(format!("python3 with torch: {last}"));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let v: serde_json::Value = text
+        .lines()
+        .last()
+        .and_then(|l| serde_json::from_str(l).ok())
+        .ok_or_else(|| format!("unexpected peer output {text:?}"))?;
+    v["ms"]
+        .as_f64()
+        .map(|ms| ms * 1e-3)
+        .ok_or_else(|| format!("no median in {text:?}"))
 }
 
 /// The fused causal attention: forward, then the backward (row dot, dQ pass, dK/dV pass).
@@ -480,6 +663,22 @@ fn flash_attention(
             bytes: 22 * (b * t * c) as u64,
         },
     ))
+    .map(|mut out| {
+        if !dev.is_sim() {
+            let a = [b, h, t, d, iters.max(1)].map(|v| v.to_string());
+            let mut args = vec!["attention"];
+            args.extend(a.iter().map(|s| s.as_str()));
+            match torch_peer(&args) {
+                Ok(secs) => record_peer(
+                    &mut out,
+                    "PyTorch scaled_dot_product_attention (causal, fwd + bwd)",
+                    secs,
+                ),
+                Err(e) => println!("  peer PyTorch unavailable: {e}"),
+            }
+        }
+        out
+    })
 }
 
 /// The materialised reference path, through the tape.
