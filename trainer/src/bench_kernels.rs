@@ -174,7 +174,8 @@ fn report(
                 c.tensor_flops
             );
             tflops += c.tensor_flops;
-            gbytes += c.global_load_bytes + c.global_store_bytes;
+            // TMA copies are global reads the load counters do not see.
+            gbytes += c.global_load_bytes + c.global_store_bytes + c.tma_bytes;
             lreq += c.global_load_requests;
             lsec += c.global_load_sectors;
             sreq += c.global_store_requests;

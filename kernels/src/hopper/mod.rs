@@ -6,18 +6,20 @@
 //! (`lathe_host::hopper_ops`), which also handles the M, N and K tails (out-of-bounds boxes are
 //! zero-filled); the epilogue checks M and N bounds.
 //!
-//! Which training products map on it directly (row-major storage, Conv1D weight `W (in, out)`):
+//! Versions 1 and 2 take one layout (both operands K-major: Lathe's `N T`, the forward
+//! `x W^T` with `W (out, in)`) and no epilogue. Version 3 takes the three products of a
+//! linear layer in training without transposed copies, through `wgmma`'s transpose bits
+//! (MN-major operands in shared memory, loaded by 64 x 64 TMA boxes):
 //!
-//! | product | A | B (must be `(N, K)`) | fits |
-//! |---|---|---|---|
-//! | forward `Y(rows, out) = X W` | X `(rows, in)` | `W^T`, i.e. W stored `(out, in)` | needs `W^T` (a pre-transposed copy, refreshed after each optimizer step) |
-//! | input grad `dX(rows, in) = dY W^T` | dY `(rows, out)` | W `(in, out)` | directly |
-//! | weight grad `dW(in, out) = X^T dY` | `X^T` | `dY^T` | neither operand is K-major: needs the descriptor transpose bits (not yet) |
+//! | product (`Gemm` ops) | A in shared memory | B in shared memory |
+//! |---|---|---|
+//! | forward `Y = X W^T` (`N T`) | K-major | K-major |
+//! | input gradient `dX = dY W` (`N N`) | K-major | N-major |
+//! | weight gradient `dW = dY^T X` (`T N`, f32 with beta 1) | M-major | N-major |
 //!
-//! A `Linear` layer whose weight is stored `(out, in)` (PyTorch's `nn.Linear`) makes the
-//! forward direct instead and the input gradient the transposed one. `wgmma` also reads bf16
-//! operands stored MN-major (the `imm-trans-a/b` bits with an MN-major descriptor): that is the
-//! next step and is not implemented in these versions.
+//! with bf16 or f16 operands, C in the operand type or f32, and the mma.sync GEMM's epilogue
+//! (alpha, beta * C, bias, GELU, any `ldc`). `lathe_host`'s `Device::gemm` dispatches to it
+//! on compute capability 9.0 for products with at least one full 128 x 256 tile.
 //!
 //! Versions (numbered, kept):
 //! - v1: 128x256x64 tile, 4-stage TMA/mbarrier ring, 1 producer + 2 consumer warpgroups,
@@ -25,6 +27,8 @@
 //!   stage (the stage is released as soon as its products are done).
 //! - v2: v1 with one wgmma group kept in flight (`wait_group 1`, the previous stage released),
 //!   so the tensor cores do not drain between K steps.
+//! - v3: v2's pipeline for every training layout and both 16-bit types, with the epilogue
+//!   ([`ptx::v3`]).
 
 pub mod ptx;
 pub mod twin;
