@@ -220,6 +220,24 @@ fn attention_flash_on_the_device() {
         let ops: Vec<&str> = t.profile().iter().map(|p| p.op).collect();
         assert!(ops.contains(&want), "{ops:?}");
     }
+    // The fused kernels against the device's materialised path (the reference it replaces),
+    // values and gradients, within the dtype's tolerance.
+    for dt in [DType::BF16, DType::F16] {
+        let mut rng = Rng::new(0xF1A);
+        let x = random(&mut rng, 2 * 70 * 144, dt);
+        let w = random(&mut rng, 2 * 70 * 48, dt);
+        let inputs = vec![(vec![2, 70, 144], x, true)];
+        let build: Build = &|t, v| t.attention(v[0], 6);
+        let mut flash = Tape::on_device(dt, &dev);
+        let a = run(&mut flash, dt, &inputs, &w, build);
+        let mut mat = Tape::on_device(dt, &dev);
+        mat.set_attention_path(lathe_autograd::AttentionPath::Materialized);
+        let b = run(&mut mat, dt, &inputs, &w, build);
+        let f = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
+        check_close("flash vs materialised y", &f(&a.out), &f(&b.out), tol(dt)).unwrap();
+        let (ga, gb) = (a.grads[0].as_ref().unwrap(), b.grads[0].as_ref().unwrap());
+        check_close("flash vs materialised dqkv", &f(ga), &f(gb), tol(dt)).unwrap();
+    }
     // Asking for the fused path with a head size its kernels do not take is an error.
     let mut t = Tape::on_device(DType::BF16, &dev);
     t.set_attention_path(lathe_autograd::AttentionPath::Flash);

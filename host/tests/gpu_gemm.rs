@@ -480,7 +480,8 @@ fn hopper_gemm_every_training_layout() {
     }
     let mut rng = Rng::new(0x6E7);
     let layouts = [(Op::N, Op::T), (Op::N, Op::N), (Op::T, Op::N)];
-    let shapes = [(130, 260, 72), (40, 24, 8), (257, 96, 200)];
+    // K 37: a K tail inside one 64-wide box (zero-filled past K, leading dimension 40).
+    let shapes = [(130, 260, 72), (40, 24, 8), (257, 96, 200), (70, 300, 37)];
     for (l, &(a, b)) in layouts.iter().enumerate() {
         for (s, &(m, n, k)) in shapes.iter().enumerate() {
             let g = Gemm::new(m, n, k).with_ops(a, b);
