@@ -69,19 +69,21 @@
 
 use super::Trainer;
 use crate::device::{
-    DeviceBatch, DeviceGradReducer, DeviceOptimizer, HostOptimizerState, SharedReducer,
-    StepReadback, StepReport, gather_pieces, grad_ready_hook, lock_reducer,
+    DeviceBatch, DeviceGradReducer, DeviceOptimizer, HostOptimizerState, OffloadGrads,
+    OffloadStaging, SharedReducer, StepReadback, StepReport, WeightsMut, gather_pieces,
+    grad_ready_hook, lock_reducer,
 };
 use crate::metrics::StepRecord;
 use crate::optim::Rounding;
 use crate::profiler::Phase;
 use crate::zero::mean_over_ranks;
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, anyhow, bail, ensure};
 use lathe_autograd::{DType, DevBuf, ParamGatherHook, ParamStore, WorkingMut};
 use lathe_host::Device;
 use lathe_host::DeviceBuffer;
 use lathe_host::comm::{CommElement, Communicator, DeviceComm, HostComm, NcclId, shard_range};
 use lathe_host::nn_ops::WorkingCopyMut;
+use lathe_kernels::nn::amp::StepState;
 use std::collections::VecDeque;
 use std::ops::Range;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -104,6 +106,9 @@ pub(super) struct DeviceRun {
     reducer: Option<SharedReducer>,
     /// ZeRO stages 1-3: this rank's shard of the optimizer's state (`None` in stage 0).
     shard: Option<DeviceShard>,
+    /// `--offload-optimizer`: the pinned staging of the host's update (the state itself is
+    /// the host model's `HostOptimizer`).
+    offload: Option<OffloadStaging>,
 }
 
 /// What a rank holds for its shard in ZeRO stages 1-3 (besides the moments, which are in the
@@ -125,8 +130,10 @@ struct DeviceShard {
 
 /// A rank's shard of the parameters on its device.
 struct ShardParams {
-    /// fp32 master weights of the shard (the optimizer updates these).
-    master: DeviceBuffer<f32>,
+    /// fp32 master weights of the shard (the optimizer updates these; in fp32 also the
+    /// working copy). `None` when the optimizer is offloaded in bf16 / f16: the host holds
+    /// the master.
+    master: Option<DeviceBuffer<f32>>,
     /// The shard's bf16 / f16 working copy (`None` in fp32: the master shard is the working
     /// copy).
     working: Option<DevBuf>,
@@ -159,7 +166,13 @@ fn param_gather_hook(
                 };
             }
             match (out, p.working.as_ref()) {
-                (DevBuf::F32(o), None) => gather!(&p.master, o),
+                (DevBuf::F32(o), None) => {
+                    let m = p
+                        .master
+                        .as_ref()
+                        .ok_or_else(|| anyhow!("an fp32 shard without its weights"))?;
+                    gather!(m, o)
+                }
                 (DevBuf::Bf16(o), Some(DevBuf::Bf16(w))) => gather!(w, o),
                 (DevBuf::F16(o), Some(DevBuf::F16(w))) => gather!(w, o),
                 (o, w) => bail!(
@@ -173,10 +186,15 @@ fn param_gather_hook(
     })
 }
 
-/// Stages 1-2 in bf16 / f16: the optimizer's master shard is separate and the forward reads
-/// the working copy, so the workspace's full f32 master buffer is freed on the device.
-fn release_unused_master(ws: &mut ParamStore, stage: crate::zero::ZeroStage) -> Result<()> {
-    if stage.shards_optimizer() && ws.working_dtype() != DType::F32 {
+/// Stages 1-2 in bf16 / f16, and every stage with the optimizer offloaded: the optimizer's
+/// master is elsewhere (a shard, or host memory) and the forward reads the working copy, so
+/// the workspace's full f32 master buffer is freed on the device.
+fn release_unused_master(
+    ws: &mut ParamStore,
+    stage: crate::zero::ZeroStage,
+    offload: bool,
+) -> Result<()> {
+    if (stage.shards_optimizer() || offload) && ws.working_dtype() != DType::F32 {
         ws.device_mut()
             .ok_or_else(|| anyhow!("the parameters are not on the device"))?
             .release_master()?;
@@ -231,37 +249,105 @@ struct Queued {
 /// checkpoint). Stage 0: the master weights go into the workspace's device buffer. Stage 1:
 /// the optimizer and a [`DeviceShard`] for the rank's shard; in fp32 the workspace's device
 /// master (which the forward reads) gets the full working copy.
+///
+/// With `--offload-optimizer` the master weights and the optimizer's state stay in the host
+/// model (its `HostOptimizer`): the device optimizer keeps the step state only, the device
+/// holds no master weights beyond what the forward reads (fp32: the weights of the
+/// optimizer's range), and the pinned staging of the host update is returned.
 fn optimizer_from_host(
     t: &mut Trainer,
     dev: &Device,
-) -> Result<(DeviceOptimizer, Option<DeviceShard>)> {
+) -> Result<(DeviceOptimizer, Option<DeviceShard>, Option<OffloadStaging>)> {
     let stage = t.zero.stage();
     let (len, world) = (t.zero.len(), t.cfg.world);
-    // Stage 0: every rank holds the full master weights; stage 1: its shard.
-    let host = HostOptimizerState {
-        master: t.zero.optimizer_shard().master().to_vec(),
-        optimizer: t.zero.optimizer_shard().optimizer().clone(),
-        scaler: t.scaler.clone(),
-    };
+    let offload = t.cfg.offload_optimizer;
     let rounding = rounding_of(t);
     let grad_clip = t.cfg.grad_clip;
     let layout = t.zero.layout().clone();
     let range = t.zero.own_range();
-    let ws = t.zero.workspace_mut()?;
+    let wdt = t.zero.workspace()?.working_dtype();
+    let offloaded = |t: &Trainer| -> Result<(DeviceOptimizer, OffloadStaging)> {
+        let host = t.zero.optimizer_shard();
+        ensure!(
+            host.is_offloaded(),
+            "--offload-optimizer, but the optimizer state is not in host memory"
+        );
+        let mut opt = DeviceOptimizer::offloaded(
+            dev,
+            host.optimizer(),
+            &layout,
+            range.clone(),
+            &t.scaler,
+            grad_clip,
+        )?;
+        opt.set_norm_shards(all_shards(len, world))?;
+        Ok((opt, OffloadStaging::new(dev, range.len(), wdt)?))
+    };
     if !stage.shards_optimizer() {
-        let dp = ws
+        if offload {
+            let (opt, staging) = offloaded(t)?;
+            if wdt == DType::F32 {
+                // The forward reads the device master: the full weights (the host master).
+                let full = t.zero.optimizer_shard().master().to_vec();
+                let dp = t
+                    .zero
+                    .workspace_mut()?
+                    .device_mut()
+                    .ok_or_else(|| anyhow!("the parameters are not on the device"))?;
+                let (master, _, _) = dp.parts_mut();
+                master
+                    .copy_from_host(&full)
+                    .context("uploading the weights")?;
+            }
+            return Ok((opt, None, Some(staging)));
+        }
+        // Stage 0: every rank holds the full master weights.
+        let host = HostOptimizerState {
+            master: t.zero.optimizer_shard().master().to_vec(),
+            optimizer: t.zero.optimizer_shard().optimizer().clone(),
+            scaler: t.scaler.clone(),
+        };
+        let dp = t
+            .zero
+            .workspace_mut()?
             .device_mut()
             .ok_or_else(|| anyhow!("the parameters are not on the device"))?;
         let (master, _, _) = dp.parts_mut();
         let mut opt = DeviceOptimizer::from_host(dev, &host, &layout, grad_clip, rounding, master)?;
         opt.set_norm_shards(all_shards(len, world))?;
-        return Ok((opt, None));
+        return Ok((opt, None, None));
     }
-    let (mut opt, master) =
-        DeviceOptimizer::from_host_shard(dev, &host, &layout, range.clone(), grad_clip, rounding)?;
-    opt.set_norm_shards(all_shards(len, world))?;
+    let (opt, master, staging) = if offload {
+        let (opt, staging) = offloaded(t)?;
+        // fp32: the shard of the weights the forward reads (gathered or broadcast from here)
+        // is the master shard; bf16 / f16 keep only the working copy's shard.
+        let master = match wdt {
+            DType::F32 => Some(
+                dev.htod(t.zero.optimizer_shard().master())
+                    .context("uploading the weights of the shard")?,
+            ),
+            _ => None,
+        };
+        (opt, master, Some(staging))
+    } else {
+        // Stages 1-3: the rank's shard of the master weights and moments.
+        let host = HostOptimizerState {
+            master: t.zero.optimizer_shard().master().to_vec(),
+            optimizer: t.zero.optimizer_shard().optimizer().clone(),
+            scaler: t.scaler.clone(),
+        };
+        let (mut opt, master) = DeviceOptimizer::from_host_shard(
+            dev,
+            &host,
+            &layout,
+            range.clone(),
+            grad_clip,
+            rounding,
+        )?;
+        opt.set_norm_shards(all_shards(len, world))?;
+        (opt, Some(master), None)
+    };
     // The shard's working copy, from the host model's (exact f32 image of its values).
-    let wdt = ws.working_dtype();
     let working = match wdt {
         DType::F32 => None,
         dt => Some(DevBuf::upload(
@@ -297,7 +383,25 @@ fn optimizer_from_host(
         gather_after_step: !stage.shards_parameters(),
         own_grads,
     };
-    Ok((opt, Some(shard)))
+    Ok((opt, Some(shard), staging))
+}
+
+/// The step state the step just queued used, read back: the host waits for the device (for
+/// the collectives first, with the communicator's bound).
+fn wait_used_state(
+    dev: &Device,
+    opt: &DeviceOptimizer,
+    reducer: Option<&SharedReducer>,
+) -> Result<StepState> {
+    if let Some(r) = reducer {
+        lock_reducer(r)?
+            .comm()
+            .synchronize()
+            .map_err(anyhow::Error::new)
+            .context("waiting for the device collectives")?;
+    }
+    dev.read_step_state(opt.used_state())
+        .context("reading back the step state of the offloaded step")
 }
 
 /// The device communicator of a multi-rank run on `dev`: NCCL when the ranks agreed on an
@@ -332,6 +436,7 @@ impl Trainer {
     /// working copy in the compute dtype) and the optimizer into a [`DeviceOptimizer`].
     pub(super) fn attach_device(&mut self, dev: Device) -> Result<()> {
         let stage = self.zero.stage();
+        let offload = self.cfg.offload_optimizer;
         let (len, world) = (self.zero.len(), self.cfg.world);
         self.zero.keep_workspace()?;
         let reducer = if world > 1 {
@@ -353,9 +458,15 @@ impl Trainer {
             let ws = self.zero.workspace_mut()?;
             ws.to_device(&dev)
                 .with_context(|| format!("moving the model to {}", dev.describe()))?;
-            release_unused_master(ws, stage)?;
+            release_unused_master(ws, stage, offload)?;
         }
-        let (opt, shard) = optimizer_from_host(self, &dev)?;
+        let (opt, shard, offload) = optimizer_from_host(self, &dev)?;
+        if offload.is_some()
+            && let Some(h) = self.zero.host_optimizer_mut()
+        {
+            // The host update stages through the pinned buffers instead.
+            h.release_staging();
+        }
         if let (Some(r), Some(sh)) = (&reducer, &shard)
             && sh.own_grads
         {
@@ -382,6 +493,7 @@ impl Trainer {
         self.dev = Some(DeviceRun {
             reducer,
             shard,
+            offload,
             readback,
             batch: DeviceBatch::new(&dev, tokens)?,
             loss_sum,
@@ -399,17 +511,19 @@ impl Trainer {
             return Ok(());
         };
         let stage = self.zero.stage();
+        let offload = self.cfg.offload_optimizer;
         if !stage.shards_parameters() {
             let ws = self.zero.workspace_mut()?;
             ws.upload_to_device()?;
-            release_unused_master(ws, stage)?;
+            release_unused_master(ws, stage, offload)?;
         }
-        let (opt, shard) = optimizer_from_host(self, &dev)?;
+        let (opt, shard, offload) = optimizer_from_host(self, &dev)?;
         let reducer = self.dev.as_ref().and_then(|d| d.reducer.clone());
         self.shard_params_to_device(&dev, shard.as_ref(), reducer.as_ref())?;
         if let Some(d) = self.dev.as_mut() {
             d.opt = opt;
             d.shard = shard;
+            d.offload = offload;
         }
         Ok(())
     }
@@ -449,14 +563,41 @@ impl Trainer {
                 .context("waiting for the device collectives")?;
         }
         let len = self.zero.len();
-        let ws = self.zero.workspace_mut()?;
-        ws.fetch_from_device()?;
-        let dp = ws
+        self.zero.workspace_mut()?.fetch_from_device()?;
+        let dp = self
+            .zero
+            .workspace()?
             .device()
             .ok_or_else(|| anyhow!("the parameters are not on the device"))?;
-        let (host, opt_state, buffers) = match &d.shard {
+        let mut host = if d.opt.is_offloaded() {
+            // The host model's optimizer holds the live state; the device, the scaler.
+            let (scaler, step) = d.opt.host_scaler()?;
+            let h = self.zero.optimizer_shard();
+            ensure!(
+                h.optimizer().step_count() == step,
+                "the host optimizer applied {} steps, the device counted {step}",
+                h.optimizer().step_count()
+            );
+            HostOptimizerState {
+                master: h.master().to_vec(),
+                optimizer: h.optimizer().clone(),
+                scaler,
+            }
+        } else {
+            match &d.shard {
+                None => d.opt.to_host(dp.master())?,
+                Some(sh) => {
+                    let p = lock_shard(&sh.params)?;
+                    let m = p
+                        .master
+                        .as_ref()
+                        .ok_or_else(|| anyhow!("the shard's master weights are not here"))?;
+                    d.opt.to_host(m)?
+                }
+            }
+        };
+        let (opt_state, buffers) = match &d.shard {
             None => {
-                let host = d.opt.to_host(dp.master())?;
                 let opt_state = host.optimizer.state();
                 let buffers: Vec<(&str, Vec<f32>)> = host
                     .optimizer
@@ -464,12 +605,11 @@ impl Trainer {
                     .into_iter()
                     .map(|(n, b)| (n, b.to_vec()))
                     .collect();
-                (host, opt_state, buffers)
+                (opt_state, buffers)
             }
-            Some(sh) => {
+            Some(_) => {
                 // Stages 1-3 (collective): every rank assembles the full state from the
                 // shards.
-                let mut host = d.opt.to_host(&lock_shard(&sh.params)?.master)?;
                 host.master = all_gather_host(&self.comm, &host.master, len, "master weight")?;
                 let opt_state = crate::optim::OptimizerState {
                     len,
@@ -479,7 +619,7 @@ impl Trainer {
                 for (n, b) in host.optimizer.buffers() {
                     buffers.push((n, all_gather_host(&self.comm, b, len, n)?));
                 }
-                (host, opt_state, buffers)
+                (opt_state, buffers)
             }
         };
         self.zero.restore(&host.master, &opt_state, &buffers)?;
@@ -505,6 +645,14 @@ impl Trainer {
             Some(d) => d.scale,
             None => self.scaler.scale(),
         }
+    }
+
+    /// Bytes of pinned host staging of an offloaded optimizer on a device (0 otherwise).
+    pub(super) fn device_staging_bytes(&self) -> u64 {
+        self.dev
+            .as_ref()
+            .and_then(|d| d.offload.as_ref())
+            .map_or(0, OffloadStaging::bytes)
     }
 
     /// Peak bytes the device's caching allocator has held in tensors.
@@ -594,25 +742,50 @@ impl Trainer {
         self.tokens += (accum * b * t * self.cfg.world) as u64;
         {
             let _s = self.prof.span("optimizer", Phase::Optimizer);
+            let rounding = rounding_of(self);
+            let lr32 = lr as f32;
             let d = self.dev.as_mut().expect("device run");
-            let ws = self.zero.workspace_mut()?;
+            let (ws, host, layout) = self.zero.workspace_and_host_optimizer()?;
             let dp = ws
                 .device_mut()
                 .ok_or_else(|| anyhow!("the parameters are not on the device"))?;
             let (master, grads, working) = dp.parts_mut();
             let inject_here = inject && d.reducer.is_none();
+            // Offloaded (`--offload-optimizer`): the host optimizer and its pinned staging.
+            let mut offload = match (d.offload.as_mut(), host) {
+                (Some(st), Some(h)) => Some((st, h)),
+                (None, _) => None,
+                (Some(_), None) => bail!("offload staging without a host optimizer"),
+            };
             match d.shard.as_mut() {
-                None => {
-                    let working = match working {
-                        WorkingMut::None => WorkingCopyMut::None,
-                        WorkingMut::Bf16(w) if self.cfg.stochastic_rounding => {
-                            WorkingCopyMut::Bf16Stochastic(w)
-                        }
-                        WorkingMut::Bf16(w) => WorkingCopyMut::Bf16(w),
-                        WorkingMut::F16(w) => WorkingCopyMut::F16(w),
-                    };
-                    d.opt.step(master, grads, working, lr as f32, inject_here)?
-                }
+                None => match offload.as_mut() {
+                    Some((st, host)) => {
+                        d.opt.step_offloaded(
+                            grads,
+                            OffloadGrads::Whole,
+                            st.grads_mut(),
+                            inject_here,
+                        )?;
+                        let used = wait_used_state(&d.dev, &d.opt, d.reducer.as_ref())?;
+                        let dst = match working {
+                            WorkingMut::None => WeightsMut::F32(master),
+                            WorkingMut::Bf16(w) => WeightsMut::Bf16(w),
+                            WorkingMut::F16(w) => WeightsMut::F16(w),
+                        };
+                        st.update(host, &used, lr32, 0, rounding, layout, dst)?;
+                    }
+                    None => {
+                        let working = match working {
+                            WorkingMut::None => WorkingCopyMut::None,
+                            WorkingMut::Bf16(w) if self.cfg.stochastic_rounding => {
+                                WorkingCopyMut::Bf16Stochastic(w)
+                            }
+                            WorkingMut::Bf16(w) => WorkingCopyMut::Bf16(w),
+                            WorkingMut::F16(w) => WorkingCopyMut::F16(w),
+                        };
+                        d.opt.step(master, grads, working, lr32, inject_here)?
+                    }
+                },
                 Some(sh) => {
                     let stochastic = self.cfg.stochastic_rounding;
                     let mut p = lock_shard(&sh.params)?;
@@ -620,13 +793,6 @@ impl Trainer {
                         master: shard_master,
                         working: shard_w,
                     } = &mut *p;
-                    let shard_working = match shard_w.as_mut() {
-                        None => WorkingCopyMut::None,
-                        Some(DevBuf::Bf16(w)) if stochastic => WorkingCopyMut::Bf16Stochastic(w),
-                        Some(DevBuf::Bf16(w)) => WorkingCopyMut::Bf16(w),
-                        Some(DevBuf::F16(w)) => WorkingCopyMut::F16(w),
-                        Some(DevBuf::F32(_)) => WorkingCopyMut::None,
-                    };
                     // The averaged gradients of the shard: kept by the reducer (stages 2-3
                     // with several ranks), else copied out of the full buffer on the device.
                     let mut red = match (&d.reducer, sh.own_grads) {
@@ -650,33 +816,72 @@ impl Trainer {
                             (g, None)
                         }
                     };
-                    if sh.own_grads {
-                        d.opt.step_own_shard(
-                            shard_master,
-                            grads,
-                            grad_shard,
-                            shard_working,
-                            lr as f32,
-                            inject_here,
-                            shard_comm,
-                        )?;
-                    } else {
-                        d.opt.step_shard(
-                            shard_master,
-                            grads,
-                            grad_shard,
-                            shard_working,
-                            lr as f32,
-                            inject_here,
-                        )?;
+                    match offload.as_mut() {
+                        Some((st, host)) => {
+                            let source = if sh.own_grads {
+                                OffloadGrads::OwnShard(grad_shard, shard_comm)
+                            } else {
+                                OffloadGrads::Shard(grad_shard)
+                            };
+                            d.opt
+                                .step_offloaded(grads, source, st.grads_mut(), inject_here)?;
+                            drop(red);
+                            let used = wait_used_state(&d.dev, &d.opt, d.reducer.as_ref())?;
+                            let dst = match (shard_w.as_mut(), shard_master.as_mut()) {
+                                (Some(DevBuf::Bf16(w)), _) => WeightsMut::Bf16(w),
+                                (Some(DevBuf::F16(w)), _) => WeightsMut::F16(w),
+                                (None, Some(m)) => WeightsMut::F32(m),
+                                _ => bail!("the shard holds no weights of the run's dtype"),
+                            };
+                            st.update(host, &used, lr32, sh.range.start, rounding, layout, dst)?;
+                        }
+                        None => {
+                            let shard_master = shard_master.as_mut().ok_or_else(|| {
+                                anyhow!("the shard's master weights are not here")
+                            })?;
+                            let shard_working = match shard_w.as_mut() {
+                                None => WorkingCopyMut::None,
+                                Some(DevBuf::Bf16(w)) if stochastic => {
+                                    WorkingCopyMut::Bf16Stochastic(w)
+                                }
+                                Some(DevBuf::Bf16(w)) => WorkingCopyMut::Bf16(w),
+                                Some(DevBuf::F16(w)) => WorkingCopyMut::F16(w),
+                                Some(DevBuf::F32(_)) => WorkingCopyMut::None,
+                            };
+                            if sh.own_grads {
+                                d.opt.step_own_shard(
+                                    shard_master,
+                                    grads,
+                                    grad_shard,
+                                    shard_working,
+                                    lr32,
+                                    inject_here,
+                                    shard_comm,
+                                )?;
+                            } else {
+                                d.opt.step_shard(
+                                    shard_master,
+                                    grads,
+                                    grad_shard,
+                                    shard_working,
+                                    lr32,
+                                    inject_here,
+                                )?;
+                            }
+                            drop(red);
+                        }
                     }
-                    drop(red);
                     if sh.gather_after_step {
                         let _g = self.prof.span("gather_params", Phase::Communication);
                         let red = d.reducer.as_ref().map(lock_reducer).transpose()?;
                         let comm = red.as_deref().map(|r| r.comm());
                         match (working, shard_w.as_ref()) {
-                            (WorkingMut::None, _) => all_gather_device(comm, shard_master, master)?,
+                            (WorkingMut::None, _) => {
+                                let m = shard_master
+                                    .as_ref()
+                                    .ok_or_else(|| anyhow!("an fp32 shard without its weights"))?;
+                                all_gather_device(comm, m, master)?
+                            }
                             (WorkingMut::Bf16(full), Some(DevBuf::Bf16(w))) => {
                                 all_gather_device(comm, w, full)?
                             }

@@ -601,13 +601,10 @@ impl Trainer {
             nccl_id,
         };
         if let Some(dev) = open_device(t.cfg.device, device_index)? {
-            if matches!(t.cfg.optimizer, OptimizerArg::Sgd) {
-                bail!("--optimizer sgd: the device step has fused AdamW only; use adamw");
-            }
-            if t.cfg.offload_optimizer {
+            if matches!(t.cfg.optimizer, OptimizerArg::Sgd) && !t.cfg.offload_optimizer {
                 bail!(
-                    "--offload-optimizer: a device run keeps the optimizer on {}; drop the flag",
-                    dev.describe()
+                    "--optimizer sgd: the device step has fused AdamW only; use adamw, or \
+                     --offload-optimizer (the host runs SGD)"
                 );
             }
             t.tape = Tape::on_device(dtype, &dev);
@@ -619,6 +616,8 @@ impl Trainer {
             t.reload_device()?;
         }
         t.startup_memory = t.zero.memory();
+        // A device run's offloaded optimizer stages through pinned buffers of its own.
+        t.startup_memory.staging += t.device_staging_bytes();
         Ok(t)
     }
 

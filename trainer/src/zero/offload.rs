@@ -67,6 +67,33 @@ impl HostOptimizer {
         &self.optimizer
     }
 
+    /// Frees the host staging buffers: a device run stages through pinned buffers of its own
+    /// (`crate::device::OffloadStaging`) and steps with [`HostOptimizer::step_staged`].
+    /// [`HostOptimizer::step`] is an error afterwards.
+    pub fn release_staging(&mut self) {
+        self.grads = Vec::new();
+        self.working = HostWorking::None;
+    }
+
+    /// One update from gradients the caller staged: `grads` (the shard's reduced gradients,
+    /// still multiplied by the loss scale: `args.inv_scale` unscales them) and the new
+    /// working-copy shard written into the caller's `working` (`WorkingCopy::None` in fp32,
+    /// where [`HostOptimizer::master`] is the new weights). A device run passes its pinned
+    /// buffers. The arithmetic of [`HostOptimizer::step`], without its copies.
+    pub fn step_staged(
+        &mut self,
+        grads: &[f32],
+        working: WorkingCopy<'_>,
+        layout: &ParamLayout,
+        args: &StepArgs,
+    ) -> Result<StepOutcome, OptimError> {
+        if args.found_inf {
+            return Ok(StepOutcome::Skipped);
+        }
+        self.optimizer
+            .step(&mut self.master, grads, working, layout, args)
+    }
+
     /// Bytes of the staging buffers (gradient shard and working-copy shard).
     pub fn staging_bytes(&self) -> u64 {
         let w = match &self.working {
@@ -95,6 +122,12 @@ impl HostOptimizer {
         };
         if grads.len() != n {
             return Err(mismatch("grads", grads.len()));
+        }
+        if self.grads.len() != n {
+            return Err(mismatch(
+                "host staging (released for a device run's pinned staging)",
+                self.grads.len(),
+            ));
         }
         if let Some(w) = working.buffer_len().filter(|&w| w != n) {
             return Err(mismatch("working", w));
@@ -186,6 +219,14 @@ impl OptimizerShard {
         match self {
             OptimizerShard::Resident { optimizer, .. } => optimizer,
             OptimizerShard::Offloaded(h) => h.optimizer(),
+        }
+    }
+
+    /// The host optimizer when the state is offloaded.
+    pub fn host_mut(&mut self) -> Option<&mut HostOptimizer> {
+        match self {
+            OptimizerShard::Resident { .. } => None,
+            OptimizerShard::Offloaded(h) => Some(h),
         }
     }
 
