@@ -183,5 +183,8 @@ fn sgd_runs_on_a_device_with_the_optimizer_offloaded_and_not_without() {
     });
     assert!(o.losses.iter().all(|l| l.is_finite()), "{:?}", o.losses);
     assert!(o.losses[2] < o.losses[0], "{:?}", o.losses);
-    assert_eq!(o.ranks[0].memory.optimizer, o.ranks[0].memory.master, "momentum");
+    assert_eq!(
+        o.ranks[0].memory.optimizer, o.ranks[0].memory.master,
+        "momentum"
+    );
 }
