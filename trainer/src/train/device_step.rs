@@ -62,6 +62,17 @@
 //! block's at a time; without it the gathered leaves stay on the tape until the step ends.
 //! Evaluation gathers the weights to rank 0 and runs there on a temporary full copy.
 //!
+//! `--offload-optimizer` (any stage): the rank's master weights and optimizer state stay in
+//! host memory, in the host model's `HostOptimizer`, and the [`DeviceOptimizer`] keeps only
+//! the step state ([`DeviceOptimizer::offloaded`]). The step queues the same check, norm,
+//! clip factor and loss-scale update, with the fused AdamW replaced by a copy of the rank's
+//! gradients (the full buffer in stage 0, the shard otherwise) into pinned host memory; the
+//! host then reads the step state back (one wait per step, after the collectives), updates on
+//! the host with the device's `1/scale` and clip factor ([`OffloadStaging::update`]) and
+//! copies the new working copy (fp32: the weights) of its range back on the compute stream,
+//! before the gathers of stages 1-2. The device holds no master weights (fp32: only those
+//! the forward reads) and no moments.
+//!
 //! [`ParamStore::to_device_sharded`]: lathe_autograd::ParamStore::to_device_sharded
 //!
 //! [`Tape::bind_ids`]: lathe_autograd::Tape::bind_ids

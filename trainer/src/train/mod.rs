@@ -25,6 +25,8 @@
 //! [`crate::device::DeviceGradReducer`], stage 3's parameters gathered as the forward uses
 //! them. The device ranks' collectives go through a `DeviceComm`: host staging over the
 //! host communicators, or NCCL on CUDA devices (`--comm` / `LATHE_COMM`, see `comm_choice`).
+//! With `--offload-optimizer` a device rank's master weights and optimizer state stay in the
+//! host model's `HostOptimizer`; the device decides and the host updates (`device_step`).
 //!
 //! Determinism: the same settings and seed give the same losses bit for bit; a run resumed from
 //! a checkpoint reproduces the uninterrupted run's losses exactly (the checkpoint holds the full
