@@ -90,7 +90,7 @@ use crate::optim::Rounding;
 use crate::profiler::Phase;
 use crate::zero::mean_over_ranks;
 use anyhow::{Context, Result, anyhow, bail};
-use lathe_autograd::{DevBuf, ParamStore, WorkingMut};
+use lathe_autograd::{DType, DevBuf, ParamStore, WorkingMut};
 use lathe_host::Device;
 use lathe_host::DeviceBuffer;
 use lathe_host::comm::{CommElement, DeviceComm, shard_range};
@@ -546,6 +546,10 @@ impl Trainer {
 pub(super) fn store_on_device(p: &ParamStore, dev: &Device) -> Result<ParamStore> {
     let mut s = ParamStore::new(&p.specs()).context("a store for evaluation")?;
     s.working_mut().copy_from_slice(p.working());
+    if p.working_dtype() == DType::F32 {
+        // In fp32 the device forward reads the master buffer (no separate working copy).
+        s.master_mut().copy_from_slice(p.working());
+    }
     s.set_working_dtype(p.working_dtype());
     s.to_device(dev)
         .with_context(|| format!("copying the weights to {} for evaluation", dev.describe()))?;
