@@ -5,8 +5,11 @@
 //! Checked: an offloaded device run takes the resident device run's steps bit for bit (the
 //! host AdamW computes the fused kernel's bits, and it is given the device's own `1/scale`
 //! and clip factor: no tolerance), in fp16 with an injected non-finite step too (the same
-//! skip and backoff) and at ZeRO stages 0, 1 and 3; the device peak drops by at least the
-//! moments of the shard; checkpoints cross between offloaded and resident runs bit for bit.
+//! skip and backoff), in bf16 at ZeRO stages 1 and 3 over two ranks, in fp32 at stage 3 (the
+//! master shard goes back up as the weights); the device peak drops by at least the moments
+//! of the shard; checkpoints cross between offloaded and resident runs bit for bit; SGD, which
+//! the device has no kernel for, runs offloaded. `device_optim.rs` compares one offloaded
+//! optimizer with the fused one step by step.
 //! Tiny model, micro-batch 1-2, 16 tokens, a few steps: the simulator interprets every lane
 //! of every kernel.
 
@@ -187,4 +190,22 @@ fn sgd_runs_on_a_device_with_the_optimizer_offloaded_and_not_without() {
         o.ranks[0].memory.optimizer, o.ranks[0].memory.master,
         "momentum"
     );
+}
+
+#[test]
+fn fp32_offloaded_at_stage_3_takes_the_resident_step() {
+    // fp32 has no separate working copy: the host's master shard itself goes back up, into
+    // the device shard the forward's gathers read. One step, one rank (f32 GEMMs are the
+    // slow ones on the simulator): the final validation loss reads the updated weights.
+    let base = args(Precision::Fp32, 1, 1, 1);
+    let res = run(base.clone());
+    let off = run(TrainArgs {
+        zero: Some(3),
+        offload_optimizer: true,
+        ..base
+    });
+    assert_eq!(bits(&res.losses), bits(&off.losses), "losses");
+    let val = |o: &TrainOutcome| o.final_val_loss.expect("a final validation loss").to_bits();
+    assert_eq!(val(&res), val(&off), "validation loss after the update");
+    assert_eq!(off.ranks[0].memory.staging, off.ranks[0].memory.master);
 }
