@@ -352,4 +352,46 @@ mod tests {
             .unwrap_err();
         assert!(matches!(e, OptimError::LengthMismatch { .. }), "{e}");
     }
+
+    #[test]
+    fn a_staged_step_is_the_staging_step_and_released_staging_refuses_the_other() {
+        let n = 3_001;
+        let layout = ParamLayout::new(vec![ParamView::new("w", 0, &[n], true)], n).unwrap();
+        let master = Rng::new(6).vec_f32(n, -1.0, 1.0);
+        let cfg = OptimizerConfig::AdamW(AdamWConfig::default());
+        let mut a = HostOptimizer::new(cfg, master.clone(), DType::F16).unwrap();
+        let mut b = HostOptimizer::new(cfg, master, DType::F16).unwrap();
+        b.release_staging();
+        assert_eq!(b.staging_bytes(), 0);
+        let (mut wa, mut wb) = (vec![f16::ZERO; n], vec![f16::ZERO; n]);
+        for step in 0..3u64 {
+            let grads = Rng::new(10 + step).vec_f32(n, -1.0, 1.0);
+            let args = StepArgs {
+                inv_scale: 0.5,
+                clip_factor: 0.75,
+                found_inf: step == 1,
+                ..StepArgs::new(1e-2)
+            };
+            let x = a
+                .step(&grads, WorkingCopy::F16(&mut wa), &layout, &args)
+                .unwrap();
+            let y = b
+                .step_staged(&grads, WorkingCopy::F16(&mut wb), &layout, &args)
+                .unwrap();
+            assert_eq!(x, y, "step {step}");
+        }
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(a.master()), bits(b.master()));
+        assert_eq!(a.optimizer(), b.optimizer());
+        assert_eq!(wa, wb);
+        let e = b
+            .step(
+                &vec![0.0; n],
+                WorkingCopy::F16(&mut wb),
+                &layout,
+                &StepArgs::new(1e-2),
+            )
+            .unwrap_err();
+        assert!(matches!(e, OptimError::LengthMismatch { .. }), "{e}");
+    }
 }
