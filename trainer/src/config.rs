@@ -174,7 +174,8 @@ pub struct TrainArgs {
     /// Data-parallel ranks in this process (threads).
     #[arg(long)]
     pub world: Option<usize>,
-    /// Keep optimizer state and run the optimizer step on the CPU.
+    /// Keep the optimizer state (fp32 master weights, moments) in host memory and run the
+    /// optimizer step on the CPU; on a device the device still decides skip, scale and clip.
     #[arg(long)]
     #[serde(default)]
     pub offload_optimizer: bool,
@@ -198,7 +199,7 @@ pub struct TrainArgs {
     #[arg(long)]
     #[serde(default)]
     pub scale_lr: bool,
-    /// adamw (default) or sgd.
+    /// adamw (default) or sgd (on a device: with --offload-optimizer).
     #[arg(long)]
     pub optimizer: Option<OptimizerArg>,
     /// Decoupled weight decay (AdamW) or L2 decay (SGD), on 2-D weights only.

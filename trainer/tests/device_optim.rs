@@ -23,13 +23,15 @@
 //!   the project, and check the clip factors agree within `NORM_REL`.
 
 use half::{bf16, f16};
+use lathe_autograd::DType;
 use lathe_host::nn_ops::WorkingCopyMut;
 use lathe_host::testing::test_device;
 use lathe_host::{Device, DeviceBuffer};
 use lathe_kernels::nn::amp::StepState;
 use lathe_kernels::rng::Rng;
 use lathe_trainer::device::{
-    DeviceBatch, DeviceOptimizer, HostOptimizerState, StepReadback, StepReport,
+    DeviceBatch, DeviceOptimizer, HostOptimizerState, OffloadGrads, OffloadStaging, StepReadback,
+    StepReport, WeightsMut,
 };
 use lathe_trainer::optim::{
     AdamWConfig, Optimizer, OptimizerConfig, ParamLayout, Rounding, SgdConfig, StepArgs,
@@ -38,6 +40,7 @@ use lathe_trainer::optim::{
 use lathe_trainer::precision::{
     LossScaler, NonFiniteInjection, Precision, ScalerConfig, has_nonfinite,
 };
+use lathe_trainer::zero::HostOptimizer;
 
 const NORM_REL: f64 = 1e-5;
 const CLIPPED_REL: f64 = 1e-5;
@@ -468,6 +471,126 @@ fn fp16_scaled_matches_cpu_bit_for_bit() {
         1000.0,
         false,
     );
+}
+
+#[test]
+fn an_offloaded_step_is_the_fused_step_bit_for_bit_with_clipping_and_skips() {
+    // `--offload-optimizer` on a device: the device queues the check, norm, clip and scale
+    // update and copies the gradients down; the host's optimizer updates with the device's
+    // `1/scale` and clip factor. Against the fused device step on the same gradients, with
+    // clipping active (norms about 39 against 1) and an injected non-finite step: the same
+    // bits everywhere, the step state word for word.
+    let inject = [2u64];
+    for mode in [Mode::Fp16, Mode::Bf16Stochastic, Mode::Fp32] {
+        let mut p = pair("offloaded_step", mode, 1.0, 31);
+        let layout = layout();
+        let n = layout.len();
+        let dtype = match mode.precision() {
+            Precision::Fp32 => DType::F32,
+            Precision::Bf16 => DType::BF16,
+            Precision::Fp16 => DType::F16,
+        };
+        let config = OptimizerConfig::AdamW(AdamWConfig::default());
+        let mut host = HostOptimizer::new(config, p.cpu.master.clone(), dtype).unwrap();
+        host.release_staging();
+        let scaler = p.cpu.scaler.clone();
+        let mut off =
+            DeviceOptimizer::offloaded(&p.dev, host.optimizer(), &layout, 0..n, &scaler, 1.0)
+                .unwrap();
+        assert!(off.is_offloaded() && off.config().is_none());
+        let mut staging = OffloadStaging::new(&p.dev, n, dtype).unwrap();
+        // Pinned: the f32 gradients, and a 16-bit working copy (fp32: the master goes up).
+        let half = if dtype == DType::F32 { 0 } else { 2 };
+        assert_eq!(staging.bytes(), (4 + half) * n as u64);
+        let mut grads = p.dev.alloc::<f32>(n).unwrap();
+        // The new weights land here (poisoned: the first step must write every element).
+        let mut w32 = p.dev.alloc::<f32>(n).unwrap();
+        let mut w16 = p.dev.alloc::<f16>(n).unwrap();
+        let mut wb16 = p.dev.alloc::<bf16>(n).unwrap();
+        p.dev.fill(&mut w32, f32::NAN).unwrap();
+        p.dev.fill(&mut w16, f32::NAN).unwrap();
+        p.dev.fill(&mut wb16, f32::NAN).unwrap();
+        let (mut rng, mut rng_off) = (Rng::new(32), Rng::new(32));
+        for k in 0..STEPS {
+            let scale = p.cpu.scaler.scale();
+            let g: Vec<f32> = random(&mut rng_off, n, 0.05, 1.0)
+                .into_iter()
+                .map(|g| g * scale)
+                .collect();
+            p.step(k, &mut rng, &inject);
+            grads.copy_from_host(&g).unwrap();
+            off.step_offloaded(
+                &mut grads,
+                OffloadGrads::Whole,
+                staging.grads_mut(),
+                inject.contains(&k),
+            )
+            .unwrap();
+            let used = p.dev.read_step_state(off.used_state()).unwrap();
+            let what = format!("{mode:?} step {k}");
+            assert_eq!(used, p.used_state(), "{what}: the state the step used");
+            let dst = match dtype {
+                DType::F32 => WeightsMut::F32(&mut w32),
+                DType::BF16 => WeightsMut::Bf16(&mut wb16),
+                _ => WeightsMut::F16(&mut w16),
+            };
+            staging
+                .update(&mut host, &used, lr_at(k), 0, mode.rounding(), &layout, dst)
+                .unwrap();
+            let resident = p.host();
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(
+                bits(host.master()),
+                bits(&resident.master),
+                "{what}: master"
+            );
+            for ((name, a), (_, b)) in host
+                .optimizer()
+                .buffers()
+                .iter()
+                .zip(resident.optimizer.buffers())
+            {
+                assert_eq!(bits(a), bits(b), "{what}: {name}");
+            }
+            assert_eq!(
+                host.optimizer().step_count(),
+                resident.optimizer.step_count()
+            );
+            let (sc, applied) = off.host_scaler().unwrap();
+            assert_eq!(
+                (sc, applied),
+                (resident.scaler, resident.optimizer.step_count())
+            );
+            let up = match dtype {
+                DType::F32 => bits(&w32.to_vec().unwrap())
+                    .iter()
+                    .map(|&b| b as u64)
+                    .collect(),
+                DType::BF16 => wb16
+                    .to_vec()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.to_bits() as u64)
+                    .collect(),
+                _ => w16
+                    .to_vec()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.to_bits() as u64)
+                    .collect::<Vec<_>>(),
+            };
+            let want: Vec<u64> = match dtype {
+                DType::F32 => bits(&resident.master).iter().map(|&b| b as u64).collect(),
+                _ => p.work.bits().iter().map(|&b| b as u64).collect(),
+            };
+            assert_eq!(up, want, "{what}: the weights copied back");
+            assert!(
+                grads.to_vec().unwrap().iter().all(|&x| x.to_bits() == 0),
+                "{what}: gradients not zeroed"
+            );
+        }
+        assert_eq!(off.host_scaler().unwrap().0.skipped_steps(), 1);
+    }
 }
 
 #[test]

@@ -15,6 +15,9 @@
 //!   one step behind;
 //! * [`DeviceBatch`] uploads token batches on the copy stream, double-buffered, ordered before
 //!   the compute that reads them by an event rather than a host wait;
+//! * with `--offload-optimizer`, [`DeviceOptimizer::step_offloaded`] queues the same
+//!   decisions and copies the gradients into an [`OffloadStaging`]'s pinned buffer, and the
+//!   host's optimizer updates from there ([`OffloadStaging::update`]): one host wait per step;
 //! * [`DeviceGradReducer`] averages the gradients of `--world N` device ranks bucket by bucket
 //!   from the tape's gradient-ready hook, while the backward pass goes on, over a
 //!   `DeviceComm` (host staging, or NCCL on CUDA devices; see its module).
@@ -25,12 +28,14 @@
 //! active; `trainer/tests/device_optim.rs` states the tolerances.
 
 mod batch;
+mod offload;
 mod optim;
 mod readback;
 mod reduce;
 
 pub use batch::DeviceBatch;
-pub use optim::{DeviceOptimizer, HostOptimizerState};
+pub use offload::{OffloadStaging, WeightsMut};
+pub use optim::{DeviceOptimizer, HostOptimizerState, OffloadGrads};
 pub use readback::{StepReadback, StepReport, Waiter};
 pub use reduce::{
     DeviceGradReducer, ReduceStats, SharedReducer, gather_pieces, grad_ready_hook, lock_reducer,

@@ -1,10 +1,11 @@
 //! [`DeviceOptimizer`]: fused AdamW, gradient check, norm, clipping and dynamic loss scaling,
-//! queued on the device's compute stream with no host synchronisation.
+//! queued on the device's compute stream with no host synchronisation; or, with the optimizer
+//! offloaded to the host (`--offload-optimizer`), everything but the update.
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use lathe_host::comm::{DeviceComm, ReduceOp};
 use lathe_host::nn_ops::{AdamWLaunch, DeviceDecayRanges, WorkingCopyMut};
-use lathe_host::{Device, DeviceBuffer, KernelArg};
+use lathe_host::{Device, DeviceBuffer, KernelArg, PinnedBuffer};
 use lathe_kernels::Problem;
 use lathe_kernels::elementwise::FILL_F32;
 use lathe_kernels::nn::adamw::DecayRanges;
@@ -44,9 +45,15 @@ pub struct HostOptimizerState {
 ///
 /// The loss-scale update is the device kernel's GradScaler rule with the CPU
 /// [`LossScaler`]'s floor: a backoff stops at `min(MIN_SCALE, init_scale)`.
+///
+/// Offloaded ([`DeviceOptimizer::offloaded`], `--offload-optimizer`): the device holds the
+/// step state only. [`DeviceOptimizer::step_offloaded`] queues the same check, norm, clip
+/// factor and loss-scale update, and instead of the fused AdamW a copy of the gradients into
+/// pinned host memory; the host's optimizer ([`crate::zero::HostOptimizer`]) then updates with
+/// the clip factor and `1/scale` the device found ([`DeviceOptimizer::used_state`]), so every
+/// decision is the device's, bit for bit.
 pub struct DeviceOptimizer {
     dev: Device,
-    config: AdamWConfig,
     /// The scaler the optimizer was built from: its settings and whether it is enabled.
     scaler: LossScaler,
     rule: ScalerRule,
@@ -57,20 +64,54 @@ pub struct DeviceOptimizer {
     /// indices.
     offset: usize,
     len: usize,
-    m: DeviceBuffer<f32>,
-    v: DeviceBuffer<f32>,
+    /// The fused AdamW's state (`None` when the optimizer is offloaded to the host).
+    moments: Option<DeviceMoments>,
     state: DeviceBuffer<u32>,
     used: DeviceBuffer<u32>,
-    decay: DeviceDecayRanges,
     /// The ZeRO shards of the whole parameter buffer, in rank order, over which the gradient
     /// norm is summed shard by shard (one shard, `0..len`, without ZeRO).
     norm_shards: Vec<Range<usize>>,
 }
 
+/// What the fused AdamW keeps on the device: its settings, the moments `m`, `v` (f32, one
+/// per element the optimizer updates) and the decay table.
+struct DeviceMoments {
+    config: AdamWConfig,
+    m: DeviceBuffer<f32>,
+    v: DeviceBuffer<f32>,
+    decay: DeviceDecayRanges,
+}
+
+/// Where the update of a step runs.
+enum Update<'a> {
+    /// The fused AdamW on the device, into `master` and `working` (the optimizer's range).
+    Device {
+        master: &'a mut DeviceBuffer<f32>,
+        working: WorkingCopyMut<'a>,
+        lr: f32,
+    },
+    /// On the host: the gradients of the range are copied into this pinned buffer.
+    Host(&'a mut PinnedBuffer<f32>),
+}
+
+/// The gradients an offloaded step ([`DeviceOptimizer::step_offloaded`]) checks and hands
+/// to the host: the three cases of [`DeviceOptimizer::step`],
+/// [`DeviceOptimizer::step_shard`] and [`DeviceOptimizer::step_own_shard`].
+pub enum OffloadGrads<'a> {
+    /// The optimizer covers every parameter: the full gradient buffer itself.
+    Whole,
+    /// The shard copied out of the full averaged gradients (ZeRO stage 1); the check covers
+    /// the full buffer.
+    Shard(&'a mut DeviceBuffer<f32>),
+    /// The rank's own averaged shard (ZeRO stages 2-3): checked, and the norm partials
+    /// exchanged over the communicator (`None`: one rank).
+    OwnShard(&'a mut DeviceBuffer<f32>, Option<&'a DeviceComm>),
+}
+
 impl std::fmt::Debug for DeviceOptimizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DeviceOptimizer")
-            .field("config", &self.config)
+            .field("config", &self.moments.as_ref().map(|m| m.config))
             .field("rule", &self.rule)
             .field("grad_clip", &self.grad_clip)
             .field("rounding", &self.rounding)
@@ -157,6 +198,7 @@ impl DeviceOptimizer {
             scaler,
             grad_clip,
             rounding,
+            true,
         )
     }
 
@@ -187,6 +229,7 @@ impl DeviceOptimizer {
             &host.scaler,
             grad_clip,
             rounding,
+            true,
         )?;
         master
             .copy_from_host(&host.master)
@@ -220,6 +263,7 @@ impl DeviceOptimizer {
             &host.scaler,
             grad_clip,
             rounding,
+            true,
         )?;
         let master = dev
             .htod(&host.master)
@@ -227,6 +271,34 @@ impl DeviceOptimizer {
         Ok((opt, master))
     }
 
+    /// An optimizer whose state stays on the host (`--offload-optimizer`): the device keeps
+    /// the step state only, for the elements `shard` of `layout`. `host` is the host's
+    /// optimizer over the shard (any kind: the device never runs it); its applied step count
+    /// seeds the step state, as do `scaler`'s scale, growth tracker and skipped count.
+    /// Steps go through [`DeviceOptimizer::step_offloaded`].
+    pub fn offloaded(
+        dev: &Device,
+        host: &Optimizer,
+        layout: &ParamLayout,
+        shard: Range<usize>,
+        scaler: &LossScaler,
+        grad_clip: f64,
+    ) -> Result<Self> {
+        Self::build(
+            dev,
+            host,
+            layout,
+            shard,
+            scaler,
+            grad_clip,
+            Rounding::Nearest,
+            false,
+        )
+    }
+
+    /// `moments_here`: upload `optimizer`'s moments for the fused AdamW (which it must be);
+    /// otherwise the device keeps the step state only.
+    #[allow(clippy::too_many_arguments)]
     fn build(
         dev: &Device,
         optimizer: &Optimizer,
@@ -235,8 +307,8 @@ impl DeviceOptimizer {
         scaler: &LossScaler,
         grad_clip: f64,
         rounding: Rounding,
+        moments_here: bool,
     ) -> Result<Self> {
-        let config = adamw_config(&optimizer.config())?;
         ensure!(
             grad_clip.is_finite() && grad_clip >= 0.0,
             "--grad-clip must be finite and >= 0 (got {grad_clip})"
@@ -264,20 +336,34 @@ impl DeviceOptimizer {
                 scaler.skipped_steps()
             )
         })?;
-        let buffers = optimizer.buffers();
-        let host_buffer = |name: &str| {
-            buffers
-                .iter()
-                .find(|(n, _)| *n == name)
-                .map(|(_, b)| *b)
-                .ok_or_else(|| anyhow!("the AdamW state has no `{name}` buffer"))
+        let moments = if moments_here {
+            let config = adamw_config(&optimizer.config())?;
+            let buffers = optimizer.buffers();
+            let host_buffer = |name: &str| {
+                buffers
+                    .iter()
+                    .find(|(n, _)| *n == name)
+                    .map(|(_, b)| *b)
+                    .ok_or_else(|| anyhow!("the AdamW state has no `{name}` buffer"))
+            };
+            let m = dev
+                .htod(host_buffer("m")?)
+                .context("uploading the AdamW first moment")?;
+            let v = dev
+                .htod(host_buffer("v")?)
+                .context("uploading the AdamW second moment")?;
+            let decay = dev
+                .upload_decay_ranges(&decay_table(layout)?)
+                .context("uploading the weight-decay ranges")?;
+            Some(DeviceMoments {
+                config,
+                m,
+                v,
+                decay,
+            })
+        } else {
+            None
         };
-        let m = dev
-            .htod(host_buffer("m")?)
-            .context("uploading the AdamW first moment")?;
-        let v = dev
-            .htod(host_buffer("v")?)
-            .context("uploading the AdamW second moment")?;
         let sc = scaler.config();
         let rule = ScalerRule {
             dynamic: scaler.is_enabled(),
@@ -302,23 +388,17 @@ impl DeviceOptimizer {
         let used = dev
             .step_state(&init)
             .context("allocating the used-state copy")?;
-        let decay = dev
-            .upload_decay_ranges(&decay_table(layout)?)
-            .context("uploading the weight-decay ranges")?;
         Ok(DeviceOptimizer {
             dev: dev.clone(),
-            config,
             scaler: scaler.clone(),
             rule,
             grad_clip,
             rounding,
             offset: shard.start,
             len,
-            m,
-            v,
+            moments,
             state,
             used,
-            decay,
             norm_shards: std::iter::once(0..layout.len()).collect(),
         })
     }
@@ -356,9 +436,15 @@ impl DeviceOptimizer {
         self.len == 0
     }
 
-    /// The AdamW hyperparameters.
-    pub fn config(&self) -> &AdamWConfig {
-        &self.config
+    /// The fused AdamW's hyperparameters (`None` when offloaded: the host's optimizer has
+    /// them).
+    pub fn config(&self) -> Option<&AdamWConfig> {
+        self.moments.as_ref().map(|m| &m.config)
+    }
+
+    /// Whether the optimizer's state is on the host ([`DeviceOptimizer::offloaded`]).
+    pub fn is_offloaded(&self) -> bool {
+        self.moments.is_none()
     }
 
     /// The live step state (`STATE_WORDS` u32): its `SCALE` word seeds the next backward pass.
@@ -399,7 +485,12 @@ impl DeviceOptimizer {
             "device optimizer: built for a shard starting at {}; use step_shard",
             self.offset
         );
-        self.queue_step(master, grads, None, working, lr, inject_nonfinite, None)
+        let update = Update::Device {
+            master,
+            working,
+            lr,
+        };
+        self.queue_step(grads, None, update, inject_nonfinite, None)
     }
 
     /// One step of a shard optimizer ([`DeviceOptimizer::from_host_shard`]), queued on the
@@ -424,15 +515,12 @@ impl DeviceOptimizer {
             grads.len(),
             self.offset + self.len
         );
-        self.queue_step(
+        let update = Update::Device {
             master,
-            grads,
-            Some(grad_shard),
             working,
             lr,
-            inject_nonfinite,
-            None,
-        )
+        };
+        self.queue_step(grads, Some(grad_shard), update, inject_nonfinite, None)
     }
 
     /// One step of a shard optimizer whose rank holds the averaged gradients of its shard
@@ -461,15 +549,73 @@ impl DeviceOptimizer {
             "device optimizer: {} norm shards for {world} ranks",
             self.norm_shards.len(),
         );
-        self.queue_step(
+        let update = Update::Device {
             master,
-            grads,
-            Some(grad_shard),
             working,
             lr,
+        };
+        self.queue_step(
+            grads,
+            Some(grad_shard),
+            update,
             inject_nonfinite,
             Some(comm),
         )
+    }
+
+    /// One step of an offloaded optimizer ([`DeviceOptimizer::offloaded`]), queued on the
+    /// compute stream: (inject) -> non-finite check and norm partials over the gradients
+    /// `source` names (exchanged between the ranks for [`OffloadGrads::OwnShard`]) -> norm
+    /// and clip factor -> copy of this optimizer's gradients (still multiplied by the loss
+    /// scale, `len()` elements) into `staging` -> copy of the state
+    /// ([`DeviceOptimizer::used_state`]) -> GradScaler update -> `grads = 0`. The same
+    /// launches as [`DeviceOptimizer::step`] and its shard forms, with the fused AdamW
+    /// replaced by the copy to the host.
+    ///
+    /// The host then reads `used_state()` (`FOUND_INF`, `INV_SCALE`, `CLIP`) and, unless a
+    /// non-finite value was found, updates from `staging` once its copy has landed
+    /// ([`PinnedBuffer::as_slice`] waits for it). `inject_nonfinite` writes `+inf` into the
+    /// checked buffer's element 0 first.
+    pub fn step_offloaded(
+        &mut self,
+        grads: &mut DeviceBuffer<f32>,
+        source: OffloadGrads<'_>,
+        staging: &mut PinnedBuffer<f32>,
+        inject_nonfinite: bool,
+    ) -> Result<()> {
+        ensure!(
+            self.is_offloaded(),
+            "device optimizer: step_offloaded on an optimizer that updates on the device"
+        );
+        let update = Update::Host(staging);
+        match source {
+            OffloadGrads::Whole => {
+                ensure!(
+                    self.offset == 0,
+                    "device optimizer: built for a shard starting at {}; pass its gradients",
+                    self.offset
+                );
+                self.queue_step(grads, None, update, inject_nonfinite, None)
+            }
+            OffloadGrads::Shard(g) => {
+                ensure!(
+                    grads.len() >= self.offset + self.len,
+                    "device optimizer: the gradients have {} elements, the shard ends at {}",
+                    grads.len(),
+                    self.offset + self.len
+                );
+                self.queue_step(grads, Some(g), update, inject_nonfinite, None)
+            }
+            OffloadGrads::OwnShard(g, comm) => {
+                let world = comm.map_or(1, |c| c.world_size());
+                ensure!(
+                    self.norm_shards.len() == world,
+                    "device optimizer: {} norm shards for {world} ranks",
+                    self.norm_shards.len(),
+                );
+                self.queue_step(grads, Some(g), update, inject_nonfinite, Some(comm))
+            }
+        }
     }
 
     /// Non-finite check and norm over `grads`, the whole buffer, shard by shard.
@@ -534,24 +680,16 @@ impl DeviceOptimizer {
         Ok(())
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn queue_step(
         &mut self,
-        master: &mut DeviceBuffer<f32>,
         grads: &mut DeviceBuffer<f32>,
         grad_shard: Option<&mut DeviceBuffer<f32>>,
-        working: WorkingCopyMut<'_>,
-        lr: f32,
+        update: Update<'_>,
         inject_nonfinite: bool,
         exchange: Option<Option<&DeviceComm>>,
     ) -> Result<()> {
         let mut grad_shard = grad_shard;
-        self.check_step(
-            master,
-            grad_shard.as_deref().unwrap_or(&*grads),
-            &working,
-            lr,
-        )?;
+        self.check_step(grad_shard.as_deref().unwrap_or(&*grads), &update)?;
         // The buffer the check covers: the shard when ranks exchange partials, else the
         // whole gradients.
         let checked: &mut DeviceBuffer<f32> = match (exchange.is_some(), grad_shard.as_deref_mut())
@@ -582,32 +720,51 @@ impl DeviceOptimizer {
         }
         .context("gradient check and norm")?;
         let dev = &self.dev;
-        let launch = AdamWLaunch {
-            lr,
-            beta1: self.config.beta1,
-            beta2: self.config.beta2,
-            eps: self.config.eps,
-            weight_decay: self.config.weight_decay,
-            offset: self.offset as u64,
-            seed: match self.rounding {
-                Rounding::Stochastic { seed } => seed,
-                Rounding::Nearest => 0,
-            },
-            // The gradients stay scaled; AdamW multiplies by INV_SCALE * CLIP (one f32
-            // product, as the CPU AdamW's `grad_scale`).
-            unscale: true,
-        };
-        dev.adamw_step(
-            master,
-            grad_shard.as_deref().unwrap_or(&*grads),
-            &mut self.m,
-            &mut self.v,
-            working,
-            &self.decay,
-            &self.state,
-            &launch,
-        )
-        .context("fused AdamW")?;
+        let mine = grad_shard.as_deref().unwrap_or(&*grads);
+        match update {
+            Update::Device {
+                master,
+                working,
+                lr,
+            } => {
+                let mo = self.moments.as_mut().ok_or_else(|| {
+                    anyhow!("device optimizer: offloaded, the host runs the update")
+                })?;
+                let launch = AdamWLaunch {
+                    lr,
+                    beta1: mo.config.beta1,
+                    beta2: mo.config.beta2,
+                    eps: mo.config.eps,
+                    weight_decay: mo.config.weight_decay,
+                    offset: self.offset as u64,
+                    seed: match self.rounding {
+                        Rounding::Stochastic { seed } => seed,
+                        Rounding::Nearest => 0,
+                    },
+                    // The gradients stay scaled; AdamW multiplies by INV_SCALE * CLIP (one
+                    // f32 product, as the CPU AdamW's `grad_scale`).
+                    unscale: true,
+                };
+                dev.adamw_step(
+                    master,
+                    mine,
+                    &mut mo.m,
+                    &mut mo.v,
+                    working,
+                    &mo.decay,
+                    &self.state,
+                    &launch,
+                )
+                .context("fused AdamW")?;
+            }
+            Update::Host(staging) => {
+                // Ordered after the check on the compute stream, and before the zeroing
+                // below (without ZeRO, `mine` is `grads`).
+                staging
+                    .copy_from_device_async(mine, dev.compute_stream())
+                    .context("copying the gradients to the host")?;
+            }
+        }
         self.state
             .copy_to(&mut self.used)
             .context("copying the step state the step used")?;
@@ -617,23 +774,32 @@ impl DeviceOptimizer {
         Ok(())
     }
 
-    fn check_step(
-        &self,
-        master: &DeviceBuffer<f32>,
-        grads: &DeviceBuffer<f32>,
-        working: &WorkingCopyMut<'_>,
-        lr: f32,
-    ) -> Result<()> {
+    fn check_step(&self, grads: &DeviceBuffer<f32>, update: &Update<'_>) -> Result<()> {
         let n = self.len;
-        ensure!(
-            master.len() == n,
-            "device optimizer: master has {} elements, expected {n}",
-            master.len()
-        );
         ensure!(
             grads.len() == n,
             "device optimizer: gradients have {} elements, expected {n}",
             grads.len()
+        );
+        let (master, working, lr) = match update {
+            Update::Device {
+                master,
+                working,
+                lr,
+            } => (&**master, working, *lr),
+            Update::Host(staging) => {
+                ensure!(
+                    staging.len() == n,
+                    "device optimizer: the host staging has {} elements, expected {n}",
+                    staging.len()
+                );
+                return Ok(());
+            }
+        };
+        ensure!(
+            master.len() == n,
+            "device optimizer: master has {} elements, expected {n}",
+            master.len()
         );
         let (wlen, stochastic) = match working {
             WorkingCopyMut::None => (None, None),
@@ -664,10 +830,24 @@ impl DeviceOptimizer {
         Ok(())
     }
 
+    /// The loss scaler as the device's step state has it now, with the number of applied
+    /// steps (synchronous: waits for the compute stream).
+    pub fn host_scaler(&self) -> Result<(LossScaler, u64)> {
+        let st = self
+            .dev
+            .read_step_state(&self.state)
+            .context("downloading the step state")?;
+        let scaler = scaler_with(&self.scaler, st.scale, st.growth_tracker, st.skipped as u64)?;
+        Ok((scaler, st.step as u64))
+    }
+
     /// Downloads everything a checkpoint needs (synchronous: waits for the compute stream).
     /// `master`: the fp32 master weights this optimizer updates. A shard optimizer returns
     /// its shard (`len()` elements of master weights and moments).
     pub fn to_host(&self, master: &DeviceBuffer<f32>) -> Result<HostOptimizerState> {
+        let mo = self.moments.as_ref().ok_or_else(|| {
+            anyhow!("device optimizer: offloaded, its state is in the host's optimizer")
+        })?;
         ensure!(
             master.len() == self.len,
             "device optimizer: master has {} elements, expected {}",
@@ -675,19 +855,14 @@ impl DeviceOptimizer {
             self.len
         );
         let master = master.to_vec().context("downloading the master weights")?;
-        let m = self
-            .m
-            .to_vec()
-            .context("downloading the AdamW first moment")?;
-        let v = self
-            .v
-            .to_vec()
-            .context("downloading the AdamW second moment")?;
-        let st = self
-            .dev
-            .read_step_state(&self.state)
-            .context("downloading the step state")?;
-        let config = OptimizerConfig::AdamW(self.config);
+        let m =
+            mo.m.to_vec()
+                .context("downloading the AdamW first moment")?;
+        let v =
+            mo.v.to_vec()
+                .context("downloading the AdamW second moment")?;
+        let (scaler, step) = self.host_scaler()?;
+        let config = OptimizerConfig::AdamW(mo.config);
         let mut optimizer = Optimizer::new(config, self.len).context("host-side AdamW")?;
         for (name, buf) in optimizer.buffers_mut() {
             let src = if name == "m" { &m } else { &v };
@@ -696,11 +871,10 @@ impl DeviceOptimizer {
         optimizer
             .restore_state(&OptimizerState {
                 config,
-                step: st.step as u64,
+                step,
                 len: self.len,
             })
             .context("restoring the AdamW step count")?;
-        let scaler = scaler_with(&self.scaler, st.scale, st.growth_tracker, st.skipped as u64)?;
         Ok(HostOptimizerState {
             master,
             optimizer,

@@ -62,26 +62,40 @@
 //! block's at a time; without it the gathered leaves stay on the tape until the step ends.
 //! Evaluation gathers the weights to rank 0 and runs there on a temporary full copy.
 //!
+//! `--offload-optimizer` (any stage): the rank's master weights and optimizer state stay in
+//! host memory, in the host model's `HostOptimizer`, and the [`DeviceOptimizer`] keeps only
+//! the step state ([`DeviceOptimizer::offloaded`]). The step queues the same check, norm,
+//! clip factor and loss-scale update, with the fused AdamW replaced by a copy of the rank's
+//! gradients (the full buffer in stage 0, the shard otherwise) into pinned host memory; the
+//! host then reads the step state back (one wait per step, after the collectives), updates on
+//! the host with the device's `1/scale` and clip factor ([`OffloadStaging::update`]) and
+//! copies the new working copy (fp32: the weights) of its range back on the compute stream,
+//! before the gathers of stages 1-2. The device holds no master weights (fp32: only those
+//! the forward reads) and no moments.
+//!
 //! [`ParamStore::to_device_sharded`]: lathe_autograd::ParamStore::to_device_sharded
 //!
 //! [`Tape::bind_ids`]: lathe_autograd::Tape::bind_ids
 //! [`Tape::backward_scaled`]: lathe_autograd::Tape::backward_scaled
 
+mod setup;
+
 use super::Trainer;
 use crate::device::{
-    DeviceBatch, DeviceGradReducer, DeviceOptimizer, HostOptimizerState, SharedReducer,
-    StepReadback, StepReport, gather_pieces, grad_ready_hook, lock_reducer,
+    DeviceBatch, DeviceOptimizer, OffloadGrads, OffloadStaging, SharedReducer, StepReadback,
+    StepReport, WeightsMut, gather_pieces, grad_ready_hook, lock_reducer,
 };
 use crate::metrics::StepRecord;
 use crate::optim::Rounding;
 use crate::profiler::Phase;
 use crate::zero::mean_over_ranks;
 use anyhow::{Context, Result, anyhow, bail};
-use lathe_autograd::{DType, DevBuf, ParamGatherHook, ParamStore, WorkingMut};
+use lathe_autograd::{DType, DevBuf, ParamStore, WorkingMut};
 use lathe_host::Device;
 use lathe_host::DeviceBuffer;
-use lathe_host::comm::{CommElement, Communicator, DeviceComm, HostComm, NcclId, shard_range};
+use lathe_host::comm::{CommElement, DeviceComm, shard_range};
 use lathe_host::nn_ops::WorkingCopyMut;
+use lathe_kernels::nn::amp::StepState;
 use std::collections::VecDeque;
 use std::ops::Range;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -104,6 +118,9 @@ pub(super) struct DeviceRun {
     reducer: Option<SharedReducer>,
     /// ZeRO stages 1-3: this rank's shard of the optimizer's state (`None` in stage 0).
     shard: Option<DeviceShard>,
+    /// `--offload-optimizer`: the pinned staging of the host's update (the state itself is
+    /// the host model's `HostOptimizer`).
+    offload: Option<OffloadStaging>,
 }
 
 /// What a rank holds for its shard in ZeRO stages 1-3 (besides the moments, which are in the
@@ -125,8 +142,10 @@ struct DeviceShard {
 
 /// A rank's shard of the parameters on its device.
 struct ShardParams {
-    /// fp32 master weights of the shard (the optimizer updates these).
-    master: DeviceBuffer<f32>,
+    /// fp32 master weights of the shard (the optimizer updates these; in fp32 also the
+    /// working copy). `None` when the optimizer is offloaded in bf16 / f16: the host holds
+    /// the master.
+    master: Option<DeviceBuffer<f32>>,
     /// The shard's bf16 / f16 working copy (`None` in fp32: the master shard is the working
     /// copy).
     working: Option<DevBuf>,
@@ -135,53 +154,6 @@ struct ShardParams {
 fn lock_shard(p: &Mutex<ShardParams>) -> Result<MutexGuard<'_, ShardParams>> {
     p.lock()
         .map_err(|_| anyhow!("the parameter shard's lock was poisoned by a panic"))
-}
-
-/// Stage 3's parameter gather hook: a leaf's values from the ranks' shards (collective over
-/// the reducer's communicator; a device copy with one rank).
-fn param_gather_hook(
-    params: &Arc<Mutex<ShardParams>>,
-    reducer: Option<&SharedReducer>,
-    shards: Vec<Range<usize>>,
-) -> ParamGatherHook {
-    let params = Arc::clone(params);
-    let reducer = reducer.cloned();
-    Arc::new(move |range: Range<usize>, out: &mut DevBuf| {
-        let run = || -> Result<()> {
-            let p = lock_shard(&params)?;
-            let red = reducer.as_ref().map(lock_reducer).transpose()?;
-            macro_rules! gather {
-                ($mine:expr, $out:expr) => {
-                    match &red {
-                        Some(r) => r.gather_range(range.clone(), &shards, $mine, $out),
-                        None => gather_pieces(None, range.clone(), &shards, $mine, $out),
-                    }
-                };
-            }
-            match (out, p.working.as_ref()) {
-                (DevBuf::F32(o), None) => gather!(&p.master, o),
-                (DevBuf::Bf16(o), Some(DevBuf::Bf16(w))) => gather!(w, o),
-                (DevBuf::F16(o), Some(DevBuf::F16(w))) => gather!(w, o),
-                (o, w) => bail!(
-                    "a {} leaf cannot be filled from a {} shard",
-                    o.dtype(),
-                    w.map_or(DType::F32, |w| w.dtype())
-                ),
-            }
-        };
-        run().map_err(|e| format!("{e:#}"))
-    })
-}
-
-/// Stages 1-2 in bf16 / f16: the optimizer's master shard is separate and the forward reads
-/// the working copy, so the workspace's full f32 master buffer is freed on the device.
-fn release_unused_master(ws: &mut ParamStore, stage: crate::zero::ZeroStage) -> Result<()> {
-    if stage.shards_optimizer() && ws.working_dtype() != DType::F32 {
-        ws.device_mut()
-            .ok_or_else(|| anyhow!("the parameters are not on the device"))?
-            .release_master()?;
-    }
-    Ok(())
 }
 
 /// The ranks' shards of `len` parameters, in rank order.
@@ -210,15 +182,6 @@ where
     }
 }
 
-/// Every rank's shard of a host vector, gathered to full length on every rank.
-fn all_gather_host(comm: &HostComm, shard: &[f32], len: usize, what: &str) -> Result<Vec<f32>> {
-    let mut all = vec![0.0f32; len];
-    comm.all_gather_uneven(shard, &mut all[..])
-        .map_err(anyhow::Error::new)
-        .with_context(|| format!("all-gathering the {what} shards"))?;
-    Ok(all)
-}
-
 /// What the host knows of a queued step before its report arrives.
 struct Queued {
     step: u64,
@@ -227,96 +190,22 @@ struct Queued {
     step_ms: f64,
 }
 
-/// Builds the device optimizer for `t` from the host state (fresh, or just restored from a
-/// checkpoint). Stage 0: the master weights go into the workspace's device buffer. Stage 1:
-/// the optimizer and a [`DeviceShard`] for the rank's shard; in fp32 the workspace's device
-/// master (which the forward reads) gets the full working copy.
-fn optimizer_from_host(
-    t: &mut Trainer,
+/// The step state the step just queued used, read back: the host waits for the device (for
+/// the collectives first, with the communicator's bound).
+fn wait_used_state(
     dev: &Device,
-) -> Result<(DeviceOptimizer, Option<DeviceShard>)> {
-    let stage = t.zero.stage();
-    let (len, world) = (t.zero.len(), t.cfg.world);
-    // Stage 0: every rank holds the full master weights; stage 1: its shard.
-    let host = HostOptimizerState {
-        master: t.zero.optimizer_shard().master().to_vec(),
-        optimizer: t.zero.optimizer_shard().optimizer().clone(),
-        scaler: t.scaler.clone(),
-    };
-    let rounding = rounding_of(t);
-    let grad_clip = t.cfg.grad_clip;
-    let layout = t.zero.layout().clone();
-    let range = t.zero.own_range();
-    let ws = t.zero.workspace_mut()?;
-    if !stage.shards_optimizer() {
-        let dp = ws
-            .device_mut()
-            .ok_or_else(|| anyhow!("the parameters are not on the device"))?;
-        let (master, _, _) = dp.parts_mut();
-        let mut opt = DeviceOptimizer::from_host(dev, &host, &layout, grad_clip, rounding, master)?;
-        opt.set_norm_shards(all_shards(len, world))?;
-        return Ok((opt, None));
+    opt: &DeviceOptimizer,
+    reducer: Option<&SharedReducer>,
+) -> Result<StepState> {
+    if let Some(r) = reducer {
+        lock_reducer(r)?
+            .comm()
+            .synchronize()
+            .map_err(anyhow::Error::new)
+            .context("waiting for the device collectives")?;
     }
-    let (mut opt, master) =
-        DeviceOptimizer::from_host_shard(dev, &host, &layout, range.clone(), grad_clip, rounding)?;
-    opt.set_norm_shards(all_shards(len, world))?;
-    // The shard's working copy, from the host model's (exact f32 image of its values).
-    let wdt = ws.working_dtype();
-    let working = match wdt {
-        DType::F32 => None,
-        dt => Some(DevBuf::upload(
-            dev,
-            dt,
-            &t.zero.working_image(range.clone())?,
-        )?),
-    };
-    if working.is_none() && !stage.shards_parameters() {
-        // fp32: the forward reads the device master, which must hold the full weights (the
-        // host workspace's working copy; its master buffer is not the optimizer's).
-        let full_working = t.zero.working_image(0..len)?;
-        let dp = t
-            .zero
-            .workspace_mut()?
-            .device_mut()
-            .ok_or_else(|| anyhow!("the parameters are not on the device"))?;
-        let (master_full, _, _) = dp.parts_mut();
-        master_full
-            .copy_from_host(&full_working)
-            .context("uploading the full weights")?;
-    }
-    let own_grads = stage.shards_gradients();
-    let grads = if own_grads && world > 1 {
-        None
-    } else {
-        Some(dev.alloc::<f32>(range.len()).context("gradient shard")?)
-    };
-    let shard = DeviceShard {
-        grads,
-        range,
-        params: Arc::new(Mutex::new(ShardParams { master, working })),
-        gather_after_step: !stage.shards_parameters(),
-        own_grads,
-    };
-    Ok((opt, Some(shard)))
-}
-
-/// The device communicator of a multi-rank run on `dev`: NCCL when the ranks agreed on an
-/// NCCL id before starting (see `super::comm_choice`), else host staging over `comm`.
-fn device_comm(dev: &Device, comm: HostComm, nccl: Option<NcclId>) -> Result<DeviceComm> {
-    let Some(id) = nccl else {
-        return Ok(DeviceComm::staged(comm));
-    };
-    let (rank, world) = (comm.rank(), comm.world_size());
-    let mut c = DeviceComm::nccl(dev, rank, world, &id)
-        .map_err(anyhow::Error::new)
-        .with_context(|| {
-            format!(
-                "rank {rank}: creating the NCCL communicator on {}",
-                dev.describe()
-            )
-        })?;
-    c.set_timeout(super::RANK_TIMEOUT);
-    Ok(c)
+    dev.read_step_state(opt.used_state())
+        .context("reading back the step state of the offloaded step")
 }
 
 fn rounding_of(t: &Trainer) -> Rounding {
@@ -328,167 +217,6 @@ fn rounding_of(t: &Trainer) -> Rounding {
 }
 
 impl Trainer {
-    /// Moves the model state to `dev`: the workspace's parameters into device buffers (the
-    /// working copy in the compute dtype) and the optimizer into a [`DeviceOptimizer`].
-    pub(super) fn attach_device(&mut self, dev: Device) -> Result<()> {
-        let stage = self.zero.stage();
-        let (len, world) = (self.zero.len(), self.cfg.world);
-        self.zero.keep_workspace()?;
-        let reducer = if world > 1 {
-            let comm = self
-                .grad_comm
-                .take()
-                .ok_or_else(|| anyhow!("the gradient communicator was already taken"))?;
-            let comm = device_comm(&dev, comm, self.nccl_id.take())?;
-            Some(
-                DeviceGradReducer::new(comm, len, DeviceGradReducer::DEFAULT_BUCKET_ELEMS).shared(),
-            )
-        } else {
-            None
-        };
-        if !stage.shards_parameters() {
-            // The workspace's working copy (in the compute dtype) goes up as it is; its master
-            // buffer is not the optimizer's, whose master weights `optimizer_from_host`
-            // uploads.
-            let ws = self.zero.workspace_mut()?;
-            ws.to_device(&dev)
-                .with_context(|| format!("moving the model to {}", dev.describe()))?;
-            release_unused_master(ws, stage)?;
-        }
-        let (opt, shard) = optimizer_from_host(self, &dev)?;
-        if let (Some(r), Some(sh)) = (&reducer, &shard)
-            && sh.own_grads
-        {
-            let buf = dev.alloc::<f32>(sh.range.len()).context("gradient shard")?;
-            lock_reducer(r)?.keep_shard(all_shards(len, world), buf)?;
-        }
-        self.shard_params_to_device(&dev, shard.as_ref(), reducer.as_ref())?;
-        let tokens = self.cfg.micro_batch * self.seq_len;
-        let loss_sum = DevBuf::zeros(&dev, lathe_autograd::DType::F32, 1)?;
-        let mut readback = StepReadback::new(&dev)?;
-        if let Some(r) = reducer.as_ref()
-            && lock_reducer(r)?.comm().is_nccl()
-        {
-            // A step's report waits behind its collectives: wait with the communicator's
-            // bound, so a dead peer ends the run with an error instead of a hang.
-            let r = Arc::clone(r);
-            readback.set_waiter(Box::new(move |event, what| {
-                lock_reducer(&r)?
-                    .comm()
-                    .wait_event(event, what)
-                    .map_err(anyhow::Error::new)
-            }));
-        }
-        self.dev = Some(DeviceRun {
-            reducer,
-            shard,
-            readback,
-            batch: DeviceBatch::new(&dev, tokens)?,
-            loss_sum,
-            opt,
-            queued: VecDeque::new(),
-            scale: self.scaler.scale(),
-            dev,
-        });
-        Ok(())
-    }
-
-    /// After the host state was restored (resume): pushes it to the device.
-    pub(super) fn reload_device(&mut self) -> Result<()> {
-        let Some(dev) = self.dev.as_ref().map(|d| d.dev.clone()) else {
-            return Ok(());
-        };
-        let stage = self.zero.stage();
-        if !stage.shards_parameters() {
-            let ws = self.zero.workspace_mut()?;
-            ws.upload_to_device()?;
-            release_unused_master(ws, stage)?;
-        }
-        let (opt, shard) = optimizer_from_host(self, &dev)?;
-        let reducer = self.dev.as_ref().and_then(|d| d.reducer.clone());
-        self.shard_params_to_device(&dev, shard.as_ref(), reducer.as_ref())?;
-        if let Some(d) = self.dev.as_mut() {
-            d.opt = opt;
-            d.shard = shard;
-        }
-        Ok(())
-    }
-
-    /// Stage 3: puts the workspace on `dev` sharded, its parameter leaves gathered from the
-    /// ranks' shards (`shard`'s parameters here). Other stages: nothing to do.
-    fn shard_params_to_device(
-        &mut self,
-        dev: &Device,
-        shard: Option<&DeviceShard>,
-        reducer: Option<&SharedReducer>,
-    ) -> Result<()> {
-        if !self.zero.stage().shards_parameters() {
-            return Ok(());
-        }
-        let sh = shard.ok_or_else(|| anyhow!("stage 3 without a parameter shard"))?;
-        let shards = all_shards(self.zero.len(), self.cfg.world);
-        let hook = param_gather_hook(&sh.params, reducer, shards);
-        let ws = self.zero.workspace_mut()?;
-        ws.to_device_sharded(dev, hook)
-            .with_context(|| format!("moving the model to {} (sharded)", dev.describe()))
-    }
-
-    /// Copies the device's model and optimizer state into the host structures a checkpoint
-    /// is written from (waits for the device).
-    pub(super) fn sync_device_to_host(&mut self) -> Result<()> {
-        let Some(d) = self.dev.as_mut() else {
-            return Ok(());
-        };
-        if let Some(r) = d.reducer.as_ref() {
-            // The copies below wait for the compute stream, which waits for the collectives:
-            // wait for those first, with the communicator's bound.
-            lock_reducer(r)?
-                .comm()
-                .synchronize()
-                .map_err(anyhow::Error::new)
-                .context("waiting for the device collectives")?;
-        }
-        let len = self.zero.len();
-        let ws = self.zero.workspace_mut()?;
-        ws.fetch_from_device()?;
-        let dp = ws
-            .device()
-            .ok_or_else(|| anyhow!("the parameters are not on the device"))?;
-        let (host, opt_state, buffers) = match &d.shard {
-            None => {
-                let host = d.opt.to_host(dp.master())?;
-                let opt_state = host.optimizer.state();
-                let buffers: Vec<(&str, Vec<f32>)> = host
-                    .optimizer
-                    .buffers()
-                    .into_iter()
-                    .map(|(n, b)| (n, b.to_vec()))
-                    .collect();
-                (host, opt_state, buffers)
-            }
-            Some(sh) => {
-                // Stages 1-3 (collective): every rank assembles the full state from the
-                // shards.
-                let mut host = d.opt.to_host(&lock_shard(&sh.params)?.master)?;
-                host.master = all_gather_host(&self.comm, &host.master, len, "master weight")?;
-                let opt_state = crate::optim::OptimizerState {
-                    len,
-                    ..host.optimizer.state()
-                };
-                let mut buffers = Vec::new();
-                for (n, b) in host.optimizer.buffers() {
-                    buffers.push((n, all_gather_host(&self.comm, b, len, n)?));
-                }
-                (host, opt_state, buffers)
-            }
-        };
-        self.zero.restore(&host.master, &opt_state, &buffers)?;
-        // restore() rebuilt the host working copy from the master; the device copy is the
-        // same values (one rounding of the same master).
-        self.scaler = host.scaler;
-        Ok(())
-    }
-
     /// A device run in ZeRO stage 3: the device on which rank 0 evaluates a temporary full
     /// copy of the weights ([`store_on_device`]); `None` otherwise (the workspace serves).
     pub(super) fn stage3_eval_device(&self) -> Option<Device> {
@@ -505,6 +233,14 @@ impl Trainer {
             Some(d) => d.scale,
             None => self.scaler.scale(),
         }
+    }
+
+    /// Bytes of pinned host staging of an offloaded optimizer on a device (0 otherwise).
+    pub(super) fn device_staging_bytes(&self) -> u64 {
+        self.dev
+            .as_ref()
+            .and_then(|d| d.offload.as_ref())
+            .map_or(0, OffloadStaging::bytes)
     }
 
     /// Peak bytes the device's caching allocator has held in tensors.
@@ -594,25 +330,50 @@ impl Trainer {
         self.tokens += (accum * b * t * self.cfg.world) as u64;
         {
             let _s = self.prof.span("optimizer", Phase::Optimizer);
+            let rounding = rounding_of(self);
+            let lr32 = lr as f32;
             let d = self.dev.as_mut().expect("device run");
-            let ws = self.zero.workspace_mut()?;
+            let (ws, host, layout) = self.zero.workspace_and_host_optimizer()?;
             let dp = ws
                 .device_mut()
                 .ok_or_else(|| anyhow!("the parameters are not on the device"))?;
             let (master, grads, working) = dp.parts_mut();
             let inject_here = inject && d.reducer.is_none();
+            // Offloaded (`--offload-optimizer`): the host optimizer and its pinned staging.
+            let mut offload = match (d.offload.as_mut(), host) {
+                (Some(st), Some(h)) => Some((st, h)),
+                (None, _) => None,
+                (Some(_), None) => bail!("offload staging without a host optimizer"),
+            };
             match d.shard.as_mut() {
-                None => {
-                    let working = match working {
-                        WorkingMut::None => WorkingCopyMut::None,
-                        WorkingMut::Bf16(w) if self.cfg.stochastic_rounding => {
-                            WorkingCopyMut::Bf16Stochastic(w)
-                        }
-                        WorkingMut::Bf16(w) => WorkingCopyMut::Bf16(w),
-                        WorkingMut::F16(w) => WorkingCopyMut::F16(w),
-                    };
-                    d.opt.step(master, grads, working, lr as f32, inject_here)?
-                }
+                None => match offload.as_mut() {
+                    Some((st, host)) => {
+                        d.opt.step_offloaded(
+                            grads,
+                            OffloadGrads::Whole,
+                            st.grads_mut(),
+                            inject_here,
+                        )?;
+                        let used = wait_used_state(&d.dev, &d.opt, d.reducer.as_ref())?;
+                        let dst = match working {
+                            WorkingMut::None => WeightsMut::F32(master),
+                            WorkingMut::Bf16(w) => WeightsMut::Bf16(w),
+                            WorkingMut::F16(w) => WeightsMut::F16(w),
+                        };
+                        st.update(host, &used, lr32, 0, rounding, layout, dst)?;
+                    }
+                    None => {
+                        let working = match working {
+                            WorkingMut::None => WorkingCopyMut::None,
+                            WorkingMut::Bf16(w) if self.cfg.stochastic_rounding => {
+                                WorkingCopyMut::Bf16Stochastic(w)
+                            }
+                            WorkingMut::Bf16(w) => WorkingCopyMut::Bf16(w),
+                            WorkingMut::F16(w) => WorkingCopyMut::F16(w),
+                        };
+                        d.opt.step(master, grads, working, lr32, inject_here)?
+                    }
+                },
                 Some(sh) => {
                     let stochastic = self.cfg.stochastic_rounding;
                     let mut p = lock_shard(&sh.params)?;
@@ -620,13 +381,6 @@ impl Trainer {
                         master: shard_master,
                         working: shard_w,
                     } = &mut *p;
-                    let shard_working = match shard_w.as_mut() {
-                        None => WorkingCopyMut::None,
-                        Some(DevBuf::Bf16(w)) if stochastic => WorkingCopyMut::Bf16Stochastic(w),
-                        Some(DevBuf::Bf16(w)) => WorkingCopyMut::Bf16(w),
-                        Some(DevBuf::F16(w)) => WorkingCopyMut::F16(w),
-                        Some(DevBuf::F32(_)) => WorkingCopyMut::None,
-                    };
                     // The averaged gradients of the shard: kept by the reducer (stages 2-3
                     // with several ranks), else copied out of the full buffer on the device.
                     let mut red = match (&d.reducer, sh.own_grads) {
@@ -650,33 +404,72 @@ impl Trainer {
                             (g, None)
                         }
                     };
-                    if sh.own_grads {
-                        d.opt.step_own_shard(
-                            shard_master,
-                            grads,
-                            grad_shard,
-                            shard_working,
-                            lr as f32,
-                            inject_here,
-                            shard_comm,
-                        )?;
-                    } else {
-                        d.opt.step_shard(
-                            shard_master,
-                            grads,
-                            grad_shard,
-                            shard_working,
-                            lr as f32,
-                            inject_here,
-                        )?;
+                    match offload.as_mut() {
+                        Some((st, host)) => {
+                            let source = if sh.own_grads {
+                                OffloadGrads::OwnShard(grad_shard, shard_comm)
+                            } else {
+                                OffloadGrads::Shard(grad_shard)
+                            };
+                            d.opt
+                                .step_offloaded(grads, source, st.grads_mut(), inject_here)?;
+                            drop(red);
+                            let used = wait_used_state(&d.dev, &d.opt, d.reducer.as_ref())?;
+                            let dst = match (shard_w.as_mut(), shard_master.as_mut()) {
+                                (Some(DevBuf::Bf16(w)), _) => WeightsMut::Bf16(w),
+                                (Some(DevBuf::F16(w)), _) => WeightsMut::F16(w),
+                                (None, Some(m)) => WeightsMut::F32(m),
+                                _ => bail!("the shard holds no weights of the run's dtype"),
+                            };
+                            st.update(host, &used, lr32, sh.range.start, rounding, layout, dst)?;
+                        }
+                        None => {
+                            let shard_master = shard_master.as_mut().ok_or_else(|| {
+                                anyhow!("the shard's master weights are not here")
+                            })?;
+                            let shard_working = match shard_w.as_mut() {
+                                None => WorkingCopyMut::None,
+                                Some(DevBuf::Bf16(w)) if stochastic => {
+                                    WorkingCopyMut::Bf16Stochastic(w)
+                                }
+                                Some(DevBuf::Bf16(w)) => WorkingCopyMut::Bf16(w),
+                                Some(DevBuf::F16(w)) => WorkingCopyMut::F16(w),
+                                Some(DevBuf::F32(_)) => WorkingCopyMut::None,
+                            };
+                            if sh.own_grads {
+                                d.opt.step_own_shard(
+                                    shard_master,
+                                    grads,
+                                    grad_shard,
+                                    shard_working,
+                                    lr32,
+                                    inject_here,
+                                    shard_comm,
+                                )?;
+                            } else {
+                                d.opt.step_shard(
+                                    shard_master,
+                                    grads,
+                                    grad_shard,
+                                    shard_working,
+                                    lr32,
+                                    inject_here,
+                                )?;
+                            }
+                            drop(red);
+                        }
                     }
-                    drop(red);
                     if sh.gather_after_step {
                         let _g = self.prof.span("gather_params", Phase::Communication);
                         let red = d.reducer.as_ref().map(lock_reducer).transpose()?;
                         let comm = red.as_deref().map(|r| r.comm());
                         match (working, shard_w.as_ref()) {
-                            (WorkingMut::None, _) => all_gather_device(comm, shard_master, master)?,
+                            (WorkingMut::None, _) => {
+                                let m = shard_master
+                                    .as_ref()
+                                    .ok_or_else(|| anyhow!("an fp32 shard without its weights"))?;
+                                all_gather_device(comm, m, master)?
+                            }
                             (WorkingMut::Bf16(full), Some(DevBuf::Bf16(w))) => {
                                 all_gather_device(comm, w, full)?
                             }
@@ -753,6 +546,10 @@ impl Trainer {
 pub(super) fn store_on_device(p: &ParamStore, dev: &Device) -> Result<ParamStore> {
     let mut s = ParamStore::new(&p.specs()).context("a store for evaluation")?;
     s.working_mut().copy_from_slice(p.working());
+    if p.working_dtype() == DType::F32 {
+        // In fp32 the device forward reads the master buffer (no separate working copy).
+        s.master_mut().copy_from_slice(p.working());
+    }
     s.set_working_dtype(p.working_dtype());
     s.to_device(dev)
         .with_context(|| format!("copying the weights to {} for evaluation", dev.describe()))?;

@@ -8,6 +8,11 @@
 //! keeps `2 * (prefetch + workers + 2)` batches of inputs and targets, 8 bytes per position).
 //! Rank 0 adds one evaluation batch's activations. Set `LATHE_SKIP_MEMORY_CHECK=1` to train
 //! anyway where the estimate is wrong.
+//!
+//! A device run is estimated the same way (an upper bound: its activations are on the
+//! device). Its host model keeps the model state too, and with `--offload-optimizer` that host
+//! state is the live master shard and moments, plus the staging the prediction counts (on a
+//! device, the pinned gradient and working-copy shards of `crate::device::OffloadStaging`).
 
 use crate::config::TrainConfig;
 use crate::precision::Precision;

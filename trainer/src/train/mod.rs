@@ -25,6 +25,8 @@
 //! [`crate::device::DeviceGradReducer`], stage 3's parameters gathered as the forward uses
 //! them. The device ranks' collectives go through a `DeviceComm`: host staging over the
 //! host communicators, or NCCL on CUDA devices (`--comm` / `LATHE_COMM`, see `comm_choice`).
+//! With `--offload-optimizer` a device rank's master weights and optimizer state stay in the
+//! host model's `HostOptimizer`; the device decides and the host updates (`device_step`).
 //!
 //! Determinism: the same settings and seed give the same losses bit for bit; a run resumed from
 //! a checkpoint reproduces the uninterrupted run's losses exactly (the checkpoint holds the full
@@ -601,13 +603,10 @@ impl Trainer {
             nccl_id,
         };
         if let Some(dev) = open_device(t.cfg.device, device_index)? {
-            if matches!(t.cfg.optimizer, OptimizerArg::Sgd) {
-                bail!("--optimizer sgd: the device step has fused AdamW only; use adamw");
-            }
-            if t.cfg.offload_optimizer {
+            if matches!(t.cfg.optimizer, OptimizerArg::Sgd) && !t.cfg.offload_optimizer {
                 bail!(
-                    "--offload-optimizer: a device run keeps the optimizer on {}; drop the flag",
-                    dev.describe()
+                    "--optimizer sgd: the device step has fused AdamW only; use adamw, or \
+                     --offload-optimizer (the host runs SGD)"
                 );
             }
             t.tape = Tape::on_device(dtype, &dev);
@@ -619,6 +618,8 @@ impl Trainer {
             t.reload_device()?;
         }
         t.startup_memory = t.zero.memory();
+        // A device run's offloaded optimizer stages through pinned buffers of its own.
+        t.startup_memory.staging += t.device_staging_bytes();
         Ok(t)
     }
 

@@ -27,7 +27,8 @@ pub struct RankMemory {
     pub grads: u64,
     /// Optimizer moments (AdamW `m` and `v`, or SGD momentum) for the master the rank owns.
     pub optimizer: u64,
-    /// `--offload-optimizer`: host staging buffers for the gradient and working-copy shards.
+    /// `--offload-optimizer`: host staging buffers for the gradient and working-copy shards
+    /// (pinned on a device run).
     pub staging: u64,
     /// Whether master, optimizer state and staging live in host memory (offload).
     pub offloaded: bool,
@@ -304,7 +305,7 @@ pub fn rank_report(
             let _ = writeln!(
                 s,
                 "offload: master and optimizer state in host memory, plus {} of staging per \
-                 rank; {} stays with the compute",
+                 rank (pinned on a device); {} stays with the compute",
                 mb(m.staging),
                 mb(m.device_resident())
             );

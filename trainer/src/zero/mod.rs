@@ -69,8 +69,10 @@
 //! the gradient shard into its staging buffer, runs the fused update there (rayon-parallel over
 //! fixed chunks, bit-identical to the resident update) and copies the new working-copy shard
 //! back. On the CPU backend "host" and "device" are the same memory, so those copies are plain
-//! `memcpy`s; the host-to-device and device-to-host transfers they stand for exist only on the
-//! GPU backend, which this build does not have yet.
+//! `memcpy`s. A device run (`crate::device::OffloadStaging`) releases these staging buffers
+//! and moves the shards through pinned buffers of its own instead, device to host and back,
+//! with the device deciding skip, loss scale and clip factor
+//! ([`HostOptimizer::step_staged`] takes them as they are).
 //!
 //! Initialisation builds the full model on every rank and keeps the shard (DeepSpeed's
 //! `zero.Init` would build each shard in place); resuming likewise reads the full checkpoint on

@@ -14,7 +14,7 @@
 
 use super::collectives::{all_reduce_buckets, any_rank, gather_to_root, sum_over_ranks};
 use super::memory::RankMemory;
-use super::offload::OptimizerShard;
+use super::offload::{HostOptimizer, OptimizerShard};
 use super::{ZeroError, ZeroStage};
 use crate::optim::{
     Optimizer, OptimizerConfig, OptimizerState, ParamLayout, ParamView as OptView, Rounding,
@@ -374,6 +374,25 @@ impl ShardedModel {
         self.workspace
             .as_mut()
             .ok_or(ZeroError::OutOfOrder("no workspace: call begin_step first"))
+    }
+
+    /// The workspace and, when the optimizer is offloaded, its host optimizer, both
+    /// writable, with the layout: a device run's offloaded step copies the gradients out of
+    /// the one and updates the other.
+    #[allow(clippy::type_complexity)]
+    pub fn workspace_and_host_optimizer(
+        &mut self,
+    ) -> Result<(&mut ParamStore, Option<&mut HostOptimizer>, &ParamLayout), ZeroError> {
+        let ws = self
+            .workspace
+            .as_mut()
+            .ok_or(ZeroError::OutOfOrder("no workspace: call begin_step first"))?;
+        Ok((ws, self.opt.host_mut(), &self.layout))
+    }
+
+    /// The host optimizer when the optimizer is offloaded (`--offload-optimizer`).
+    pub fn host_optimizer_mut(&mut self) -> Option<&mut HostOptimizer> {
+        self.opt.host_mut()
     }
 
     /// Step phase 3 (collective): averages the gradients over the ranks. Stages 0-1:

@@ -67,6 +67,33 @@ impl HostOptimizer {
         &self.optimizer
     }
 
+    /// Frees the host staging buffers: a device run stages through pinned buffers of its own
+    /// (`crate::device::OffloadStaging`) and steps with [`HostOptimizer::step_staged`].
+    /// [`HostOptimizer::step`] is an error afterwards.
+    pub fn release_staging(&mut self) {
+        self.grads = Vec::new();
+        self.working = HostWorking::None;
+    }
+
+    /// One update from gradients the caller staged: `grads` (the shard's reduced gradients,
+    /// still multiplied by the loss scale: `args.inv_scale` unscales them) and the new
+    /// working-copy shard written into the caller's `working` (`WorkingCopy::None` in fp32,
+    /// where [`HostOptimizer::master`] is the new weights). A device run passes its pinned
+    /// buffers. The arithmetic of [`HostOptimizer::step`], without its copies.
+    pub fn step_staged(
+        &mut self,
+        grads: &[f32],
+        working: WorkingCopy<'_>,
+        layout: &ParamLayout,
+        args: &StepArgs,
+    ) -> Result<StepOutcome, OptimError> {
+        if args.found_inf {
+            return Ok(StepOutcome::Skipped);
+        }
+        self.optimizer
+            .step(&mut self.master, grads, working, layout, args)
+    }
+
     /// Bytes of the staging buffers (gradient shard and working-copy shard).
     pub fn staging_bytes(&self) -> u64 {
         let w = match &self.working {
@@ -95,6 +122,12 @@ impl HostOptimizer {
         };
         if grads.len() != n {
             return Err(mismatch("grads", grads.len()));
+        }
+        if self.grads.len() != n {
+            return Err(mismatch(
+                "host staging (released for a device run's pinned staging)",
+                self.grads.len(),
+            ));
         }
         if let Some(w) = working.buffer_len().filter(|&w| w != n) {
             return Err(mismatch("working", w));
@@ -186,6 +219,14 @@ impl OptimizerShard {
         match self {
             OptimizerShard::Resident { optimizer, .. } => optimizer,
             OptimizerShard::Offloaded(h) => h.optimizer(),
+        }
+    }
+
+    /// The host optimizer when the state is offloaded.
+    pub fn host_mut(&mut self) -> Option<&mut HostOptimizer> {
+        match self {
+            OptimizerShard::Resident { .. } => None,
+            OptimizerShard::Offloaded(h) => Some(h),
         }
     }
 
@@ -305,6 +346,48 @@ mod tests {
             .step(
                 &grads[..5],
                 WorkingCopy::None,
+                &layout,
+                &StepArgs::new(1e-2),
+            )
+            .unwrap_err();
+        assert!(matches!(e, OptimError::LengthMismatch { .. }), "{e}");
+    }
+
+    #[test]
+    fn a_staged_step_is_the_staging_step_and_released_staging_refuses_the_other() {
+        let n = 3_001;
+        let layout = ParamLayout::new(vec![ParamView::new("w", 0, &[n], true)], n).unwrap();
+        let master = Rng::new(6).vec_f32(n, -1.0, 1.0);
+        let cfg = OptimizerConfig::AdamW(AdamWConfig::default());
+        let mut a = HostOptimizer::new(cfg, master.clone(), DType::F16).unwrap();
+        let mut b = HostOptimizer::new(cfg, master, DType::F16).unwrap();
+        b.release_staging();
+        assert_eq!(b.staging_bytes(), 0);
+        let (mut wa, mut wb) = (vec![f16::ZERO; n], vec![f16::ZERO; n]);
+        for step in 0..3u64 {
+            let grads = Rng::new(10 + step).vec_f32(n, -1.0, 1.0);
+            let args = StepArgs {
+                inv_scale: 0.5,
+                clip_factor: 0.75,
+                found_inf: step == 1,
+                ..StepArgs::new(1e-2)
+            };
+            let x = a
+                .step(&grads, WorkingCopy::F16(&mut wa), &layout, &args)
+                .unwrap();
+            let y = b
+                .step_staged(&grads, WorkingCopy::F16(&mut wb), &layout, &args)
+                .unwrap();
+            assert_eq!(x, y, "step {step}");
+        }
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(a.master()), bits(b.master()));
+        assert_eq!(a.optimizer(), b.optimizer());
+        assert_eq!(wa, wb);
+        let e = b
+            .step(
+                &vec![0.0; n],
+                WorkingCopy::F16(&mut wb),
                 &layout,
                 &StepArgs::new(1e-2),
             )
