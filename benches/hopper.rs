@@ -15,100 +15,15 @@
 //! Skips entirely without a GPU or on a GPU that is not compute capability 9.0.
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use cudarc::cublaslt::{result as lt, sys as ltsys};
 use half::bf16;
-use lathe_benches::cublaslt::{Peer, WORKSPACE_BYTES, lt_err};
+use lathe_benches::cublaslt::{Peer, Plan};
 use lathe_benches::{device_or_skip, time_with_events};
+use lathe_host::gemm_ops::{Gemm, Op};
 use lathe_host::hopper_ops::{HopperGemm, Version};
 use lathe_host::{Device, DeviceBuffer, Stream};
+use lathe_kernels::Elem;
 use lathe_kernels::rng::Rng;
-use std::ffi::c_void;
 use std::time::Duration;
-
-/// One cuBLASLt `C = A B^T` problem (bf16 in, bf16 out, f32 compute) with its algorithm.
-struct PeerPlan<'p> {
-    peer: &'p Peer,
-    desc: ltsys::cublasLtMatmulDesc_t,
-    layouts: [ltsys::cublasLtMatrixLayout_t; 3],
-    algo: ltsys::cublasLtMatmulAlgo_t,
-}
-
-impl<'p> PeerPlan<'p> {
-    fn new(peer: &'p Peer, m: u64, n: u64, k: u64) -> Result<Self, String> {
-        let err = lt_err;
-        let desc = lt::create_matmul_desc(
-            ltsys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-            ltsys::cudaDataType::CUDA_R_32F,
-        )
-        .map_err(err("cublasLtMatmulDescCreate"))?;
-        let set_trans = |attr, t: bool| -> Result<(), String> {
-            let v: i32 = t as i32;
-            // SAFETY: `desc` is live; the attribute takes a 4-byte cublasOperation_t.
-            unsafe { lt::set_matmul_desc_attribute(desc, attr, (&v as *const i32).cast(), 4) }
-                .map_err(err("cublasLtMatmulDescSetAttribute"))
-        };
-        use ltsys::cublasLtMatmulDescAttributes_t::*;
-        set_trans(CUBLASLT_MATMUL_DESC_TRANSA, true)?;
-        set_trans(CUBLASLT_MATMUL_DESC_TRANSB, false)?;
-        let bf = ltsys::cudaDataType::CUDA_R_16BF;
-        let layout = |r: u64, c: u64, ld: u64| {
-            lt::create_matrix_layout(bf, r, c, ld as i64).map_err(err("cublasLtMatrixLayoutCreate"))
-        };
-        let layouts = [layout(k, n, k)?, layout(k, m, k)?, layout(n, m, n)?];
-        // SAFETY: `desc` and `layouts` were created just above and are live.
-        let algo = unsafe { peer.best_algo(desc, &layouts) }?;
-        Ok(PeerPlan {
-            peer,
-            desc,
-            layouts,
-            algo,
-        })
-    }
-
-    /// `C = A B^T` on `stream` (addresses of Lathe buffers).
-    fn run(&self, a: u64, b: u64, c: u64, stream: &Stream) -> lathe_host::Result<()> {
-        let (alpha, beta) = (1f32, 0f32);
-        let raw_stream = stream
-            .raw()
-            .ok_or_else(|| lathe_host::Error::Invalid("cuBLASLt needs a CUDA stream".into()))?
-            as ltsys::cudaStream_t;
-        // SAFETY: the descriptors are live and match the buffers' shapes and types; the
-        // workspace outlives the call; the stream belongs to the handle's context.
-        unsafe {
-            lt::matmul(
-                self.peer.handle,
-                self.desc,
-                (&alpha as *const f32).cast(),
-                (&beta as *const f32).cast(),
-                b as *const c_void,
-                self.layouts[0],
-                a as *const c_void,
-                self.layouts[1],
-                c as *const c_void,
-                self.layouts[2],
-                c as *mut c_void,
-                self.layouts[2],
-                &self.algo,
-                self.peer.workspace.addr() as *mut c_void,
-                WORKSPACE_BYTES,
-                raw_stream,
-            )
-        }
-        .map_err(|e| lathe_host::Error::Invalid(format!("cublasLtMatmul: {e}")))
-    }
-}
-
-impl Drop for PeerPlan<'_> {
-    fn drop(&mut self) {
-        // SAFETY: created in `new`, destroyed once.
-        unsafe {
-            for l in self.layouts {
-                let _ = lt::destroy_matrix_layout(l);
-            }
-            let _ = lt::destroy_matmul_desc(self.desc);
-        }
-    }
-}
 
 fn random(dev: &Device, rng: &mut Rng, len: usize) -> DeviceBuffer<bf16> {
     let v: Vec<bf16> = (0..len)
@@ -178,7 +93,9 @@ fn bench(c: &mut Criterion) {
             line.push_str(&format!(" v{} {tf:7.1}", g.version().number()));
         }
         let plan = peer.as_ref().and_then(|p| {
-            PeerPlan::new(p, m as u64, n as u64, k as u64)
+            // C = A B^T with B stored (N, K): Lathe's `N T`.
+            let g = Gemm::new(m, n, k).with_ops(Op::N, Op::T);
+            Plan::new(p, &g, Elem::BF16, Elem::BF16)
                 .map_err(|e| eprintln!("{name}: cuBLASLt peer skipped: {e}"))
                 .ok()
         });
