@@ -97,13 +97,7 @@ pub fn module(v: Version) -> String {
 
 fn entry(s: &mut String, v: Version, out: Elem) {
     let name = entry_name(v, out);
-    let a_bytes = a_stage_bytes();
-    let b_bytes = b_stage_bytes();
-    let b_base = STAGES * a_bytes;
-    let bars = barrier_offset();
-    let empties = bars + 8 * STAGES;
     let ksteps = BK / 16;
-    let half_a = a_bytes / 2; // one consumer's 64 rows of A
 
     emit!(
         s,
@@ -126,10 +120,76 @@ fn entry(s: &mut String, v: Version, out: Elem) {
     emit!(s, "\t.reg .b32 %r<80>;");
     emit!(s, "\t.reg .b64 %rd<32>;");
     emit!(s, "\t.reg .f32 %d<128>;");
-    // Common set-up: ids, shapes, tile counts, aligned shared base.
+    setup(s, "lathe_hgemm_smem");
+
+    // ---------------- producer warpgroup ----------------
+    producer_stage(s);
+    emit!(
+        s,
+        "\tcp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes \
+         [%r31], [%rd1, {{%r30, %r24}}], [%r28];"
+    );
+    emit!(
+        s,
+        "\tcp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes \
+         [%r32], [%rd2, {{%r30, %r25}}], [%r28];"
+    );
+    next_stage(s, "P_K");
+    emit!(s, "\tadd.u32 %r10, %r10, %r11;");
+    emit!(s, "\tbra P_TILE;");
+
+    // ---------------- consumer warpgroups ----------------
+    consumer_head(s);
+    consumer_stage(s, DESC_SWIZZLE_128B, DESC_SWIZZLE_128B);
+    // The first K step of a tile overwrites the accumulators (scale-d = 0).
+    emit!(s, "\tsetp.ne.u32 %p8, %r14, 0;");
+    emit!(s, "\twgmma.fence.sync.aligned;");
+    let acc = acc_list();
+    for kk in 0..ksteps {
+        let scale_d = if kk == 0 { "%p8" } else { "%p7" };
+        if kk > 0 {
+            // +32 bytes along K inside the swizzle atom = +2 in descriptor units.
+            emit!(s, "\tadd.s64 %rd10, %rd10, 2;");
+            emit!(s, "\tadd.s64 %rd11, %rd11, 2;");
+        }
+        emit!(
+            s,
+            "\twgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 {acc}, %rd10, %rd11, {scale_d}, 1, 1, 0, 0;"
+        );
+    }
+    emit!(s, "\twgmma.commit_group.sync.aligned;");
+    match v {
+        Version::V1 => {
+            // Wait for this stage's products, then hand the stage back.
+            emit!(s, "\twgmma.wait_group.sync.aligned 0;");
+            emit!(s, "\t@%p6 mbarrier.arrive.shared::cta.b64 _, [%r27];");
+        }
+        Version::V2 => {
+            // Keep this stage's group in flight; the previous one is complete: release it.
+            emit!(s, "\twgmma.wait_group.sync.aligned 1;");
+            emit!(s, "\tand.pred %p9, %p6, %p8;");
+            emit!(s, "\t@%p9 mbarrier.arrive.shared::cta.b64 _, [%r49];");
+            emit!(s, "\tmov.u32 %r49, %r27;");
+        }
+    }
+    next_stage(s, "C_K");
+    if v == Version::V2 {
+        emit!(s, "\twgmma.wait_group.sync.aligned 0;");
+        emit!(s, "\t@%p6 mbarrier.arrive.shared::cta.b64 _, [%r49];");
+    }
+    epilogue(s, out);
+    tile_end(s);
+}
+
+/// The start every version shares: ids, shapes, tile counts, the aligned base of the dynamic
+/// shared array `smem`, the ring's mbarriers (initialised by thread 0 and made visible to the
+/// async proxy), then the branch of the consumer warpgroups to `CONSUMER`.
+fn setup(s: &mut String, smem: &str) {
+    let bars = barrier_offset();
+    let empties = bars + 8 * STAGES;
     emit!(s, "\tmov.u32 %r0, %tid.x;");
     emit!(s, "\tshr.u32 %r1, %r0, 7;");
-    emit!(s, "\tmov.u32 %r20, lathe_hgemm_smem;");
+    emit!(s, "\tmov.u32 %r20, {smem};");
     emit!(s, "\tadd.u32 %r20, %r20, 1023;");
     emit!(s, "\tand.b32 %r2, %r20, -1024;");
     emit!(s, "\tld.param.u32 %r3, [pM];");
@@ -158,8 +218,18 @@ fn entry(s: &mut String, v: Version, out: Elem) {
     emit!(s, "\tbar.sync 0;");
     emit!(s, "\tsetp.ne.u32 %p1, %r1, 0;");
     emit!(s, "\t@%p1 bra CONSUMER;");
+}
 
-    // ---------------- producer warpgroup ----------------
+/// The producer up to its TMA loads: registers given back, thread 0's walk over its tiles, the
+/// wait for an empty stage and the armed `full` barrier. Leaves the K offset in `%r30`, the
+/// tile's first row and column in `%r24` / `%r25`, the stage's A and B addresses in `%r31` /
+/// `%r32` and its `full` barrier in `%r28`.
+fn producer_stage(s: &mut String) {
+    let a_bytes = a_stage_bytes();
+    let b_bytes = b_stage_bytes();
+    let b_base = STAGES * a_bytes;
+    let bars = barrier_offset();
+    let empties = bars + 8 * STAGES;
     emit!(s, "\tsetmaxnreg.dec.sync.aligned.u32 {PRODUCER_REGS};");
     emit!(s, "\t@!%p0 bra EXIT;");
     emit!(s, "\tmov.b64 %rd1, tmA;");
@@ -201,27 +271,25 @@ fn entry(s: &mut String, v: Version, out: Elem) {
     emit!(s, "\tmul.lo.u32 %r32, %r12, {b_bytes};");
     emit!(s, "\tadd.u32 %r32, %r32, %r2;");
     emit!(s, "\tadd.u32 %r32, %r32, {b_base};");
-    emit!(
-        s,
-        "\tcp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes \
-         [%r31], [%rd1, {{%r30, %r24}}], [%r28];"
-    );
-    emit!(
-        s,
-        "\tcp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes \
-         [%r32], [%rd2, {{%r30, %r25}}], [%r28];"
-    );
+}
+
+/// Advances the ring (stage `%r12`, parity `%r13`) and the K step `%r14`; loops to `k_loop`
+/// while K steps remain.
+fn next_stage(s: &mut String, k_loop: &str) {
     emit!(s, "\tadd.u32 %r12, %r12, 1;");
     emit!(s, "\tsetp.eq.u32 %p4, %r12, {STAGES};");
     emit!(s, "\t@%p4 mov.u32 %r12, 0;");
     emit!(s, "\t@%p4 xor.b32 %r13, %r13, 1;");
     emit!(s, "\tadd.u32 %r14, %r14, 1;");
     emit!(s, "\tsetp.lt.u32 %p5, %r14, %r6;");
-    emit!(s, "\t@%p5 bra P_K;");
-    emit!(s, "\tadd.u32 %r10, %r10, %r11;");
-    emit!(s, "\tbra P_TILE;");
+    emit!(s, "\t@%p5 bra {k_loop};");
+}
 
-    // ---------------- consumer warpgroups ----------------
+/// The consumer warpgroups' set-up: registers taken, consumer / warp / lane, the row and column
+/// of the thread's first accumulator (`%r46`, `%r47`), the consumer's half of an A stage
+/// (`%r48`) and C (`%rd3`).
+fn consumer_head(s: &mut String) {
+    let half_a = a_stage_bytes() / 2; // one consumer's 64 rows of A
     emit!(s, "CONSUMER:");
     emit!(s, "\tsetmaxnreg.inc.sync.aligned.u32 {CONSUMER_REGS};");
     emit!(s, "\tsub.u32 %r40, %r1, 1;"); // consumer index c
@@ -241,6 +309,16 @@ fn entry(s: &mut String, v: Version, out: Elem) {
     emit!(s, "\tmul.lo.u32 %r48, %r40, {half_a};"); // this consumer's half of A
     emit!(s, "\tld.param.u64 %rd3, [pC];");
     emit!(s, "\tcvta.to.global.u64 %rd3, %rd3;");
+}
+
+/// The consumers' tile walk up to a full stage: waits on its `full` barrier and builds the A
+/// and B descriptors (`%rd10`, `%rd11`) with the layout bits `a_desc` / `b_desc`.
+fn consumer_stage(s: &mut String, a_desc: u64, b_desc: u64) {
+    let a_bytes = a_stage_bytes();
+    let b_bytes = b_stage_bytes();
+    let b_base = STAGES * a_bytes;
+    let bars = barrier_offset();
+    let empties = bars + 8 * STAGES;
     emit!(s, "\tmov.u32 %r12, 0;");
     emit!(s, "\tmov.u32 %r13, 0;");
     emit!(s, "\tmov.u32 %r10, %ctaid.x;");
@@ -270,54 +348,15 @@ fn entry(s: &mut String, v: Version, out: Elem) {
     emit!(s, "\tand.b32 %r31, %r31, 262143;");
     emit!(s, "\tshr.u32 %r31, %r31, 4;");
     emit!(s, "\tcvt.u64.u32 %rd10, %r31;");
-    emit!(s, "\tor.b64 %rd10, %rd10, {DESC_SWIZZLE_128B};");
+    emit!(s, "\tor.b64 %rd10, %rd10, {a_desc};");
     emit!(s, "\tand.b32 %r32, %r32, 262143;");
     emit!(s, "\tshr.u32 %r32, %r32, 4;");
     emit!(s, "\tcvt.u64.u32 %rd11, %r32;");
-    emit!(s, "\tor.b64 %rd11, %rd11, {DESC_SWIZZLE_128B};");
-    // The first K step of a tile overwrites the accumulators (scale-d = 0).
-    emit!(s, "\tsetp.ne.u32 %p8, %r14, 0;");
-    emit!(s, "\twgmma.fence.sync.aligned;");
-    let acc = acc_list();
-    for kk in 0..ksteps {
-        let scale_d = if kk == 0 { "%p8" } else { "%p7" };
-        if kk > 0 {
-            // +32 bytes along K inside the swizzle atom = +2 in descriptor units.
-            emit!(s, "\tadd.s64 %rd10, %rd10, 2;");
-            emit!(s, "\tadd.s64 %rd11, %rd11, 2;");
-        }
-        emit!(
-            s,
-            "\twgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 {acc}, %rd10, %rd11, {scale_d}, 1, 1, 0, 0;"
-        );
-    }
-    emit!(s, "\twgmma.commit_group.sync.aligned;");
-    match v {
-        Version::V1 => {
-            // Wait for this stage's products, then hand the stage back.
-            emit!(s, "\twgmma.wait_group.sync.aligned 0;");
-            emit!(s, "\t@%p6 mbarrier.arrive.shared::cta.b64 _, [%r27];");
-        }
-        Version::V2 => {
-            // Keep this stage's group in flight; the previous one is complete: release it.
-            emit!(s, "\twgmma.wait_group.sync.aligned 1;");
-            emit!(s, "\tand.pred %p9, %p6, %p8;");
-            emit!(s, "\t@%p9 mbarrier.arrive.shared::cta.b64 _, [%r49];");
-            emit!(s, "\tmov.u32 %r49, %r27;");
-        }
-    }
-    emit!(s, "\tadd.u32 %r12, %r12, 1;");
-    emit!(s, "\tsetp.eq.u32 %p4, %r12, {STAGES};");
-    emit!(s, "\t@%p4 mov.u32 %r12, 0;");
-    emit!(s, "\t@%p4 xor.b32 %r13, %r13, 1;");
-    emit!(s, "\tadd.u32 %r14, %r14, 1;");
-    emit!(s, "\tsetp.lt.u32 %p5, %r14, %r6;");
-    emit!(s, "\t@%p5 bra C_K;");
-    if v == Version::V2 {
-        emit!(s, "\twgmma.wait_group.sync.aligned 0;");
-        emit!(s, "\t@%p6 mbarrier.arrive.shared::cta.b64 _, [%r49];");
-    }
-    epilogue(s, out);
+    emit!(s, "\tor.b64 %rd11, %rd11, {b_desc};");
+}
+
+/// The end of a consumer tile and of the kernel.
+fn tile_end(s: &mut String) {
     emit!(s, "\tadd.u32 %r10, %r10, %r11;");
     emit!(s, "\tbra C_TILE;");
     emit!(s, "EXIT:");
@@ -415,10 +454,11 @@ fn epilogue(s: &mut String, out: Elem) {
 /// ([`crate::gemm::epilogue`]): `alpha`, `beta * C`, bias, GELU, rounding to the output type,
 /// any `ldc`.
 pub mod v3 {
-    use super::super::{
-        BK, BM, BN, CONSUMER_REGS, PRODUCER_REGS, STAGES, a_stage_bytes, b_stage_bytes,
+    use super::super::{BK, BM, BN, STAGES};
+    use super::{
+        DESC_SWIZZLE_128B, acc_list, consumer_head, consumer_stage, next_stage, producer_stage,
+        setup, tile_end,
     };
-    use super::{DESC_SWIZZLE_128B, acc_list, barrier_offset, tile_coords};
     use crate::desc::Elem;
     use crate::gemm::epilogue::{Fragments, emit_at};
     use crate::gemm::ptx::{Body, Regs};
@@ -492,13 +532,7 @@ pub mod v3 {
 
     fn entry(s: &mut String, spec: &Spec) {
         let name = spec.entry();
-        let a_bytes = a_stage_bytes();
-        let b_bytes = b_stage_bytes();
-        let b_base = STAGES * a_bytes;
-        let bars = barrier_offset();
-        let empties = bars + 8 * STAGES;
         let ksteps = BK / 16;
-        let half_a = a_bytes / 2;
         let ty = mma_ty(spec.input);
 
         emit!(
@@ -543,77 +577,10 @@ pub mod v3 {
         // The epilogue body (its own registers and labels) is printed first to know them.
         let (epi_decl, epi_text) = epilogue(spec);
         s.push_str(&epi_decl);
-        emit!(s, "\tmov.u32 %r0, %tid.x;");
-        emit!(s, "\tshr.u32 %r1, %r0, 7;");
-        emit!(s, "\tmov.u32 %r20, lathe_hgemm3_smem;");
-        emit!(s, "\tadd.u32 %r20, %r20, 1023;");
-        emit!(s, "\tand.b32 %r2, %r20, -1024;");
-        emit!(s, "\tld.param.u32 %r3, [pM];");
-        emit!(s, "\tld.param.u32 %r4, [pN];");
-        emit!(s, "\tld.param.u32 %r5, [pK];");
-        emit!(s, "\tadd.u32 %r6, %r5, {};", BK - 1);
-        emit!(s, "\tshr.u32 %r6, %r6, {};", BK.trailing_zeros());
-        emit!(s, "\tadd.u32 %r7, %r3, {};", BM - 1);
-        emit!(s, "\tshr.u32 %r7, %r7, {};", BM.trailing_zeros());
-        emit!(s, "\tadd.u32 %r8, %r4, {};", BN - 1);
-        emit!(s, "\tshr.u32 %r8, %r8, {};", BN.trailing_zeros());
-        emit!(s, "\tmul.lo.u32 %r9, %r7, %r8;");
-        emit!(s, "\tmov.u32 %r11, %nctaid.x;");
-        emit!(s, "\tmul.lo.u32 %r17, %r8, {};", super::super::GROUP_M);
-        emit!(s, "\tsetp.eq.u32 %p0, %r0, 0;");
-        emit!(s, "\t@!%p0 bra INIT_DONE;");
-        for st in 0..STAGES {
-            emit!(s, "\tadd.u32 %r24, %r2, {};", bars + 8 * st);
-            emit!(s, "\tmbarrier.init.shared::cta.b64 [%r24], 1;");
-            emit!(s, "\tadd.u32 %r24, %r2, {};", empties + 8 * st);
-            emit!(s, "\tmbarrier.init.shared::cta.b64 [%r24], 8;");
-        }
-        emit!(s, "\tfence.mbarrier_init.release.cluster;");
-        emit!(s, "INIT_DONE:");
-        emit!(s, "\tbar.sync 0;");
-        emit!(s, "\tsetp.ne.u32 %p1, %r1, 0;");
-        emit!(s, "\t@%p1 bra CONSUMER;");
+        setup(s, "lathe_hgemm3_smem");
 
         // ---------------- producer ----------------
-        emit!(s, "\tsetmaxnreg.dec.sync.aligned.u32 {PRODUCER_REGS};");
-        emit!(s, "\t@!%p0 bra EXIT;");
-        emit!(s, "\tmov.b64 %rd1, tmA;");
-        emit!(s, "\tcvta.param.u64 %rd1, %rd1;");
-        emit!(s, "\tmov.b64 %rd2, tmB;");
-        emit!(s, "\tcvta.param.u64 %rd2, %rd2;");
-        emit!(s, "\tmov.u32 %r12, 0;");
-        emit!(s, "\tmov.u32 %r13, 0;");
-        emit!(s, "\tmov.u32 %r10, %ctaid.x;");
-        emit!(s, "P_TILE:");
-        emit!(s, "\tsetp.ge.u32 %p2, %r10, %r9;");
-        emit!(s, "\t@%p2 bra EXIT;");
-        tile_coords(s);
-        emit!(s, "\tshl.b32 %r24, %r15, {};", BM.trailing_zeros());
-        emit!(s, "\tshl.b32 %r25, %r16, {};", BN.trailing_zeros());
-        emit!(s, "\tmov.u32 %r14, 0;");
-        emit!(s, "P_K:");
-        emit!(s, "\tshl.b32 %r26, %r12, 3;");
-        emit!(s, "\tadd.u32 %r26, %r26, %r2;");
-        emit!(s, "\tadd.u32 %r27, %r26, {empties};");
-        emit!(s, "\tadd.u32 %r28, %r26, {bars};");
-        emit!(s, "\txor.b32 %r29, %r13, 1;");
-        emit!(s, "P_WAIT:");
-        emit!(
-            s,
-            "\tmbarrier.try_wait.parity.shared::cta.b64 %p3, [%r27], %r29;"
-        );
-        emit!(s, "\t@!%p3 bra P_WAIT;");
-        emit!(
-            s,
-            "\tmbarrier.arrive.expect_tx.shared::cta.b64 _, [%r28], {};",
-            a_bytes + b_bytes
-        );
-        emit!(s, "\tshl.b32 %r30, %r14, {};", BK.trailing_zeros());
-        emit!(s, "\tmul.lo.u32 %r31, %r12, {a_bytes};");
-        emit!(s, "\tadd.u32 %r31, %r31, %r2;");
-        emit!(s, "\tmul.lo.u32 %r32, %r12, {b_bytes};");
-        emit!(s, "\tadd.u32 %r32, %r32, %r2;");
-        emit!(s, "\tadd.u32 %r32, %r32, {b_base};");
+        producer_stage(s);
         let tma =
             "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes";
         if spec.a_mn {
@@ -636,68 +603,18 @@ pub mod v3 {
         } else {
             emit!(s, "\t{tma} [%r32], [%rd2, {{%r30, %r25}}], [%r28];");
         }
-        emit!(s, "\tadd.u32 %r12, %r12, 1;");
-        emit!(s, "\tsetp.eq.u32 %p4, %r12, {STAGES};");
-        emit!(s, "\t@%p4 mov.u32 %r12, 0;");
-        emit!(s, "\t@%p4 xor.b32 %r13, %r13, 1;");
-        emit!(s, "\tadd.u32 %r14, %r14, 1;");
-        emit!(s, "\tsetp.lt.u32 %p5, %r14, %r6;");
-        emit!(s, "\t@%p5 bra P_K;");
+        next_stage(s, "P_K");
         emit!(s, "\tadd.u32 %r10, %r10, %r11;");
         emit!(s, "\tbra P_TILE;");
 
         // ---------------- consumers ----------------
-        emit!(s, "CONSUMER:");
-        emit!(s, "\tsetmaxnreg.inc.sync.aligned.u32 {CONSUMER_REGS};");
-        emit!(s, "\tsub.u32 %r40, %r1, 1;");
-        emit!(s, "\tand.b32 %r41, %r0, 127;");
-        emit!(s, "\tshr.u32 %r42, %r41, 5;");
-        emit!(s, "\tand.b32 %r43, %r0, 31;");
-        emit!(s, "\tsetp.eq.u32 %p6, %r43, 0;");
-        emit!(s, "\tsetp.eq.u32 %p7, %r0, %r0;");
-        emit!(s, "\tshr.u32 %r44, %r43, 2;");
-        emit!(s, "\tand.b32 %r45, %r43, 3;");
-        emit!(s, "\tshl.b32 %r46, %r40, 6;");
-        emit!(s, "\tshl.b32 %r47, %r42, 4;");
-        emit!(s, "\tadd.u32 %r46, %r46, %r47;");
-        emit!(s, "\tadd.u32 %r46, %r46, %r44;");
-        emit!(s, "\tshl.b32 %r47, %r45, 1;");
-        // This consumer's part of the A stage: rows 64c.. (K-major: half the stage; M-major:
-        // its own 64 x 64 box, also half the stage).
-        emit!(s, "\tmul.lo.u32 %r48, %r40, {half_a};");
-        emit!(s, "\tld.param.u64 %rd3, [pC];");
-        emit!(s, "\tcvta.to.global.u64 %rd3, %rd3;");
+        consumer_head(s);
         emit!(s, "\tld.param.u64 %rd4, [pBias];");
         emit!(s, "\tcvta.to.global.u64 %rd4, %rd4;");
         emit!(s, "\tld.param.u32 %r60, [pLdc];");
         emit!(s, "\tld.param.u32 %r61, [pFlags];");
         emit!(s, "\tld.param.f32 %alpha, [pAlpha];");
         emit!(s, "\tld.param.f32 %beta, [pBeta];");
-        emit!(s, "\tmov.u32 %r12, 0;");
-        emit!(s, "\tmov.u32 %r13, 0;");
-        emit!(s, "\tmov.u32 %r10, %ctaid.x;");
-        emit!(s, "C_TILE:");
-        emit!(s, "\tsetp.ge.u32 %p2, %r10, %r9;");
-        emit!(s, "\t@%p2 bra EXIT;");
-        tile_coords(s);
-        emit!(s, "\tmov.u32 %r14, 0;");
-        emit!(s, "C_K:");
-        emit!(s, "\tshl.b32 %r26, %r12, 3;");
-        emit!(s, "\tadd.u32 %r26, %r26, %r2;");
-        emit!(s, "\tadd.u32 %r27, %r26, {empties};");
-        emit!(s, "\tadd.u32 %r28, %r26, {bars};");
-        emit!(s, "C_WAIT:");
-        emit!(
-            s,
-            "\tmbarrier.try_wait.parity.shared::cta.b64 %p3, [%r28], %r13;"
-        );
-        emit!(s, "\t@!%p3 bra C_WAIT;");
-        emit!(s, "\tmul.lo.u32 %r31, %r12, {a_bytes};");
-        emit!(s, "\tadd.u32 %r31, %r31, %r2;");
-        emit!(s, "\tadd.u32 %r31, %r31, %r48;");
-        emit!(s, "\tmul.lo.u32 %r32, %r12, {b_bytes};");
-        emit!(s, "\tadd.u32 %r32, %r32, %r2;");
-        emit!(s, "\tadd.u32 %r32, %r32, {b_base};");
         let (a_desc, a_step) = if spec.a_mn {
             (DESC_MN_128B, 2048 / 16)
         } else {
@@ -708,14 +625,7 @@ pub mod v3 {
         } else {
             (DESC_SWIZZLE_128B, 2)
         };
-        emit!(s, "\tand.b32 %r31, %r31, 262143;");
-        emit!(s, "\tshr.u32 %r31, %r31, 4;");
-        emit!(s, "\tcvt.u64.u32 %rd10, %r31;");
-        emit!(s, "\tor.b64 %rd10, %rd10, {a_desc};");
-        emit!(s, "\tand.b32 %r32, %r32, 262143;");
-        emit!(s, "\tshr.u32 %r32, %r32, 4;");
-        emit!(s, "\tcvt.u64.u32 %rd11, %r32;");
-        emit!(s, "\tor.b64 %rd11, %rd11, {b_desc};");
+        consumer_stage(s, a_desc, b_desc);
         emit!(s, "\tsetp.ne.u32 %p8, %r14, 0;");
         emit!(s, "\twgmma.fence.sync.aligned;");
         let acc = acc_list();
@@ -736,13 +646,7 @@ pub mod v3 {
         emit!(s, "\tand.pred %p9, %p6, %p8;");
         emit!(s, "\t@%p9 mbarrier.arrive.shared::cta.b64 _, [%r49];");
         emit!(s, "\tmov.u32 %r49, %r27;");
-        emit!(s, "\tadd.u32 %r12, %r12, 1;");
-        emit!(s, "\tsetp.eq.u32 %p4, %r12, {STAGES};");
-        emit!(s, "\t@%p4 mov.u32 %r12, 0;");
-        emit!(s, "\t@%p4 xor.b32 %r13, %r13, 1;");
-        emit!(s, "\tadd.u32 %r14, %r14, 1;");
-        emit!(s, "\tsetp.lt.u32 %p5, %r14, %r6;");
-        emit!(s, "\t@%p5 bra C_K;");
+        next_stage(s, "C_K");
         emit!(s, "\twgmma.wait_group.sync.aligned 0;");
         emit!(s, "\t@%p6 mbarrier.arrive.shared::cta.b64 _, [%r49];");
         // Absolute coordinates of register 0: row tile*128 + 64c + 16w + lane/4, column
@@ -752,11 +656,7 @@ pub mod v3 {
         emit!(s, "\tshl.b32 %r51, %r16, {};", BN.trailing_zeros());
         emit!(s, "\tadd.u32 %r51, %r51, %r47;");
         s.push_str(&epi_text);
-        emit!(s, "\tadd.u32 %r10, %r10, %r11;");
-        emit!(s, "\tbra C_TILE;");
-        emit!(s, "EXIT:");
-        emit!(s, "\tret;");
-        emit!(s, "}}");
+        tile_end(s);
     }
 
     /// The epilogue's declarations and text: the mma.sync GEMM's epilogue over one consumer's
