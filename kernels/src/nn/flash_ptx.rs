@@ -516,6 +516,34 @@ fn part_off(kg: &mut Gen, c: &Common, k: u32) -> String {
     o
 }
 
+/// The byte columns of head `h`'s queries, keys and values in a qkv row, and pointers to them
+/// at token 0 of the block's batch entry.
+struct Parts {
+    qo: String,
+    ko: String,
+    vo: String,
+    qsrc: String,
+    ksrc: String,
+    vsrc: String,
+}
+
+fn parts(kg: &mut Gen, c: &Common, qkv: &str) -> Parts {
+    let qo = part_off(kg, c, 0);
+    let ko = part_off(kg, c, 1);
+    let vo = part_off(kg, c, 2);
+    let qsrc = batch_ptr(kg, qkv, &c.bt, &c.stride3, &qo);
+    let ksrc = batch_ptr(kg, qkv, &c.bt, &c.stride3, &ko);
+    let vsrc = batch_ptr(kg, qkv, &c.bt, &c.stride3, &vo);
+    Parts {
+        qo,
+        ko,
+        vo,
+        qsrc,
+        ksrc,
+        vsrc,
+    }
+}
+
 /// Quad reductions (lanes `4g..4g+3`) of one register.
 fn quad_reduce(kg: &mut Gen, v: &str, op: &str) {
     for off in [1, 2] {
@@ -562,12 +590,9 @@ pub(crate) fn forward(entry: &str, dt: Elem, d: usize) -> String {
     let (qkv, y, lse) = (p[0].1.clone(), p[1].1.clone(), p[2].1.clone());
     let tb = tile_bytes(d);
     let (q_off, k_off, v_off) = (0, tb, 2 * tb);
-    let qo = part_off(&mut kg, &c, 0);
-    let ko = part_off(&mut kg, &c, 1);
-    let vo = part_off(&mut kg, &c, 2);
-    let qsrc = batch_ptr(&mut kg, &qkv, &c.bt, &c.stride3, &qo);
-    let ksrc = batch_ptr(&mut kg, &qkv, &c.bt, &c.stride3, &ko);
-    let vsrc = batch_ptr(&mut kg, &qkv, &c.bt, &c.stride3, &vo);
+    let Parts {
+        qsrc, ksrc, vsrc, ..
+    } = parts(&mut kg, &c, &qkv);
     let q0 = kg.b.named(".b32", "q0");
     kg.i(format!("shl.b32 {q0}, {}, 6;", c.tile));
     kg.b.c("Q tile -> shared -> A fragments (kept in registers)");
@@ -719,21 +744,16 @@ fn row_stats(kg: &mut Gen, lse: &str, dvec: &str, lrow: &str, row: &str, t: &str
 pub(crate) fn backward_dq(entry: &str, dt: Elem, d: usize) -> String {
     let params = bwd_params();
     let (mut kg, c, p) = start(dt, d, &params);
-    let (qkv, dy, lse, dvec, dqkv) = (
-        p[0].1.clone(),
-        p[1].1.clone(),
-        p[2].1.clone(),
-        p[3].1.clone(),
-        p[4].1.clone(),
-    );
+    let [qkv, dy, lse, dvec, dqkv]: [String; 5] = std::array::from_fn(|i| p[i].1.clone());
     let tb = tile_bytes(d);
     let (q_off, do_off, k_off, v_off) = (0, tb, 2 * tb, 3 * tb);
-    let qo = part_off(&mut kg, &c, 0);
-    let ko = part_off(&mut kg, &c, 1);
-    let vo = part_off(&mut kg, &c, 2);
-    let qsrc = batch_ptr(&mut kg, &qkv, &c.bt, &c.stride3, &qo);
-    let ksrc = batch_ptr(&mut kg, &qkv, &c.bt, &c.stride3, &ko);
-    let vsrc = batch_ptr(&mut kg, &qkv, &c.bt, &c.stride3, &vo);
+    let Parts {
+        qo,
+        qsrc,
+        ksrc,
+        vsrc,
+        ..
+    } = parts(&mut kg, &c, &qkv);
     let dosrc = batch_ptr(&mut kg, &dy, &c.bt, &c.stride1, &c.head_off);
     let q0 = kg.b.named(".b32", "q0");
     kg.i(format!("shl.b32 {q0}, {}, 6;", c.tile));
@@ -832,22 +852,18 @@ fn bwd_params() -> [(&'static str, &'static str); 9] {
 pub(crate) fn backward_dkdv(entry: &str, dt: Elem, d: usize) -> String {
     let params = bwd_params();
     let (mut kg, c, p) = start(dt, d, &params);
-    let (qkv, dy, lse, dvec, dqkv) = (
-        p[0].1.clone(),
-        p[1].1.clone(),
-        p[2].1.clone(),
-        p[3].1.clone(),
-        p[4].1.clone(),
-    );
+    let [qkv, dy, lse, dvec, dqkv]: [String; 5] = std::array::from_fn(|i| p[i].1.clone());
     let tb = tile_bytes(d);
     let (k_off, v_off, q_off, do_off) = (0, tb, 2 * tb, 3 * tb);
     let (lse_off, dvec_off) = (4 * tb, 4 * tb + 4 * BR as usize);
-    let qo = part_off(&mut kg, &c, 0);
-    let ko = part_off(&mut kg, &c, 1);
-    let vo = part_off(&mut kg, &c, 2);
-    let qsrc = batch_ptr(&mut kg, &qkv, &c.bt, &c.stride3, &qo);
-    let ksrc = batch_ptr(&mut kg, &qkv, &c.bt, &c.stride3, &ko);
-    let vsrc = batch_ptr(&mut kg, &qkv, &c.bt, &c.stride3, &vo);
+    let Parts {
+        ko,
+        vo,
+        qsrc,
+        ksrc,
+        vsrc,
+        ..
+    } = parts(&mut kg, &c, &qkv);
     let dosrc = batch_ptr(&mut kg, &dy, &c.bt, &c.stride1, &c.head_off);
     let k0 = kg.b.named(".b32", "k0");
     kg.i(format!("shl.b32 {k0}, {}, 6;", c.tile));
